@@ -8,6 +8,7 @@ function of a test module) and its arguments and result picklable.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -31,7 +32,9 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, True, fn(*args)))
+        # Plain pickle (by value): torch's queue would share tensors through file descriptors
+        # served by this process, which may have exited before the parent reads them.
+        queue.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # report every failure, including assertion errors, to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -52,7 +55,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
         for _ in range(world_size):
             rank, ok, value = queue.get(timeout=timeout)
             if ok:
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
                 break
