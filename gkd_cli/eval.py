@@ -2,7 +2,7 @@
 
     gkd eval superglue CHECKPOINT --data DIR [--tasks all|boolq,cb,...] [--split val] [--shots K]
         [--out results.json] [--tp N --pp N --dp N] [--limit N] [--predictions]
-        [--tokenizer PATH]
+        [--tokenizer PATH] [--add-bos/--no-add-bos]
     gkd eval superglue --compare A B [...]   # A, B: results JSON files or checkpoints
 
 A checkpoint is scored by torchrun workers (:mod:`gkd_cli.eval_worker`, started through
@@ -104,7 +104,7 @@ class EvalSettings:
     seed: int
     """Few-shot draw seed."""
     limit: int | None
-    """First N examples of each task."""
+    """First N examples of each task (MultiRC: questions)."""
     predictions: bool
     """Write per-example predictions."""
     tokenizer: Path | None
@@ -121,6 +121,8 @@ class EvalSettings:
     """Scoring window; None: the model's max_seq_len."""
     precision: str
     """auto, bf16 or fp32."""
+    add_bos: bool | None = None
+    """Prepend the tokenizer's BOS token; None: when the tokenizer itself adds one."""
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -245,13 +247,15 @@ def model_label(folder: Path) -> str:
     return folder.name
 
 
-def _check_tokenizer(path: Path, folder: Path, meta: dict) -> None:
+def _check_tokenizer(path: Path, folder: Path, meta: dict, add_bos: bool | None) -> str:
+    """Check the tokenizer against the model; return the line saying how prompts start."""
     from gkd_cli.data import load_tokenizer
-    from gkd_cli.eval_worker import find_vocab_mapping, vocabulary_hook
+    from gkd_cli.eval_worker import find_vocab_mapping, prompt_prefix, vocabulary_hook
 
     try:
         tokenizer = load_tokenizer(path)
         vocabulary_hook(tokenizer, int(meta["arch"]["vocab_size"]), find_vocab_mapping(folder))
+        return prompt_prefix(tokenizer, add_bos).describe()
     except ValueError as error:
         raise ConfigError(f"--tokenizer {path}: {error}", field="tokenizer") from None
 
@@ -261,8 +265,9 @@ def _check_tokenizer(path: Path, folder: Path, meta: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_job(checkpoint: Path, out: Path, settings: EvalSettings) -> tuple[Any, Path]:
-    """Check everything a worker needs and return the job and the folder of its logs."""
+def build_job(checkpoint: Path, out: Path, settings: EvalSettings) -> tuple[Any, Path, str]:
+    """Check everything a worker needs and return the job, the folder of its logs and the line
+    saying how prompts start (:func:`gkd_cli.eval_worker.prompt_prefix`)."""
     from gkd_cli.eval_worker import EvalJob
 
     folder, meta = checkpoint_info(checkpoint, settings.tp, settings.pp)
@@ -272,7 +277,7 @@ def build_job(checkpoint: Path, out: Path, settings: EvalSettings) -> tuple[Any,
     tokenizer = settings.tokenizer or default_tokenizer(folder, meta)
     if not tokenizer.exists():
         raise ConfigError(f"--tokenizer {tokenizer} does not exist", field="tokenizer")
-    _check_tokenizer(tokenizer, folder, meta)
+    prefix = _check_tokenizer(tokenizer, folder, meta, settings.add_bos)
     max_len = int(meta["arch"].get("max_seq_len", 1024))
     if settings.seq_length is not None and not 2 <= settings.seq_length <= max_len:
         raise ConfigError(
@@ -297,9 +302,10 @@ def build_job(checkpoint: Path, out: Path, settings: EvalSettings) -> tuple[Any,
         micro_batch_size=settings.micro_batch_size,
         seq_length=settings.seq_length,
         precision=settings.precision,
+        add_bos=settings.add_bos,
         model_name=model_label(folder),
     )
-    return job, out.resolve().parent / f"{out.stem}.logs"
+    return job, out.resolve().parent / f"{out.stem}.logs", prefix
 
 
 def launch_plan(job_path: Path, world_size: int, log_dir: Path):
@@ -328,7 +334,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, settings: EvalSettings, con
     from gkd_cli import launch
     from gkd_cli.superglue import load_results
 
-    job, log_dir = build_job(checkpoint, out, settings)
+    job, log_dir, prefix = build_job(checkpoint, out, settings)
     world = settings.tp * settings.pp * settings.dp
     job_path = job.save(log_dir / "job.json")
     console.print(
@@ -336,6 +342,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, settings: EvalSettings, con
         f"(tp={settings.tp} pp={settings.pp} dp={settings.dp}); logs in {log_dir}",
         markup=False,
     )
+    console.print(prefix, markup=False)
     Path(job.out).unlink(missing_ok=True)
     launch.run_local(launch_plan(job_path, world, log_dir))
     if not Path(job.out).is_file():
@@ -410,7 +417,9 @@ def superglue(
     pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
     dp: Annotated[int, typer.Option(help="Data-parallel replicas.")] = 1,
     limit: Annotated[
-        int | None, typer.Option(help="Score only the first N examples of each task.", show_default=False)
+        int | None,
+        typer.Option(help="Score only the first N examples of each task (MultiRC: the first N questions, "
+                     "with all their answer options).", show_default=False),
     ] = None,
     predictions: Annotated[
         bool, typer.Option("--predictions", help="Also write per-example predictions and prompts.")
@@ -432,6 +441,12 @@ def superglue(
                      "contexts are cut from the left.", show_default=False),
     ] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = "auto",
+    add_bos: Annotated[
+        bool | None,
+        typer.Option("--add-bos/--no-add-bos", help="Put the tokenizer's BOS token (its end-of-document "
+                     "token if it has none) before every prompt, or nothing (default: as the tokenizer "
+                     "does, like lm-evaluation-harness).", show_default=False),
+    ] = None,
     compare: Annotated[
         tuple[Path, Path] | None,
         typer.Option(help="Compare A and B (results JSON files or checkpoints) with deltas B - A.",
@@ -471,6 +486,7 @@ def superglue(
         split=split, shots=shots, normalize=normalize, seed=seed, limit=limit,
         predictions=predictions, tokenizer=tokenizer, tp=tp, pp=pp, dp=dp,
         micro_batch_size=micro_batch_size, seq_length=seq_length, precision=precision,
+        add_bos=add_bos,
     )
 
     if checkpoint is not None:

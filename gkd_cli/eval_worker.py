@@ -8,9 +8,16 @@ into a :class:`parallel.scoring.Scorer` (any saved layout), scores the SuperGLUE
 (:mod:`gkd_cli.superglue.results`). Every rank reads and tokenizes the same examples (scoring is
 collective). Workers log with ``logging``; only rank 0 logs at INFO.
 
-Prompts are tokenized as ``[eos] + encode(text)``: gkd's token streams end every document with the
-tokenizer's end-of-document token, so a prompt after it starts a document, as in training (and
-the shared context is never empty).
+Prompts are tokenized as the tokenizer itself tokenizes a text, as lm-evaluation-harness does
+(its ``hf`` model encodes with the tokenizer's default special tokens): a Hugging Face
+``tokenizer.json`` whose post-processor puts a BOS token in front (Llama-2/3, Mistral, Gemma, ...)
+gets it; one that adds nothing (GPT-2, SmolLM, Qwen, gkd's own BPE) gets none. For a SentencePiece
+``.model`` the convention is ``add_bos_token`` of a ``tokenizer_config.json`` beside it, else BOS
+when the model defines a BOS piece (Hugging Face's ``LlamaTokenizer`` default).
+``EvalJob.add_bos`` overrides the convention: True prepends the tokenizer's BOS token (its
+end-of-document token when it has no BOS, as lm-evaluation-harness's ``prefix_token_id``; this is
+what gkd did before 2026-12 for every tokenizer), False prepends nothing.
+:func:`prompt_prefix` decides and says why.
 
 Compressed vocabulary (GLMD): when the checkpoint folder or its run directory holds
 ``vocab_mapping.safetensors`` and the tokenizer is the original one, token ids are remapped to the
@@ -63,7 +70,7 @@ class EvalJob:
     seed: int = 1234
     """Seed of the few-shot draws."""
     limit: int | None = None
-    """Score only the first N examples of each task."""
+    """Score only the first N examples of each task (MultiRC: N questions with all their options)."""
     predictions: bool = False
     """Also write per-example predictions, scores and prompts."""
     tp: int = 1
@@ -78,6 +85,9 @@ class EvalJob:
     """Scoring window in tokens; None: the model's max_seq_len. Longer contexts are cut from the left."""
     precision: str = "auto"
     """Parameter dtype: auto (bf16 on GPU, fp32 on CPU), bf16 or fp32."""
+    add_bos: bool | None = None
+    """Prepend the tokenizer's BOS token to every prompt; None: when the tokenizer itself adds one
+    (see :func:`prompt_prefix`)."""
     request_batch_size: int = 64
     """Examples handed to the scorer per call (rows are sorted by length within a call)."""
     model_name: str | None = None
@@ -153,12 +163,118 @@ def vocabulary_hook(
     return map_ids, excluded
 
 
-def make_tokenize(tokenizer, map_ids: Callable[[list[int]], list[int]] | None) -> Callable[[str], list[int]]:
-    """Text -> model ids: ``[eos] + encode(text)``, remapped when the vocabulary is compressed."""
-    eos = tokenizer.eos_id
+@dataclass(frozen=True)
+class PromptPrefix:
+    """The special tokens put in front of every prompt, and why."""
+
+    tokens: tuple[str, ...]
+    """Token strings (empty: none)."""
+    ids: tuple[int, ...]
+    """Their ids in the tokenizer's id space (compressed ids for a compressed tokenizer)."""
+    reason: str
+    """Why (the tokenizer's convention, or the explicit option)."""
+
+    def describe(self) -> str:
+        """One line for the console and the log."""
+        if not self.tokens:
+            return f"prompts start with no special token ({self.reason})"
+        shown = " ".join(f"{t!r} (id {i})" for t, i in zip(self.tokens, self.ids, strict=True))
+        return f"prompts start with {shown} ({self.reason})"
+
+
+_PROBE = "a"
+"""A text that every tokenizer encodes to at least one token (to see what it adds around it)."""
+
+
+def _hf_config(tokenizer) -> dict:
+    """The ``tokenizer_config.json`` beside the tokenizer file, or {}."""
+    source = Path(tokenizer.source)
+    folder = source if source.is_dir() else source.parent
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _config_token(config: dict, key: str) -> str | None:
+    value = config.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _convention(tokenizer) -> tuple[list[int], int | None, str]:
+    """``(ids the tokenizer puts before a text by default, its BOS id or None, where that was
+    read)``, in the backend's original id space."""
+    # gkd's Tokenizer encodes without special tokens; its backend holds the tokenizer's own rules.
+    backend = tokenizer._backend
+    config = _hf_config(tokenizer)
+    bos_name = _config_token(config, "bos_token")
+    if backend.kind == "huggingface":
+        hf = backend.tokenizer
+        plain = hf.encode(_PROBE, add_special_tokens=False).ids
+        full = hf.encode(_PROBE, add_special_tokens=True).ids
+        start = next(
+            (k for k in range(len(full) - len(plain) + 1) if full[k : k + len(plain)] == plain), 0
+        )
+        prefix = list(full[:start])
+        bos = prefix[0] if prefix else (hf.token_to_id(bos_name) if bos_name else None)
+        return prefix, bos, "the tokenizer.json post-processor " + (
+            "adds it" if prefix else "adds none"
+        )
+    bos = backend.role_id("bos")
+    if bos_name and backend.token_to_id(bos_name) is not None:
+        bos = backend.token_to_id(bos_name)
+    configured = config.get("add_bos_token")
+    if isinstance(configured, bool):
+        where = "add_bos_token in tokenizer_config.json"
+        adds = configured
+    else:
+        where = "the SentencePiece model defines a BOS piece" if bos is not None else "the SentencePiece model has no BOS piece"
+        adds = bos is not None
+    return ([bos] if adds and bos is not None else []), bos, where
+
+
+def prompt_prefix(tokenizer, add_bos: bool | None) -> PromptPrefix:
+    """The tokens put in front of every prompt.
+
+    ``add_bos`` None follows the tokenizer (see the module docstring); True prepends its BOS token
+    (the end-of-document token when it has none); False nothing. Raises ``ValueError`` when the
+    token is not in the tokenizer's (compressed) vocabulary."""
+    default, bos, where = _convention(tokenizer)
+    backend = tokenizer._backend
+    if add_bos is None:
+        original, reason = default, f"the tokenizer's convention: {where}"
+    elif not add_bos:
+        original, reason = [], "--no-add-bos"
+    elif bos is not None:
+        original, reason = [bos], "--add-bos"
+    else:
+        original = [tokenizer._eos_id]
+        reason = "--add-bos; the tokenizer has no BOS token, so its end-of-document token"
+    tokens = tuple(backend.id_to_token(i) for i in original)
+    ids = []
+    for token in tokens:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(
+                f"the prompt prefix token {token!r} is not in the compressed vocabulary; "
+                "evaluate with --no-add-bos"
+            )
+        ids.append(token_id)
+    return PromptPrefix(tokens=tokens, ids=tuple(ids), reason=reason)
+
+
+def make_tokenize(
+    tokenizer, map_ids: Callable[[list[int]], list[int]] | None, prefix: Sequence[int] = ()
+) -> Callable[[str], list[int]]:
+    """Text -> model ids: ``prefix + encode(text)`` (``prefix``: :attr:`PromptPrefix.ids`),
+    remapped when the vocabulary is compressed."""
+    prefix = list(prefix)
 
     def tokenize(text: str) -> list[int]:
-        ids = [eos, *tokenizer.encode(text)]
+        ids = [*prefix, *tokenizer.encode(text)]
         return map_ids(ids) if map_ids is not None else ids
 
     return tokenize
@@ -183,6 +299,8 @@ def evaluate_job(job: EvalJob, ctx) -> list:
     tokenizer = load_tokenizer(job.tokenizer)
     mapping = Path(job.vocab_mapping) if job.vocab_mapping else find_vocab_mapping(folder)
     map_ids, excluded = vocabulary_hook(tokenizer, arch.vocab_size, mapping)
+    prefix = prompt_prefix(tokenizer, job.add_bos)
+    log.info("%s", prefix.describe())
     precision = resolve_precision(job.precision)
     scorer = Scorer(
         ctx, arch, folder, micro_batch_size=job.micro_batch_size, seq_length=job.seq_length,
@@ -194,7 +312,8 @@ def evaluate_job(job: EvalJob, ctx) -> list:
     )
     try:
         results = evaluate_tasks(
-            job.data_dir, job.tasks, scorer, make_tokenize(tokenizer, map_ids), split=job.split,
+            job.data_dir, job.tasks, scorer, make_tokenize(tokenizer, map_ids, prefix.ids),
+            split=job.split,
             shots=job.shots, normalize=job.normalize, seed=job.seed, limit=job.limit,
             batch_size=job.request_batch_size,
         )
@@ -212,6 +331,7 @@ def evaluate_job(job: EvalJob, ctx) -> list:
         save_results(
             job.out, results, model=job.model_name, include_predictions=job.predictions,
             include_prompts=job.predictions,
+            settings={"prompt_prefix": list(prefix.tokens), "prompt_prefix_reason": prefix.reason},
         )
         log.info("wrote %s", job.out)
     return results

@@ -17,6 +17,7 @@ from gkd_cli.superglue.evaluator import (
     TaskResult,
     evaluate,
     evaluate_tasks,
+    limit_examples,
     split_continuations,
 )
 from gkd_cli.superglue.examples import (
@@ -92,6 +93,7 @@ __all__ = [
     "get_task",
     "iter_task_records",
     "iter_task_texts",
+    "limit_examples",
     "load_results",
     "read_boolq",
     "read_cb",

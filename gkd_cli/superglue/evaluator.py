@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from gkd_cli.superglue.examples import Example, ReCoRDExample
+from gkd_cli.superglue.examples import Example, MultiRCExample, ReCoRDExample
 from gkd_cli.superglue.metrics import task_score
 from gkd_cli.superglue.prompts import fewshot_examples, fewshot_prefix
 from gkd_cli.superglue.readers import read_task
@@ -83,8 +83,8 @@ def split_continuations(
         shared = min(shared, _common_prefix_length(context_ids, ids))
     if shared == 0:
         raise ValueError(
-            "the context and its options share no leading token; use a tokenizer that adds a "
-            f"beginning-of-sequence token (context starts {context[:40]!r})"
+            "the context and its options share no leading token; put a beginning-of-sequence "
+            f"token before prompts (gkd eval --add-bos) (context starts {context[:40]!r})"
         )
     continuations = [ids[shared:] for ids in whole]
     for option, continuation in zip(options, continuations, strict=True):
@@ -124,7 +124,8 @@ class TaskResult:
     metrics: dict[str, float]
     """Metric name -> value x 100 (leaderboard scale); empty when the examples are unlabeled."""
     num_examples: int
-    """Number of scored examples (MultiRC: answer options; ReCoRD: queries)."""
+    """Number of scored examples (MultiRC: answer options, each scored on its own; ReCoRD:
+    queries)."""
     seconds: float
     """Wall time of prompting, scoring and metrics."""
     shots: int
@@ -260,6 +261,29 @@ def _check_answers(batch: list[Request], answers: list[list[OptionScore]]) -> No
                 raise ValueError("model.loglikelihood returned NaN")
 
 
+def limit_examples(examples: Sequence[Example], limit: int) -> list[Example]:
+    """The first ``limit`` examples; for MultiRC the first ``limit`` questions with all their
+    answer options.
+
+    MultiRC is read as one example per answer option, but its EM is per question (all options
+    right), so cutting after ``limit`` options would score a partial question; and ``--limit``
+    counts questions, as lm-evaluation-harness counts the documents it reads."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if not examples or not isinstance(examples[0], MultiRCExample):
+        return list(examples[:limit])
+    kept: set = set()
+    chosen = []
+    for example in examples:
+        key = example.question_key  # type: ignore[union-attr]
+        if key not in kept:
+            if len(kept) == limit:
+                continue
+            kept.add(key)
+        chosen.append(example)
+    return chosen
+
+
 def evaluate_tasks(
     data_dir: Path | str,
     tasks: Sequence[str],
@@ -276,14 +300,15 @@ def evaluate_tasks(
     """Read and evaluate several tasks from a data directory (the CLI's entry point).
 
     ``split`` None uses each task's :attr:`TaskSpec.eval_split`; shots come from ``train``.
-    ``limit`` keeps the first ``limit`` examples of each task (MultiRC: answer options).
+    ``limit`` keeps the first ``limit`` examples of each task (MultiRC: questions, see
+    :func:`limit_examples`).
     """
     results = []
     for name in tasks:
         spec = get_task(name)
         examples = read_task(data_dir, spec.name, split or spec.eval_split)
         if limit is not None:
-            examples = examples[:limit]
+            examples = limit_examples(examples, limit)
         train = read_task(data_dir, spec.name, "train") if shots > 0 else []
         results.append(
             evaluate(

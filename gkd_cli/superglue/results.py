@@ -88,15 +88,20 @@ def results_to_json(
     model: str | None = None,
     include_predictions: bool = False,
     include_prompts: bool = False,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A results document for ``results`` (see the module docstring for the layout)."""
+    """A results document for ``results`` (see the module docstring for the layout);
+    ``settings`` (how prompts were made, e.g. ``prompt_prefix``) is stored as given."""
     tasks = {
         result.task: task_result_to_json(
             result, include_predictions=include_predictions, include_prompts=include_prompts
         )
         for result in results
     }
-    return {"format": RESULTS_FORMAT, "model": model, "average": _average(tasks), "tasks": tasks}
+    document = {"format": RESULTS_FORMAT, "model": model, "average": _average(tasks), "tasks": tasks}
+    if settings is not None:
+        document["settings"] = dict(settings)
+    return document
 
 
 def save_results(
@@ -106,6 +111,7 @@ def save_results(
     model: str | None = None,
     include_predictions: bool = False,
     include_prompts: bool = False,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a results document to ``path`` (parents created) and return it."""
     document = results_to_json(
@@ -113,6 +119,7 @@ def save_results(
         model=model,
         include_predictions=include_predictions,
         include_prompts=include_prompts,
+        settings=settings,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

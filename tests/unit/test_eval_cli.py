@@ -208,12 +208,101 @@ def test_compressed_vocabulary_remaps_ids_and_excludes_padding_slots(tmp_path, t
     map_ids, excluded = vocabulary_hook(tok, 256, mapping)
     assert map_ids([0, 5, 199, 250, 299]) == [0, 5, 199, 150, 199]
     assert excluded.tolist() == list(range(200, 256))
-    tokenize = make_tokenize(tok, map_ids)
+    tokenize = make_tokenize(tok, map_ids, [tok.eos_id])
     text = "Question: what is it?"
     raw = [tok.eos_id, *tok.encode(text)]
     assert tokenize(text) == [i if i < 200 else i - 100 for i in raw]
     with pytest.raises(ValueError, match="vocab_size=128"):
         vocabulary_hook(tok, 128, mapping)
-    # Without a mapping the ids are the tokenizer's, after the end-of-document token.
+    # Without a mapping the ids are the tokenizer's, after the prefix.
     assert vocabulary_hook(tok, 300, None) == (None, None)
-    assert make_tokenize(tok, None)(text) == raw and raw[0] == tok.eos_id
+    assert make_tokenize(tok, None, [tok.eos_id])(text) == raw and raw[0] == tok.eos_id
+    assert make_tokenize(tok, None)(text) == raw[1:]
+
+
+def _hf_folder(folder: Path, source: Path, *, bos_post_processor: bool, tokenizer_class: str) -> Path:
+    """``source`` plus a ``<s>`` token, with or without a post-processor putting it first."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    hf = HFTokenizer.from_file(str(source))
+    hf.add_special_tokens(["<s>"])
+    if bos_post_processor:
+        bos = hf.token_to_id("<s>")
+        hf.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+        )
+    folder.mkdir(parents=True)
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": tokenizer_class, "bos_token": "<s>", "eos_token": "<|endoftext|>",
+    }))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("bos_post_processor", "tokenizer_class"),
+    [(True, "PreTrainedTokenizerFast"), (False, "PreTrainedTokenizerFast"), (False, "GPT2TokenizerFast")],
+)
+def test_prompts_are_tokenized_as_transformers_tokenizes_them(tmp_path, tokenizer, bos_post_processor,
+                                                              tokenizer_class):
+    """The default prefix is the tokenizer's own: the ids equal transformers' ``tokenizer(text)``
+    (what lm-evaluation-harness's hf model encodes). Before 2026-12 every prompt got the
+    end-of-document token instead."""
+    from transformers import AutoTokenizer
+
+    from gkd_cli.data import load_tokenizer
+    from gkd_cli.eval_worker import prompt_prefix
+
+    folder = _hf_folder(tmp_path / "hf", tokenizer, bos_post_processor=bos_post_processor,
+                        tokenizer_class=tokenizer_class)
+    tok = load_tokenizer(folder)
+    reference = AutoTokenizer.from_pretrained(folder)
+    prefix = prompt_prefix(tok, None)
+    assert prefix.tokens == (("<s>",) if bos_post_processor else ())
+    assert "the tokenizer's convention" in prefix.reason and "post-processor" in prefix.reason
+    for text in ("Is the answer correct? yes", "The cat sat.\nQuestion: True or False?\nAnswer:"):
+        assert make_tokenize(tok, None, prefix.ids)(text) == reference(text)["input_ids"]
+    # Explicit choices: --no-add-bos nothing; --add-bos the BOS token (named by the config when
+    # the post-processor adds none).
+    assert prompt_prefix(tok, False).ids == ()
+    bos = prompt_prefix(tok, True)
+    assert bos.tokens == ("<s>",) and bos.ids == (reference.bos_token_id,)
+    assert "'<s>' (id 300)" in bos.describe()
+
+
+def test_add_bos_without_a_bos_token_uses_the_end_of_document_token(tokenizer):
+    """gkd's own BPE has no BOS: --add-bos puts its end-of-document token first (as
+    lm-evaluation-harness's prefix_token_id falls back to EOS); the default adds nothing."""
+    from gkd_cli.data import load_tokenizer
+    from gkd_cli.eval_worker import prompt_prefix
+
+    tok = load_tokenizer(tokenizer)
+    assert prompt_prefix(tok, None).ids == ()
+    eos = prompt_prefix(tok, True)
+    assert eos.ids == (tok.eos_id,) and eos.tokens == ("<|endoftext|>",)
+    assert "no BOS token" in eos.reason
+
+
+def test_sentencepiece_convention_is_its_bos_piece_unless_the_config_says_otherwise(tmp_path):
+    """A bare SentencePiece model with a BOS piece gets it (Hugging Face's LlamaTokenizer default);
+    ``add_bos_token: false`` in tokenizer_config.json beside it turns that off."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    from gkd_cli.data import load_tokenizer
+    from gkd_cli.eval_worker import prompt_prefix
+
+    buffer = io.BytesIO()
+    text = (Path(eval_cli.__file__).parent / "assets" / "demo_corpus.txt").read_text().splitlines()[:500]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buffer, vocab_size=150,
+                                   model_type="bpe", minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(buffer.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=buffer.getvalue())
+    tok = load_tokenizer(tmp_path / "tokenizer.model")
+    prefix = prompt_prefix(tok, None)
+    assert prefix.ids == (processor.bos_id(),) and prefix.tokens == ("<s>",)
+    assert make_tokenize(tok, None, prefix.ids)("Hello") == processor.encode("Hello", add_bos=True)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    off = prompt_prefix(load_tokenizer(tmp_path / "tokenizer.model"), None)
+    assert off.ids == () and "add_bos_token" in off.reason

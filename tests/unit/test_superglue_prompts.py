@@ -234,3 +234,70 @@ def test_fewshot_prefix_format_and_errors():
         prompts.fewshot_examples("BoolQ", pool[0], unlabeled, 2, seed=0)
     with pytest.raises(ValueError, match="shots must be"):
         prompts.fewshot_examples("BoolQ", pool[0], pool, -1, seed=0)
+
+
+# lm-evaluation-harness 0.4.13, lm_eval/tasks/super_glue/{task}/default.yaml: doc_to_text and
+# doc_to_choice (a choice follows the context after target_delimiter " "), verbatim.
+HARNESS_TEMPLATES = {
+    "BoolQ": ("{{passage}}\nQuestion: {{question}}?\nAnswer:", ["no", "yes"]),
+    "CB": ("{{premise}}\nQuestion: {{hypothesis}}. True, False, or Neither?\nAnswer:", ["True", "False", "Neither"]),
+    "RTE": ("{{premise}}\nQuestion: {{hypothesis}} True or False?\nAnswer:", ["True", "False"]),
+    "WiC": (
+        "Sentence 1: {{sentence1}}\nSentence 2: {{sentence2}}\nQuestion: Is the word '{{sentence1[start1:end1]}}' "
+        "used in the same way in the two sentences above?\nAnswer:",
+        ["no", "yes"],
+    ),
+}
+# The hub's label ids (aps/super_glue) of the official files' labels.
+HUB_LABELS = {
+    "BoolQ": {False: 0, True: 1},
+    "CB": {"entailment": 0, "contradiction": 1, "neutral": 2},
+    "RTE": {"entailment": 0, "not_entailment": 1},
+    "WiC": {False: 0, True: 1},
+}
+
+
+@needs_data
+@pytest.mark.parametrize("task", list(HARNESS_TEMPLATES))
+def test_prompts_equal_lm_evaluation_harness_templates_on_real_examples(task):
+    """The exact strings lm-evaluation-harness scores, rendered from its task templates (Jinja2,
+    as the harness does) on the first 50 validation examples: gkd's context equals doc_to_text,
+    its options equal target_delimiter + doc_to_choice, its gold index the hub's label."""
+    import json
+
+    import jinja2
+
+    text_template, choices = HARNESS_TEMPLATES[task]
+    template = jinja2.Environment(keep_trailing_newline=True).from_string(text_template)
+    examples = readers.read_task(DATA_DIR, task, "val")[:50]
+    lines = (DATA_DIR / task / "val.jsonl").read_text(encoding="utf-8").splitlines()[:50]
+    for example, line in zip(examples, lines, strict=True):
+        doc = json.loads(line)
+        prompt = prompts.PROMPTS[task](example)
+        assert prompt.context == template.render(**doc)
+        assert prompt.options == tuple(" " + choice for choice in choices)
+        assert prompt.gold == HUB_LABELS[task][doc["label"]]
+
+
+@needs_data
+def test_copa_prompts_equal_lm_evaluation_harness_except_for_a_capital_i():
+    """lm_eval/tasks/super_glue/copa/utils.py (0.4.13), verbatim in behaviour: the premise minus
+    its last character, the connector, and each choice with its first letter lowercased. gkd
+    keeps "I" (and all-caps words) capitalized; every other option is the same string."""
+    import json
+
+    examples = readers.read_task(DATA_DIR, "COPA", "val")
+    lines = (DATA_DIR / "COPA" / "val.jsonl").read_text(encoding="utf-8").splitlines()
+    compared = 0
+    for example, line in zip(examples, lines, strict=True):
+        doc = json.loads(line)
+        prompt = prompts.copa_prompt(example)
+        connector = {"cause": "because", "effect": "therefore"}[doc["question"]]
+        assert prompt.context == doc["premise"].strip()[:-1] + f" {connector}"
+        for option, choice in zip(prompt.options, (doc["choice1"], doc["choice2"]), strict=True):
+            if choice.split(" ", 1)[0] == "I" or choice.startswith("I'") or choice.split(" ", 1)[0].isupper():
+                assert option == " " + choice
+            else:
+                assert option == " " + choice[0].lower() + choice[1:]
+                compared += 1
+    assert compared > 150
