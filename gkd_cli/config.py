@@ -478,6 +478,44 @@ def build_config(data: Any) -> DistillConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: PyYAML keeps the last
+    silently, so a second ``train:`` section would replace the first without a word."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # '<<: *anchor' merges may repeat keys on purpose
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, typing.Hashable) and key in seen:
+            raise ConfigError(
+                f"{key_node.start_mark.name}:{line}: key '{key}' is given twice (first on line "
+                f"{seen[key]}); YAML would silently keep only the second: merge the two into one "
+                f"'{key}:' entry"
+            )
+        if isinstance(key, typing.Hashable):
+            seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def parse_yaml(text: str, name: str = "<config>") -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (``ConfigError`` naming the key and lines)."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
     """Parse a YAML file; malformed YAML is a ``ConfigError`` naming the file and line."""
     path = Path(path)
@@ -488,7 +526,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text, str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -948,10 +986,56 @@ def _expand(pattern: str) -> list[str]:
     return [pattern] if os.path.exists(pattern) else []
 
 
+def check_creatable_dir(path: str, name: str) -> None:
+    """``ConfigError`` when folder ``path`` cannot be created (or written) by this user: a part
+    of it is a file, or its nearest existing parent is read-only or refuses new entries (as
+    ``/proc`` does). Probes with a temporary folder that it removes at once."""
+    target = Path(path)
+    if target.exists():
+        if not target.is_dir():
+            raise ConfigError(
+                f"{name}: {path} is a file, not a folder; point {name} at a folder (new or "
+                "existing)",
+                field=name,
+            )
+        parent = target
+    else:
+        parent = target.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(
+                f"{name}: cannot create {path}: {parent} is a file, not a folder; choose a path "
+                "under a folder",
+                field=name,
+            )
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gkd-write-test-", dir=parent))
+    except OSError as err:
+        raise ConfigError(
+            f"{name}: cannot create {path}: {parent} does not accept new folders "
+            f"({err.strerror}); choose a writable location",
+            field=name,
+        ) from None
+
+
 def _check_paths(cfg: DistillConfig) -> None:
     d = cfg.data
+    check_creatable_dir(cfg.output.dir, "output.dir")
+    if d.cache_dir is not None:
+        check_creatable_dir(d.cache_dir, "data.cache_dir")
     for role, model in model_roles(cfg):
         ckpt = model.checkpoint
+        if ckpt is not None and os.path.isfile(ckpt):
+            raise ConfigError(
+                f"{role}.checkpoint: {ckpt} is a file; expected a folder: a gkd run directory "
+                "(its output.dir), its checkpoints/ folder or one checkpoints/step_N folder, or "
+                "a Hugging Face model folder (config.json and *.safetensors); pass the folder "
+                "that holds it",
+                field=f"{role}.checkpoint",
+            )
         if ckpt is not None and not os.path.isdir(ckpt):
             raise ConfigError(
                 f"{role}.checkpoint: directory {ckpt} does not exist; fix the path "
@@ -1070,7 +1154,10 @@ def _check_methods(cfg: DistillConfig) -> None:
             taps = list(method.taps(teacher, student)) if hasattr(method, "taps") else []
             check_taps_for_recompute(taps, cfg.train.recompute)
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"{where}: {err}", field=f"methods.{i}") from None
+            param = getattr(err, "param", None)  # registry.ParamRangeError names the parameter
+            field = f"methods.{i}.{param}" if param else f"methods.{i}"
+            raise ConfigError(f"{where}: {err}", field=field) from None
+        _check_weight_schedule(entry.get("weight", 1.0), f"methods.{i}.weight")
         needs_teacher = any(t.role is Role.TEACHER for t in taps)
         if not teachers and (needs_teacher or getattr(method, "needs_teacher", False)):
             raise ConfigError(
@@ -1089,3 +1176,23 @@ def _check_methods(cfg: DistillConfig) -> None:
             check_method_layout(method, entry["name"], teachers, student, pp=pp, where=where)
         except ValueError as err:
             raise ConfigError(str(err), field=f"methods.{i}") from None
+
+
+def _check_weight_schedule(weight: Any, where: str) -> None:
+    """A method's weight given as a schedule: well formed, and never negative."""
+    if not isinstance(weight, Mapping):
+        return  # a number: checked when the methods list is built
+    from methods.schedules import parse_schedule
+
+    try:
+        schedule = parse_schedule(weight, where=where)
+    except ValueError as err:
+        raise ConfigError(str(err), field=where) from None
+    values = [getattr(schedule, name, None) for name in ("value", "start", "end")]
+    values += list(getattr(schedule, "values", ()))
+    negative = [v for v in values if v is not None and v < 0]
+    if negative:
+        raise ConfigError(
+            f"{where} reaches {negative[0]}; a method's weight must be >= 0 at every step",
+            field=where,
+        )

@@ -170,7 +170,9 @@ def import_hf(
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise GkdError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
     checkpoint = inspect_hf_dir(hf_dir)
-    check_layout(checkpoint.spec.arch, tp, pp, where=str(hf_dir / "config.json"))
+    check_layout(
+        checkpoint.spec.arch, tp, pp, where=str(hf_dir / "config.json"), family=checkpoint.spec.family
+    )
     _check_out(out, overwrite)
     console = _out()
     console.print(_summary_table(checkpoint, tp, pp))

@@ -21,6 +21,11 @@ from gkd_cli.errors import ConfigError
 SMALL_CORPUS_BYTES = 8 << 20
 """Corpora up to this size are tokenized here to count their tokens; larger ones cannot be shorter
 than one sequence of any supported length."""
+SCAN_BYTES = 64 << 20
+"""The first 64 MiB of each JSON-lines file are parsed here (every line's JSON and its text field);
+later lines are checked by the workers as they tokenize the corpus, before the first training step
+(a bad line fails the run with its file and line number). Compression, binary content and the
+text-vs-JSON-lines format are told from each file's first MiB; UTF-8 is checked in full."""
 
 
 def _files(patterns: list[str]) -> list[Path]:
@@ -32,16 +37,18 @@ def _files(patterns: list[str]) -> list[Path]:
 
 def check_corpus(cfg: DistillConfig, patterns: list[str], field: str) -> None:
     """Each file exists, is non-empty UTF-8; together they hold more than ``seq_length`` tokens."""
-    from gkd_cli.data.documents import check_corpus_files, ensure_documents
+    from gkd_cli.data.documents import check_corpus_files, check_format, ensure_documents
 
     files = _files(patterns)
     if not files:
         return
     try:
+        for file in files:
+            if file.is_file() and file.stat().st_size == 0:
+                raise ValueError(f"corpus file {file} is empty; remove it from {field} or fill it")
         check_corpus_files(files)
         for file in files:
-            if file.stat().st_size == 0:
-                raise ValueError(f"corpus file {file} is empty; remove it from {field} or fill it")
+            check_format(file, cfg.data.format, cfg.data.text_field, limit_bytes=SCAN_BYTES)
         ensure_documents(files, fmt=cfg.data.format, text_field=cfg.data.text_field)
     except ValueError as err:
         raise ConfigError(f"{field}: {err}", field=field) from None
@@ -57,9 +64,12 @@ def check_corpus(cfg: DistillConfig, patterns: list[str], field: str) -> None:
     except (ValueError, OSError) as err:
         raise ConfigError(f"data.tokenizer: {err}", field="data.tokenizer") from None
     tokens = 0
-    for file in files:
-        for doc in iter_documents(file, fmt=cfg.data.format, text_field=cfg.data.text_field):
-            tokens += len(tokenizer.encode(doc)) + 1  # + the end-of-document token
+    try:
+        for file in files:
+            for doc in iter_documents(file, fmt=cfg.data.format, text_field=cfg.data.text_field):
+                tokens += len(tokenizer.encode(doc)) + 1  # + the end-of-document token
+    except ValueError as err:  # a bad line (file:line) that the scan above did not reach
+        raise ConfigError(f"{field}: {err}", field=field) from None
     if tokens < need:
         raise ConfigError(
             f"{field}: the corpus ({', '.join(map(str, files))}) holds about {tokens} tokens, fewer than one sequence of "

@@ -42,7 +42,60 @@ from methods.intermediate import (
 )
 from methods.multi_teacher import DGKD, MTBERT, RLKD, TMKD, Uncertainty
 from methods.prediction import GLMD, KD, LM, PD, AnnealingKD, ContinuationKD
-from methods.schedules import Schedule, parse_schedule
+from methods.schedules import Constant, Linear, Piecewise, Schedule, parse_schedule
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric method parameter may take (``None``: unbounded on that side)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    """``True``: the value must be strictly above ``low``."""
+    high_open: bool = False
+    """``True``: the value must be strictly below ``high``."""
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "any number"
+
+
+ANY = Range()
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+UNIT = Range(0, 1)
+"""A probability, a mixing coefficient or a fraction of training: ``[0, 1]``."""
+
+RANGES_BY_NAME: dict[str, Range] = {
+    "temperature": POSITIVE,  # softmax(z / T): T <= 0 divides by zero or flips the distribution
+    "seed": NON_NEGATIVE,  # numpy's and torch's generators take non-negative seeds
+    "redraw_every": AT_LEAST_ONE,
+}
+"""Ranges of parameters that mean the same in every method; ``*_weight`` parameters (loss term
+weights) are ``>= 0``. A method's own ``ranges`` (``_spec(cls, name=Range)``) take precedence."""
+
+
+class ParamRangeError(ValueError):
+    """A method parameter lies outside its declared range; ``param`` names it."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -58,9 +111,19 @@ class MethodSpec:
     stages: frozenset[Stage]
     summary: str
     """First sentence of the class docstring."""
+    ranges: Mapping[str, Range] = dataclasses.field(default_factory=dict)
+    """Declared ranges of numeric parameters beyond those of :data:`RANGES_BY_NAME`."""
+
+    def range_of(self, param: str) -> Range | None:
+        """The range ``param`` must lie in (``None``: not a numeric parameter with a range)."""
+        if param in self.ranges:
+            return self.ranges[param]
+        if param in RANGES_BY_NAME:
+            return RANGES_BY_NAME[param]
+        return NON_NEGATIVE if param.endswith("_weight") else None
 
 
-def _spec(cls: Any) -> MethodSpec:
+def _spec(cls: Any, **ranges: Range) -> MethodSpec:
     doc = inspect.cleandoc(cls.__doc__ or "")
     summary = " ".join(doc.split("\n\n", 1)[0].split())
     return MethodSpec(
@@ -71,6 +134,7 @@ def _spec(cls: Any) -> MethodSpec:
         signals=cls.signals,
         stages=cls.stages,
         summary=summary,
+        ranges=ranges,
     )
 
 
@@ -81,39 +145,46 @@ REGISTRY: dict[str, MethodSpec] = {
     "kd": _spec(KD),
     "pd": _spec(PD),
     "glmd": _spec(GLMD),
-    "annealing_kd": _spec(AnnealingKD),
-    "continuation_kd": _spec(ContinuationKD),
+    "annealing_kd": _spec(AnnealingKD, max_temperature=AT_LEAST_ONE),
+    "continuation_kd": _spec(ContinuationKD, max_temperature=AT_LEAST_ONE, margin=NON_NEGATIVE),
     # modern logit divergences
     "forward_kl": _spec(ForwardKL),
     "reverse_kl": _spec(ReverseKL),
-    "jsd": _spec(JSD),
-    "skew_kl": _spec(SkewKL),
-    "skew_rkl": _spec(SkewRKL),
+    "jsd": _spec(JSD, beta=UNIT),
+    "skew_kl": _spec(SkewKL, alpha=UNIT),
+    "skew_rkl": _spec(SkewRKL, alpha=UNIT),
     "tvd": _spec(TVD),
-    "topk_kd": _spec(TopKKD),
+    "topk_kd": _spec(TopKKD, k=AT_LEAST_ONE),
     # intermediate-layer methods of GKD's collection
     "tinybert": _spec(TinyBERT),
-    "minilm": _spec(MiniLM),
-    "minilmv2": _spec(MiniLMv2),
+    "minilm": _spec(MiniLM, teacher_layer=ANY),  # negative: from the end
+    "minilmv2": _spec(MiniLMv2, relation_heads=AT_LEAST_ONE, teacher_layer=ANY),
     "distilbert": _spec(DistilBERT),
-    "pkd": _spec(PKD),
-    "rail_kd": _spec(RailKD),
-    "mgskd": _spec(MGSKD),
+    "pkd": _spec(PKD, alpha=UNIT, beta=NON_NEGATIVE),  # (1 - alpha) hard + alpha soft
+    "rail_kd": _spec(RailKD, projection_size=AT_LEAST_ONE),
+    "mgskd": _spec(
+        MGSKD,
+        token_levels=NON_NEGATIVE,
+        relation_heads=AT_LEAST_ONE,
+        anchors=AT_LEAST_ONE,
+        neighbors=AT_LEAST_ONE,
+        span_rate=Range(0, 1, low_open=True),
+    ),
     "sid": _spec(SID),
     "alp_kd": _spec(ALPKD),
-    "ckd": _spec(CKD),
-    "universal_kd": _spec(UniversalKD),
+    "ckd": _spec(CKD, window=AT_LEAST_ONE),  # odd: checked by the method
+    "universal_kd": _spec(UniversalKD, projection_size=NON_NEGATIVE),  # 0: the student's width
     "mobilebert": _spec(MobileBERT),
     # methods that change the forward pass
-    "theseus": _spec(Theseus),
-    "diito": _spec(DIITO),
-    "lrc_bert": _spec(LRCBERT),
+    "theseus": _spec(Theseus, replace_rate=UNIT),  # a probability
+    "diito": _spec(DIITO, span=Range(0, 1, low_open=True, high_open=True), student_layer=NON_NEGATIVE),
+    "lrc_bert": _spec(LRCBERT, tau=POSITIVE, epsilon=NON_NEGATIVE),
     # multi-teacher combiners (teachers: [...]; each wraps any single-teacher method)
     "tmkd": _spec(TMKD),
     "mt_bert": _spec(MTBERT),
     "uncertainty": _spec(Uncertainty),
-    "rl_kd": _spec(RLKD),
-    "dgkd": _spec(DGKD),
+    "rl_kd": _spec(RLKD, warmup=UNIT),  # a fraction of training
+    "dgkd": _spec(DGKD, survival=Range(0, 1, low_open=True)),  # a probability; 0 drops all
 }
 
 
@@ -213,7 +284,41 @@ def parse_params(name: str, params: Mapping[str, Any] | None = None) -> Any:
         raise ValueError(f"method {name!r} needs parameter(s) {', '.join(missing)}")
     hints = typing.get_type_hints(spec.params)
     values = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in params.items()}
+    for key, value in values.items():
+        _check_range(spec, key, value, fields[key])
     return spec.params(**values)
+
+
+def _range_values(value: Any) -> list[float]:
+    """The values a parsed parameter takes over training: a number, or a schedule's extremes (a
+    linear ramp stays between its ends, so checking them checks every step)."""
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int | float):
+        return [value]
+    if isinstance(value, Constant):
+        return [value.value]
+    if isinstance(value, Linear):
+        return [value.start, value.end]
+    if isinstance(value, Piecewise):
+        return list(value.values)
+    return []
+
+
+def _check_range(spec: MethodSpec, key: str, value: Any, param: dataclasses.Field) -> None:
+    allowed = spec.range_of(key)
+    if allowed is None:
+        return
+    for number in _range_values(value):
+        if not allowed.contains(number):
+            shown = value if isinstance(value, int | float) else _render_default(value)
+            default = param.default if param.default is not dataclasses.MISSING else None
+            hint = f" (default {_render_default(default)})" if default is not None else ""
+            raise ParamRangeError(
+                f"{spec.name}.{key}={shown} must be {allowed}; set {key} to a value {allowed}"
+                f"{hint}",
+                param=key,
+            )
 
 
 def build_method(name: str, params: Mapping[str, Any] | None = None) -> Method:

@@ -25,6 +25,8 @@ DocSplit = Literal["paragraph", "line"]
 
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _CHECK_CHUNK_BYTES = 1 << 20
+_SNIFF_LINES = 20
+"""Non-empty lines read to tell JSON lines from plain text."""
 
 
 def resolve_format(path: str | os.PathLike, fmt: CorpusFormat = "auto") -> Literal["text", "jsonl"]:
@@ -36,16 +38,67 @@ def resolve_format(path: str | os.PathLike, fmt: CorpusFormat = "auto") -> Liter
     return "jsonl" if Path(path).suffix.lower() in _JSONL_SUFFIXES else "text"
 
 
+COMPRESSION_MAGIC: dict[bytes, tuple[str, str]] = {
+    b"\x1f\x8b": ("gzip", "gunzip -k"),
+    b"BZh": ("bzip2", "bunzip2 -k"),
+    b"\xfd7zXZ\x00": ("xz", "unxz -k"),
+    b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d"),
+    b"\x04\x22\x4d\x18": ("lz4", "lz4 -d"),
+    b"PK\x03\x04": ("zip", "unzip"),
+    b"7z\xbc\xaf\x27\x1c": ("7z", "7z x"),
+}
+"""Leading bytes of compressed files: ``{magic: (format, command that decompresses it)}``."""
+
+CONTROL_BYTES = bytes(b for b in range(32) if chr(b) not in "\t\n\v\f\r") + b"\x7f"
+"""ASCII control characters that never occur in text (tab, newlines and form feed do)."""
+MAX_CONTROL_FRACTION = 0.01
+"""More control characters than this share of a file's first MiB: the file is binary, not text."""
+
+
+def check_not_compressed(path: str | os.PathLike, head: bytes | None = None) -> None:
+    """``ValueError`` when the file starts with a compression format's magic bytes."""
+    if head is None:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    for magic, (kind, command) in COMPRESSION_MAGIC.items():
+        if head.startswith(magic):
+            raise ValueError(
+                f"corpus file {path} is {kind}-compressed; corpora are read as plain UTF-8 text: "
+                f"decompress it first (`{command} {path}`) and list the decompressed file"
+            )
+
+
+def check_not_binary(path: str | os.PathLike, head: bytes) -> None:
+    """``ValueError`` when more than 1% of ``head`` (the file's first bytes) are control
+    characters: a binary file, which would tokenize into garbage."""
+    if not head:
+        return
+    count = len(head) - len(head.translate(None, CONTROL_BYTES))
+    if count > MAX_CONTROL_FRACTION * len(head):
+        first = next(i for i, b in enumerate(head) if b in CONTROL_BYTES)
+        raise ValueError(
+            f"corpus file {path} looks binary, not text: {count} of its first {len(head)} bytes "
+            f"are control characters (the first, {head[first:first + 1]!r}, at byte offset "
+            f"{first}); list text files (UTF-8 plain text or JSON lines) only"
+        )
+
+
 def check_utf8(path: str | os.PathLike) -> None:
-    """Raise ``ValueError`` naming ``path`` and the byte offset if the file is not valid UTF-8.
+    """Raise ``ValueError`` naming ``path`` and the byte offset if the file is not valid UTF-8,
+    is compressed (naming the format and the command that decompresses it) or is binary.
 
     Reads the file in 1 MiB chunks with an incremental decoder, so memory stays bounded.
     """
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(path, "rb") as handle:
+        first = True
         while True:
             chunk = handle.read(_CHECK_CHUNK_BYTES)
+            if first:  # before decoding: a gzip file is not "latin1 to re-encode"
+                check_not_compressed(path, chunk[:8])
+                check_not_binary(path, chunk)
+                first = False
             pending = len(decoder.getstate()[0])
             try:
                 decoder.decode(chunk, final=not chunk)
@@ -103,12 +156,88 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 ) from None
             text = _lookup(record, text_field)
             if not isinstance(text, str):
-                raise ValueError(
-                    f"{path}:{line_number}: no string field {text_field!r} in this JSON object; "
-                    "set the text field name (text_field / --text-field) to the one your file uses"
-                )
+                raise ValueError(_field_problem(path, line_number, record, text_field))
             if text.strip():
                 yield text
+
+
+_JSON_TYPES = {dict: "an object", list: "a list", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def _field_problem(path: Path, line_number: int, record: object, text_field: str) -> str:
+    """Why line ``line_number`` has no usable text: not an object, field missing, or not a string."""
+    where = f"{path}:{line_number}"
+    if not isinstance(record, dict):
+        return (
+            f"{where}: the line is {_JSON_TYPES.get(type(record), 'a value')}, not a JSON object; "
+            f"each line of a JSON-lines corpus must be one object with a string field "
+            f"{text_field!r}: fix or remove the line"
+        )
+    parent = _lookup(record, text_field.rpartition(".")[0]) if "." in text_field else record
+    leaf = text_field.rpartition(".")[2]
+    if isinstance(parent, dict) and leaf in parent:
+        value = parent[leaf]
+        shown = json.dumps(value)[:60]
+        return (
+            f"{where}: field {text_field!r} is {_JSON_TYPES.get(type(value), 'a value')} "
+            f"({shown}), not a string; fix or remove the line (every document's text must be a "
+            "JSON string)"
+        )
+    keys = ", ".join(map(repr, list(record)[:8])) or "none"
+    return (
+        f"{where}: no field {text_field!r} in this JSON object (its keys: {keys}); set "
+        "data.text_field to the field that holds the text"
+    )
+
+
+def check_format(
+    path: str | os.PathLike, fmt: CorpusFormat, text_field: str, *, limit_bytes: int
+) -> None:
+    """Read up to ``limit_bytes`` of ``path`` and raise ``ValueError`` on a format mismatch:
+    ``text`` on a file whose lines are all JSON objects (set ``format: jsonl``), or, for JSON
+    lines, the first line that is not JSON or lacks a string ``text_field`` (file:line).
+    Lines beyond the limit are checked when the corpus is tokenized."""
+    path = Path(path)
+    concrete = resolve_format(path, fmt)
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        read = 0
+        objects = 0
+        for line_number, line in enumerate(handle, start=1):
+            read += len(line)
+            if read > limit_bytes and line_number > 1:
+                break
+            if not line.strip():
+                continue
+            if concrete == "jsonl":
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"{path}:{line_number}: not valid JSON ({error.msg}); each line of a "
+                        f"JSON-lines corpus must be one object with a string field "
+                        f"{text_field!r} (plain text? set data.format: text)"
+                    ) from None
+                if not isinstance(_lookup(record, text_field), str):
+                    raise ValueError(_field_problem(path, line_number, record, text_field))
+                continue
+            stripped = line.strip()
+            if not (stripped.startswith("{") and stripped.endswith("}")):
+                return  # a plain-text line: the file is text
+            try:
+                if not isinstance(json.loads(stripped), dict):
+                    return
+            except json.JSONDecodeError:
+                return
+            objects += 1
+            if objects >= _SNIFF_LINES:
+                break
+    if concrete == "text" and objects:
+        raise ValueError(
+            f"corpus file {path} is JSON lines (its first {objects} non-empty line(s) are JSON "
+            "objects), but data.format is text: the braces, keys and quotes would be trained on "
+            "as text; set data.format: jsonl (and data.text_field to the field holding the text)"
+        )
 
 
 def _iter_text(path: Path, doc_split: DocSplit) -> Iterator[str]:

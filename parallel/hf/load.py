@@ -268,7 +268,9 @@ def build_from_hf(hf_dir: str | Path, *, dtype: str = "auto") -> tuple[torch.nn.
     checkpoint = inspect_hf_dir(hf_dir)
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    check_layout(checkpoint.spec.arch, tp, pp, where=str(Path(hf_dir) / "config.json"))
+    check_layout(
+        checkpoint.spec.arch, tp, pp, where=str(Path(hf_dir) / "config.json"), family=checkpoint.spec.family
+    )
     model = build_empty_gpt(checkpoint.spec.arch, params_dtype=resolve_dtype(dtype, checkpoint))
     load_into(model, checkpoint, tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
     apply_mlp_activation(model, checkpoint.spec.mlp_activation)

@@ -321,15 +321,78 @@ def arch_from_hf(hf_dir: str | Path) -> ModelArch:
     return read_spec(hf_dir).arch
 
 
-def check_layout(arch: ModelArch, tp: int, pp: int, *, where: str) -> None:
-    """``HFConversionError`` when ``arch`` cannot be sharded at ``tp`` x ``pp``."""
+HF_KEYS: dict[str, dict[str, str]] = {
+    "llama": {
+        "num_layers": "num_hidden_layers",
+        "hidden_size": "hidden_size",
+        "num_attention_heads": "num_attention_heads",
+        "num_query_groups": "num_key_value_heads",
+        "ffn_hidden_size": "intermediate_size",
+        "kv_channels": "head_dim",
+    },
+    "gpt2": {
+        "num_layers": "n_layer",
+        "hidden_size": "n_embd",
+        "num_attention_heads": "n_head",
+        "num_query_groups": "n_head",
+        "ffn_hidden_size": "n_inner (default 4 x n_embd)",
+        "kv_channels": "n_embd / n_head",
+    },
+}
+"""``config.json`` keys of gkd's architecture fields, per family (errors name what users see)."""
+
+
+def valid_tp_sizes(arch: ModelArch) -> list[int]:
+    """Tensor-parallel sizes ``arch`` can be sharded at: divisors of the head count that also
+    divide the key/value heads and the MLP width."""
+    return [
+        tp
+        for tp in range(1, arch.num_attention_heads + 1)
+        if not arch.num_attention_heads % tp and not arch.query_groups % tp and not arch.ffn_size % tp
+    ]
+
+
+def valid_pp_sizes(arch: ModelArch) -> list[int]:
+    """Pipeline-parallel sizes ``arch`` can be sharded at: divisors of the layer count."""
+    return [pp for pp in range(1, arch.num_layers + 1) if not arch.num_layers % pp]
+
+
+def check_layout(
+    arch: ModelArch, tp: int, pp: int, *, where: str, family: str | None = None
+) -> None:
+    """``HFConversionError`` when ``arch`` cannot be sharded at ``tp`` x ``pp``; the message names
+    the ``config.json`` keys of ``family`` (``llama`` or ``gpt2``) and lists the valid sizes."""
+    family = family or ("gpt2" if arch.position_embedding != "rope" else "llama")
+    keys = HF_KEYS.get(family, HF_KEYS["llama"])
+    tps, pps = valid_tp_sizes(arch), valid_pp_sizes(arch)
+    sizes = (
+        f"valid --tp values for this model: {', '.join(map(str, tps))}; "
+        f"valid --pp values: {', '.join(map(str, pps))}"
+    )
     if tp < 1 or pp < 1:
-        raise HFConversionError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
-    try:
+        raise HFConversionError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp}); {sizes}")
+    values = {
+        "num_attention_heads": arch.num_attention_heads,
+        "num_query_groups": arch.query_groups,
+        "ffn_hidden_size": arch.ffn_size,
+    }
+    for name, value in values.items():
+        if value % tp:
+            raise HFConversionError(
+                f"{where}: {keys[name]}={value} is not divisible by --tp={tp}; {sizes}"
+            )
+    if arch.num_layers % pp:
+        raise HFConversionError(
+            f"{where}: {keys['num_layers']}={arch.num_layers} is not divisible by --pp={pp}; "
+            f"{sizes}"
+        )
+    try:  # anything else ModelArch refuses, in its own words
         arch.check_parallel(tp, pp, where=where)
-    except ValueError as err:  # name the options of gkd convert, not the distill config's keys
+    except ValueError as err:
         message = str(err).replace("parallel.tp", "--tp").replace("parallel.pp", "--pp")
-        raise HFConversionError(message) from None
+        for ours, theirs in keys.items():
+            message = message.replace(f"{where}.{ours}", theirs)
+        raise HFConversionError(f"{where}: {message}; {sizes}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,15 +40,38 @@ def _cfg(tmp_path: Path, tokenizer: Path, **data) -> dict:
     }
 
 
-def _refused(tmp_path: Path, cfg: dict | str, *needles: str) -> None:
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _refused(tmp_path: Path, cfg: dict | str, *needles: str, dry_run: bool = True) -> str:
+    """Run ``gkd distill`` on ``cfg``: it must exit 2 with one error naming ``needles``, print no
+    traceback and leave ``tmp_path`` as it was (no output dir, config.yaml, logs/ or probe)."""
     path = tmp_path / "cfg.yaml"
     path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
-    result = CliRunner().invoke(app, ["distill", str(path), "--dry-run"])
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(app, ["distill", str(path), *(["--dry-run"] if dry_run else [])])
     text = " ".join(result.output.split())
-    assert result.exit_code != 0, text
+    assert result.exit_code == 2, (text, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught error
+    assert "Traceback" not in result.output and text.startswith("error: "), text
     for needle in needles:
         assert needle in text, (needle, text)
     assert not (tmp_path / "out").exists(), "a refused run wrote its output directory"
+    assert _tree(tmp_path) == before, "a refused run wrote files"
+    return text
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Refusals are tested without --dry-run (nothing may be written even on the real path); a
+    config that is wrongly accepted fails here instead of starting workers."""
+    import gkd_cli.app as app_module
+
+    def launched(*args, **kwargs):
+        raise AssertionError("bad input reached the launch")
+
+    monkeypatch.setattr(app_module, "_run_preemptible", launched)
 
 
 def test_good_config_passes(tmp_path, tokenizer):
@@ -142,3 +165,148 @@ def test_output_dir_of_another_run_is_refused(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="already holds another run"):
         _prepare_output(cfg, None)
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 20, defect 6: bad input that used to crash a worker or be silently accepted. Each case runs
+# the real `gkd distill` without --dry-run: refused with exit 2, naming the field and the fix.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, needles",
+    [
+        # softmax(z / T) needs T > 0; T = 0 used to fail in a worker at step 1
+        ({"name": "glmd", "temperature": 0}, ["methods.0", "glmd.temperature=0.0", "must be > 0"]),
+        ({"name": "kd", "temperature": -2.0}, ["methods.0", "kd.temperature=-2.0", "must be > 0"]),
+        # a schedule is checked at every value it takes (its ends)
+        ({"name": "forward_kl", "temperature": {"type": "linear", "start": 2.0, "end": 0.0}},
+         ["forward_kl.temperature", "must be > 0"]),
+        ({"name": "kd", "hard_weight": -1}, ["kd.hard_weight=-1.0", "must be >= 0"]),
+        ({"name": "jsd", "beta": 1.5}, ["jsd.beta=1.5", "must be in [0, 1]"]),  # an interpolation
+        ({"name": "skew_kl", "alpha": -0.1}, ["skew_kl.alpha=-0.1", "must be in [0, 1]"]),
+        ({"name": "topk_kd", "k": 0}, ["topk_kd.k=0", "must be >= 1"]),
+        ({"name": "pkd", "alpha": 2.0}, ["pkd.alpha=2.0", "must be in [0, 1]"]),
+        ({"name": "lm", "weight": {"type": "step", "boundaries": [1], "values": [1.0, -0.5]}},
+         ["methods.0.weight", "must be >= 0"]),
+    ],
+    ids=["glmd-T0", "kd-Tneg", "T-schedule-to-0", "neg-weight", "jsd-beta", "skew-alpha", "topk-k0",
+         "pkd-alpha", "neg-weight-schedule"],
+)
+def test_method_parameter_out_of_range(tmp_path, tokenizer, no_launch, method, needles):
+    cfg = _cfg(tmp_path, tokenizer)
+    cfg["methods"] = [method]
+    _refused(tmp_path, cfg, *needles, dry_run=False)
+
+
+def test_jsonl_text_field_not_a_string(tmp_path, tokenizer, no_launch):
+    corpus = tmp_path / "c.jsonl"
+    good = json.dumps({"text": (ASSETS / "demo_valid.txt").read_text()[:4000]})
+    corpus.write_text(f"{good}\n{json.dumps({'text': 42})}\n")
+    cfg = _cfg(tmp_path, tokenizer, train_files=[str(corpus)], format="jsonl")
+    _refused(tmp_path, cfg, "data.train_files", f"{corpus}:2", "'text' is a number (42), not a string",
+             dry_run=False)
+
+
+def test_jsonl_text_field_missing_names_the_keys(tmp_path, tokenizer, no_launch):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"body": "some words", "id": 3}) + "\n")
+    cfg = _cfg(tmp_path, tokenizer, train_files=[str(corpus)], format="jsonl")
+    _refused(tmp_path, cfg, f"{corpus}:1", "no field 'text'", "'body'", "data.text_field", dry_run=False)
+
+
+def test_jsonl_bad_line_beyond_the_preflight_scan_is_named_by_the_tokenizer(tmp_path, tokenizer):
+    """Corpora larger than preflight.SCAN_BYTES are parsed only up to it at launch; the workers
+    tokenize the rest before the first step and fail naming the file and line."""
+    from gkd_cli.data import build_token_stream, load_tokenizer
+    from gkd_cli.data.documents import check_format
+
+    corpus = tmp_path / "big.jsonl"
+    lines = [json.dumps({"text": f"document number {i}"}) for i in range(2000)]
+    lines.append(json.dumps({"text": ["a", "list"]}))
+    corpus.write_text("\n".join(lines) + "\n")
+    check_format(corpus, "jsonl", "text", limit_bytes=4096)  # the line lies beyond the scan
+    with pytest.raises(ValueError, match=rf"{corpus}:2001: field 'text' is a list"):
+        check_format(corpus, "jsonl", "text", limit_bytes=1 << 20)
+    with pytest.raises(ValueError, match=rf"{corpus}:2001: field 'text' is a list .*not a string"):
+        build_token_stream([corpus], load_tokenizer(str(tokenizer)), tmp_path / "cache", fmt="jsonl")
+    assert not list((tmp_path / "cache").glob("tokens-*")), "a failed build left a cache"
+
+
+@pytest.mark.parametrize("where", ["proc", "under_file", "is_file"])
+def test_output_dir_that_cannot_be_created(tmp_path, tokenizer, no_launch, where):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    out = {"proc": "/proc/gkd-run", "under_file": str(blocker / "run"), "is_file": str(blocker)}[where]
+    needle = {"proc": "/proc does not accept new folders", "under_file": f"{blocker} is a file",
+              "is_file": "is a file, not a folder"}[where]
+    cfg = _cfg(tmp_path, tokenizer)
+    cfg["output"]["dir"] = out
+    _refused(tmp_path, cfg, "output.dir", needle, dry_run=False)
+    assert not Path("/proc/gkd-run").exists()
+
+
+@pytest.mark.parametrize("duplicate", ["section", "key"])
+def test_yaml_duplicate_keys(tmp_path, tokenizer, no_launch, duplicate):
+    text = yaml.safe_dump(_cfg(tmp_path, tokenizer), sort_keys=False)
+    if duplicate == "section":  # a second train: section used to replace the first silently
+        text += "train:\n  lr: 0.1\n"
+        key = "train:"
+    else:
+        text = text.replace("train:\n", "train:\n  lr: 0.5\n  lr: 0.1\n", 1)
+        key = "  lr:"
+    first, second = [i for i, line in enumerate(text.splitlines(), 1) if line.startswith(key)]
+    needles = [f"key '{key.strip(' :')}' is given twice (first on line {first})"]
+    _refused(tmp_path, text, f"cfg.yaml:{second}:", *needles, "merge the two", dry_run=False)
+
+
+def test_text_format_on_json_lines(tmp_path, tokenizer, no_launch):
+    corpus = tmp_path / "c.jsonl"
+    words = (ASSETS / "demo_valid.txt").read_text().split()
+    corpus.write_text("".join(json.dumps({"text": " ".join(words[i:i + 50])}) + "\n" for i in range(0, 2000, 50)))
+    cfg = _cfg(tmp_path, tokenizer, train_files=[str(corpus)])  # format defaults to text
+    _refused(tmp_path, cfg, "data.train_files", str(corpus), "is JSON lines", "data.format: jsonl", dry_run=False)
+
+
+def test_corpus_of_control_bytes(tmp_path, tokenizer, no_launch):
+    corpus = tmp_path / "garbage.txt"
+    corpus.write_bytes(bytes(i % 32 for i in range(50_000)))  # valid UTF-8, but not text
+    _refused(tmp_path, _cfg(tmp_path, tokenizer, train_files=[str(corpus)]), "data.train_files",
+             str(corpus), "looks binary", "control characters", dry_run=False)
+
+
+def test_gzip_corpus_says_decompress(tmp_path, tokenizer, no_launch):
+    import gzip
+
+    corpus = tmp_path / "c.txt.gz"
+    corpus.write_bytes(gzip.compress((ASSETS / "demo_valid.txt").read_bytes()))
+    text = _refused(tmp_path, _cfg(tmp_path, tokenizer, train_files=[str(corpus)]), "data.train_files",
+                    "gzip-compressed", f"gunzip -k {corpus}", dry_run=False)
+    assert "iconv" not in text
+
+
+def test_teacher_checkpoint_that_is_a_file(tmp_path, tokenizer, no_launch):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 64)
+    cfg = _cfg(tmp_path, tokenizer)
+    cfg["teacher"].update(checkpoint=str(weights), init="checkpoint")
+    text = _refused(tmp_path, cfg, "teacher.checkpoint", f"{weights} is a file", "expected a folder",
+                    "config.json", dry_run=False)
+    assert "does not exist" not in text
+
+
+def test_refusal_through_the_installed_command(tmp_path, tokenizer):
+    """The same refusal through the `gkd` console script in a fresh process (no CliRunner)."""
+    import subprocess
+    import sys
+
+    cfg = _cfg(tmp_path, tokenizer)
+    cfg["methods"] = [{"name": "glmd", "temperature": 0}]
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    gkd = Path(sys.executable).with_name("gkd")
+    result = subprocess.run([str(gkd), "distill", str(path)], capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output and "glmd.temperature=0.0 must be > 0" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]

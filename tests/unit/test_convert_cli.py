@@ -63,7 +63,17 @@ def test_import_with_a_layout_that_does_not_divide_the_heads(tmp_path):
     shapes = expected_shapes(read_spec(folder))
     save_file({n: np.zeros(s, dtype=np.float32) for n, s in shapes.items()}, str(folder / "model.safetensors"))
     result = runner.invoke(convert_app, ["import-hf", str(folder), "--out", str(tmp_path / "o"), "--tp", "4"])
-    _assert_one_red_line(result, "num_query_groups=2", "not divisible by --tp=4")
+    # config.json's own keys (not gkd's num_query_groups/num_layers) and the sizes that work:
+    # 4 heads, 2 key/value heads, intermediate 48 -> tp 1 or 2; 2 layers -> pp 1 or 2
+    _assert_one_red_line(
+        result, "num_key_value_heads=2", "not divisible by --tp=4", "valid --tp values for this model: 1, 2;",
+        "valid --pp values: 1, 2",
+    )
+    assert "num_query_groups" not in result.output
+    result = runner.invoke(convert_app, ["import-hf", str(folder), "--out", str(tmp_path / "o"), "--pp", "3"])
+    _assert_one_red_line(result, "num_hidden_layers=2", "not divisible by --pp=3", "valid --pp values: 1, 2")
+    assert "num_layers" not in result.output
+    assert not (tmp_path / "o").exists()
     existing = tmp_path / "o2"
     existing.mkdir()
     (existing / "x").write_text("keep me")

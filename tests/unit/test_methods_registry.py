@@ -97,7 +97,7 @@ def test_missing_required_parameter(monkeypatch):
         ("kd", {"soft_loss": "mse"}, r"kd.soft_loss must be one of \['ce', 'kl'\]"),
         ("topk_kd", {"k": 2.5}, "topk_kd.k must be an integer"),
         ("topk_kd", {"k": True}, "topk_kd.k must be an integer"),
-        ("jsd", {"beta": 1.5}, r"jsd.beta must be in \[0, 1\]"),
+        ("jsd", {"beta": 1.5}, r"jsd.beta=1.5 must be in \[0, 1\]"),
         ("kd", {"temperature": {"type": "cosine"}}, "kd.temperature.type"),
     ],
 )
