@@ -22,10 +22,12 @@ SMALL_CORPUS_BYTES = 8 << 20
 """Corpora up to this size are tokenized here to count their tokens; larger ones cannot be shorter
 than one sequence of any supported length."""
 SCAN_BYTES = 64 << 20
-"""The first 64 MiB of each JSON-lines file are parsed here (every line's JSON and its text field);
-later lines are checked by the workers as they tokenize the corpus, before the first training step
-(a bad line fails the run with its file and line number). Compression, binary content and the
-text-vs-JSON-lines format are told from each file's first MiB; UTF-8 is checked in full."""
+"""JSON lines are parsed here (every line's JSON and its text field) up to 64 MiB of the corpus in
+all, file by file, and at least the first 64 KiB of every file; later lines are checked by the
+workers as they tokenize the corpus, before the first training step (a bad line fails the run with
+its file and line number). Compression, binary content and the text-vs-JSON-lines format are told
+from each file's first MiB; UTF-8 is checked in full."""
+MIN_SCAN_BYTES = 64 << 10
 
 
 def _files(patterns: list[str]) -> list[Path]:
@@ -47,8 +49,11 @@ def check_corpus(cfg: DistillConfig, patterns: list[str], field: str) -> None:
             if file.is_file() and file.stat().st_size == 0:
                 raise ValueError(f"corpus file {file} is empty; remove it from {field} or fill it")
         check_corpus_files(files)
+        budget = SCAN_BYTES
         for file in files:
-            check_format(file, cfg.data.format, cfg.data.text_field, limit_bytes=SCAN_BYTES)
+            limit = max(budget, MIN_SCAN_BYTES)
+            check_format(file, cfg.data.format, cfg.data.text_field, limit_bytes=limit)
+            budget -= min(limit, file.stat().st_size)
         ensure_documents(files, fmt=cfg.data.format, text_field=cfg.data.text_field)
     except ValueError as err:
         raise ConfigError(f"{field}: {err}", field=field) from None

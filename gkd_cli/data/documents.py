@@ -73,6 +73,11 @@ def check_not_binary(path: str | os.PathLike, head: bytes) -> None:
     characters: a binary file, which would tokenize into garbage."""
     if not head:
         return
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16's NULs would read as binary
+        raise ValueError(
+            f"corpus file {path} is UTF-16 (it starts with a UTF-16 byte-order mark); re-encode "
+            f"it as UTF-8 (e.g. `iconv -f utf-16 -t utf-8 {path}`)"
+        )
     count = len(head) - len(head.translate(None, CONTROL_BYTES))
     if count > MAX_CONTROL_FRACTION * len(head):
         first = next(i for i, b in enumerate(head) if b in CONTROL_BYTES)

@@ -275,6 +275,13 @@ def test_corpus_of_control_bytes(tmp_path, tokenizer, no_launch):
              str(corpus), "looks binary", "control characters", dry_run=False)
 
 
+def test_utf16_corpus_says_reencode(tmp_path, tokenizer, no_launch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes((ASSETS / "demo_valid.txt").read_text().encode("utf-16"))  # with its BOM
+    _refused(tmp_path, _cfg(tmp_path, tokenizer, train_files=[str(corpus)]), "data.train_files",
+             "is UTF-16", "iconv -f utf-16 -t utf-8", dry_run=False)
+
+
 def test_gzip_corpus_says_decompress(tmp_path, tokenizer, no_launch):
     import gzip
 
