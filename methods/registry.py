@@ -341,6 +341,9 @@ class ParamDoc:
     """The default as a config value (schedules as their mapping); ``None`` when required."""
     required: bool
     help: str
+    """The docstring under the field, followed by its declared range (``Range: > 0.``)."""
+    range: str = ""
+    """The declared range (``> 0``, ``in [0, 1]``); empty for non-numeric parameters."""
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -389,7 +392,14 @@ def describe(name: str) -> list[ParamDoc]:
             default, required = _render_default(f.default_factory()), False
         else:
             default, required = None, True
-        out.append(ParamDoc(f.name, _render_type(f.type), default, required, docs.get(f.name, "")))
+        allowed = spec.range_of(f.name)
+        limits = str(allowed) if allowed is not None and allowed != ANY else ""
+        help_text = docs.get(f.name, "")
+        if limits:
+            help_text = f"{help_text} Range: {limits}.".strip()
+        out.append(
+            ParamDoc(f.name, _render_type(f.type), default, required, help_text, range=limits)
+        )
     return out
 
 

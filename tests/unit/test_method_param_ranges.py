@@ -99,3 +99,14 @@ def test_hf_layout_errors_name_config_json_keys_and_valid_sizes():
     assert "valid --tp values for this model: 1, 2, 3, 4, 6, 12;" in message, message
     with pytest.raises(HFConversionError, match=r"n_layer=12 is not divisible by --pp=5.*valid --pp values: 1, 2, 3, 4, 6, 12"):
         check_layout(gpt2.arch, 1, 5, where="config.json", family=gpt2.family)
+
+
+def test_ranges_are_shown_by_gkd_methods_show():
+    from typer.testing import CliRunner
+
+    from gkd_cli.app import app
+
+    result = CliRunner().invoke(app, ["methods", "show", "topk_kd"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "Range: >= 1." in text and "Range: > 0." in text, text
