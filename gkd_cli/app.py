@@ -147,31 +147,42 @@ def _launch_table(plan) -> Table:
     return table
 
 
-def _run_preemptible(plan, out: Path, console: Console) -> None:
-    """Run the workers; a SIGTERM/SIGUSR1 (Slurm preemption) after which the workers saved a
-    checkpoint is a clean stop (exit 0), as it is for the workers themselves."""
-    import time
-
-    from gkd_cli import launch
-    from gkd_cli.errors import LaunchError
-
-    started = time.time()
+def _latest_checkpoint(out: Path) -> str | None:
+    """The step folder ``checkpoints/latest`` names, if it is complete (has its manifest)."""
+    pointer = out / "checkpoints" / "latest"
     try:
-        launch.run_local(plan)
-    except LaunchError as err:
-        if err.signal not in ("SIGTERM", "SIGUSR1"):
-            raise
-        from parallel.checkpoint import latest_complete
+        name = pointer.read_text().strip()
+    except OSError:
+        return None
+    return name if (pointer.parent / name / "manifest.json").is_file() else None
 
-        latest = latest_complete(out / "checkpoints")
-        if latest is None or (latest / "manifest.json").stat().st_mtime < started:
-            raise
-        console.print(
-            f"preempted ({err.signal}): the workers saved {latest}; run the same command again to "
-            "resume",
-            markup=False,
-            soft_wrap=True,
-        )
+
+def _run_preemptible(plan, out: Path, console: Console) -> bool:
+    """Run the workers; return True when a SIGTERM/SIGUSR1 (Slurm preemption) stopped them.
+
+    The launcher forwards the signal to the workers, which finish their step, save and exit 0; it
+    returns only after they exited, so ``latest`` then names the saved step, which is printed. Exit
+    code 0: the run is resumable (run the same command again)."""
+    from gkd_cli import launch
+
+    before = _latest_checkpoint(out)
+    signal_name = launch.run_local(plan)
+    if signal_name is None:
+        return False
+    after = _latest_checkpoint(out)
+    if after is not None and after != before:
+        step = int(after.removeprefix("step_"))
+        what = f"the workers saved step {step} ({out / 'checkpoints' / after})"
+    elif after is not None:
+        what = f"stopped before a new checkpoint; the latest is still {out / 'checkpoints' / after}"
+    else:
+        what = "stopped before the first checkpoint; nothing is saved, a rerun starts over"
+    console.print(
+        f"preempted ({signal_name}): {what}; run the same command again to resume",
+        markup=False,
+        soft_wrap=True,
+    )
+    return True
 
 
 def _same_run(previous, cfg) -> bool:
@@ -367,6 +378,9 @@ def distill(
     if head:  # other nodes' workers read config.yaml after the rendezvous, which needs node 0
         cfg = _prepare_output(cfg, resume)
         write_config(cfg, config_path)
+    # Each launch logs into a fresh logs/attempt_*/ (logs/latest points at it): a rerun after a
+    # failure keeps the failed attempt's logs.
+    plan = replace(plan, log_dir=str(launch.attempt_log_dir(plan.log_dir, plan, os.environ)))
     p = cfg.parallel
     console.print(
         f"launching {plan.nproc_per_node} worker(s) on node {plan.node_rank} of {plan.nnodes} "
@@ -380,10 +394,11 @@ def distill(
         with follow_metrics(
             out / "metrics.jsonl", cfg.train.steps, console=console, skip_existing=cfg.output.resume
         ):
-            _run_preemptible(plan, out, console)
+            preempted = _run_preemptible(plan, out, console)
     else:
-        _run_preemptible(plan, out, console)
-    console.print(f"done: checkpoints and metrics in {out}", markup=False, soft_wrap=True)
+        preempted = _run_preemptible(plan, out, console)
+    if not preempted:
+        console.print(f"done: checkpoints and metrics in {out}", markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------

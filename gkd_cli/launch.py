@@ -393,14 +393,63 @@ def submit(script_path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+LAUNCHER_TAG_ENV = "GKD_LAUNCHER_TAG"
+"""Set in every worker's environment (so inherited by anything a worker starts): the launcher finds
+its workers by it, and tests scan ``/proc/*/environ`` for it to prove nothing outlived a run."""
+FAILED_AT_ENV = "GKD_FAILED_AT_FILE"
+"""Where a worker writes the time (``time.time()``) its first exception was raised, before it tells
+the other ranks (by tearing down the process group), so that blame goes to the first failure."""
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+"""Forwarded to the workers, which finish the step, save and exit 0 (Slurm's preemption signals)."""
+INTERRUPT_SIGNALS = ("SIGINT", "SIGHUP", "SIGQUIT")
+"""Forwarded to the workers, which stop without saving (a second one kills them)."""
+
+
 def rank_log_paths(log_dir: str | os.PathLike, rank: int) -> dict[str, Path]:
-    """Where rank ``rank``'s stdout, stderr and elastic error file go."""
+    """Where rank ``rank``'s stdout, stderr, elastic error file and failure time go."""
     base = Path(log_dir)
     return {
         "stdout": base / f"rank{rank}.stdout.log",
         "stderr": base / f"rank{rank}.stderr.log",
         "error": base / f"rank{rank}.error.json",
+        "failed_at": base / f"rank{rank}.failed_at",
     }
+
+
+ATTEMPT_DIR = re.compile(r"^attempt_(\d+)$")
+
+
+def attempt_log_dir(
+    logs_root: str | os.PathLike, plan: LaunchPlan, environ: Mapping[str, str] | None = None
+) -> Path:
+    """A fresh folder for this launch's logs under ``logs_root`` (``<output.dir>/logs``), so a rerun
+    keeps the logs of the attempt it follows: ``attempt_1``, ``attempt_2``, ... on one node;
+    ``attempt_<run id>[.<requeue count>]`` with several nodes (every node must pick the same name
+    without talking to the others; inside Slurm the run id is the job id and
+    ``SLURM_RESTART_COUNT`` counts requeues). Node 0 points ``logs/latest`` at it."""
+    environ = os.environ if environ is None else environ
+    root = Path(logs_root)
+    root.mkdir(parents=True, exist_ok=True)
+    if plan.nnodes > 1:
+        name = plan.rdzv_id + (f".{environ['SLURM_RESTART_COUNT']}" if environ.get("SLURM_RESTART_COUNT") else "")
+        folder = root / ("attempt_" + re.sub(r"[^A-Za-z0-9_.-]", "_", name))
+        folder.mkdir(exist_ok=True)
+    else:
+        number = max((int(m.group(1)) for p in root.iterdir() if (m := ATTEMPT_DIR.match(p.name))), default=0)
+        while True:  # mkdir is the lock: two launchers never share an attempt folder
+            number += 1
+            folder = root / f"attempt_{number}"
+            try:
+                folder.mkdir()
+                break
+            except FileExistsError:
+                continue
+    if plan.node_rank == 0:
+        link = root / f".latest-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(folder.name)
+        os.replace(link, root / "latest")
+    return folder
 
 
 def _logs_specs(log_dir: str):
@@ -421,11 +470,13 @@ def _logs_specs(log_dir: str):
             dest = LogsDest()
             for local_rank, env in envs.items():
                 paths = rank_log_paths(log_dir, int(env.get("RANK", local_rank)))
-                paths["error"].unlink(missing_ok=True)  # a stale file would be read as this error
+                for stale in ("error", "failed_at"):  # a stale file would be read as this run's
+                    paths[stale].unlink(missing_ok=True)
                 dest.stdouts[local_rank] = str(paths["stdout"])
                 dest.stderrs[local_rank] = str(paths["stderr"])
                 dest.error_files[local_rank] = str(paths["error"])
                 env["TORCHELASTIC_ERROR_FILE"] = str(paths["error"])
+                env[FAILED_AT_ENV] = str(paths["failed_at"])
             return dest
 
     return RankLogsSpecs()
@@ -494,30 +545,42 @@ def _last_lines(path: Path, count: int = 20) -> str | None:
     return "\n".join(lines[-count:]) if lines else None
 
 
-def worker_failure(failures: Mapping[int, object], log_dir: str) -> WorkerFailedError:
-    """Turn elastic's ``{global rank: ProcessFailure}`` into one error naming the root cause: the
-    earliest failure, preferring ranks that wrote a traceback over ranks killed in the
-    aftermath."""
+def _failure_times(failures: Mapping[int, object], log_dir: str, exited_at: Mapping[int, float]) -> dict[int, float]:
+    """When each failed rank failed (``time.time()``): the moment its first exception was raised
+    (the worker writes it before tearing down its process group, which is what makes the other ranks
+    fail) or, for a rank killed by a signal, the moment it exited (seen by the launcher through a
+    pidfd); elastic's whole-second timestamp only where neither is known."""
+    times = {}
+    for rank, failure in failures.items():
+        candidates = [exited_at[rank]] if rank in exited_at else []
+        try:
+            candidates.append(float(rank_log_paths(log_dir, rank)["failed_at"].read_text()))
+        except (OSError, ValueError):
+            pass
+        times[rank] = min(candidates) if candidates else float(getattr(failure, "timestamp", 0) or 0)
+    return times
 
-    def order(rank: int):
-        failure = failures[rank]
-        has_trace = os.path.isfile(getattr(failure, "error_file", "") or "")
-        return (not has_trace, getattr(failure, "timestamp", 0), rank)
 
-    rank = min(failures, key=order)
+def worker_failure(
+    failures: Mapping[int, object], log_dir: str, exited_at: Mapping[int, float] | None = None
+) -> WorkerFailedError:
+    """Turn elastic's ``{global rank: ProcessFailure}`` into one error naming the root cause: the rank
+    that failed first, by time (a rank killed with ``kill -9`` is the cause even though the others
+    wrote tracebacks in the aftermath). ``exited_at``: ``{global rank: time.time() of its exit}``
+    as the launcher saw it."""
+    times = _failure_times(failures, log_dir, exited_at or {})
+    rank = min(failures, key=lambda r: (times[r], r))
     failure = failures[rank]
     exitcode = int(getattr(failure, "exitcode", 1))
     paths = rank_log_paths(log_dir, rank)
     summary, trace = _traceback_from_error_file(str(paths["error"]))
     if trace is None:
         trace = _last_lines(paths["stderr"])
+    if exitcode < 0:
+        name = _signal_name(-exitcode)
+        summary = summary or f"killed by signal {-exitcode} ({name})"
     if summary is None:
-        if exitcode < 0:
-            summary = f"killed by signal {-exitcode}"
-        elif trace:
-            summary = trace.strip().splitlines()[-1]
-        else:
-            summary = "no error message (see the log)"
+        summary = trace.strip().splitlines()[-1] if trace else "no error message (see the log)"
     return WorkerFailedError(
         rank=rank,
         exitcode=exitcode,
@@ -528,12 +591,129 @@ def worker_failure(failures: Mapping[int, object], log_dir: str) -> WorkerFailed
     )
 
 
-def run_local(plan: LaunchPlan) -> None:
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class _Workers:
+    """This node's worker processes as the launcher's main thread sees them while torch elastic's
+    agent (in another thread) runs them: found by :data:`LAUNCHER_TAG_ENV` in their environment,
+    watched through pidfds (the exact time each one exits, without reaping it: that is the
+    agent's), signalled, and their process groups killed once they are gone.
+
+    Each worker is a process-group leader (elastic starts it in a new session), and whatever it
+    starts stays in its group: megatron-core's checkpoint writer starts a multiprocessing
+    ``Manager`` server and the resource tracker, which a ``kill -9`` of the worker would orphan."""
+
+    def __init__(self, tag: str, expected: int) -> None:
+        import select
+
+        self.tag = tag
+        self.expected = expected
+        self.rank_of: dict[int, int] = {}
+        """pid -> global rank."""
+        self.exited_at: dict[int, float] = {}
+        """global rank -> ``time.time()`` when its exit was seen."""
+        self._fds: dict[int, int] = {}
+        self._poller = select.poll()
+        self._pending: list[int] = []
+        """Signals sent before every worker was running: sent to the late ones when found."""
+
+    def _discover(self) -> None:
+        import psutil
+
+        for child in psutil.Process().children():
+            if child.pid in self.rank_of:
+                continue
+            try:
+                env = child.environ()
+            except psutil.Error:
+                continue
+            if env.get(LAUNCHER_TAG_ENV) != self.tag:
+                continue  # not exec'ed yet (still our environment), or not ours
+            self.rank_of[child.pid] = int(env.get("RANK", "-1"))
+            for signum in self._pending:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(child.pid, signum)
+            try:
+                fd = os.pidfd_open(child.pid)
+            except (OSError, AttributeError):  # already reaped, or no pidfds: best effort
+                self._exited(child.pid)
+                continue
+            self._fds[fd] = child.pid
+            self._poller.register(fd)
+
+    def _exited(self, pid: int) -> None:
+        import time
+
+        self.exited_at.setdefault(self.rank_of[pid], time.time())
+        _kill_group(pid)
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, noting workers that exit (a signal handler may run meanwhile)."""
+        if len(self.rank_of) < self.expected:
+            self._discover()
+        for fd, _ in self._poller.poll(int(seconds * 1000)):
+            self._poller.unregister(fd)
+            os.close(fd)
+            self._exited(self._fds.pop(fd))
+
+    def send(self, signum: int, *, group: bool = False) -> None:
+        """Send ``signum`` to the running workers (``group``: to everything they started too)."""
+        self._discover()
+        if len(self.rank_of) < self.expected:
+            self._pending.append(signum)
+        for pid, rank in self.rank_of.items():
+            if rank in self.exited_at:
+                continue
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                (os.killpg if group else os.kill)(pid, signum)
+
+    def close(self) -> None:
+        """Kill whatever the workers left behind, and let go of the pidfds."""
+        for fd, pid in self._fds.items():
+            self._poller.unregister(fd)
+            os.close(fd)
+            _kill_group(pid)
+        self._fds.clear()
+        for pid in self.rank_of:
+            _kill_group(pid)
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL the process group of a worker that has exited (a zombie or reaped: its group id
+    cannot be reused while any member lives, so this never hits an unrelated process)."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def run_local(plan: LaunchPlan) -> str | None:
     """Start this node's workers with torch elastic (torchrun's Python API) and wait for them.
 
-    Raises :class:`WorkerFailedError` when a worker fails and :class:`LaunchError` when the
-    launch is interrupted or cannot rendezvous.
+    Returns ``None`` when the workers finished, or the name of the preemption signal (``SIGTERM``,
+    ``SIGUSR1``) that this process received and forwarded to the workers, which then finished their
+    step, saved a checkpoint and exited 0; the launcher waits for that save however long it takes.
+    SIGINT, SIGHUP and SIGQUIT are forwarded too (the workers stop without saving; a second one
+    kills them) and raise :class:`LaunchError` (exit code 130). When this function returns or
+    raises, nothing the workers started is left running.
+
+    The elastic agent runs in a helper thread, so that the main thread owns the signal handlers
+    (the agent's own handlers would turn SIGTERM into an immediate shutdown of the workers with a
+    30-second deadline, and leave SIGUSR1 to kill the launcher).
+
+    Raises :class:`WorkerFailedError` when a worker fails (naming the rank that failed first) and
+    :class:`LaunchError` when the launch is interrupted or cannot rendezvous.
     """
+    import signal
+    import threading
+
     import torch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -564,19 +744,70 @@ def run_local(plan: LaunchPlan) -> None:
         start_method="spawn",
     )
     command = ["-u", "-m", plan.entry_module, *plan.args]
-    try:
-        with _environment(plan.env), _quiet_elastic(Path(plan.log_dir) / "launcher.log"):
+    tag = f"{os.getpid()}-{plan.rdzv_id}"
+    workers = _Workers(tag, plan.nproc_per_node)
+    outcome: dict[str, BaseException] = {}
+    received: list[str] = []
+
+    def agent() -> None:
+        try:
             elastic_launch(config, sys.executable)(*command)
-    except ChildFailedError as err:
-        raise worker_failure(err.failures, plan.log_dir) from None
-    except SignalException as err:
+        except BaseException as err:  # handed to the main thread
+            outcome["error"] = err
+
+    def on_signal(signum, frame) -> None:
+        name = signal.Signals(signum).name
+        received.append(name)
+        if name in PREEMPT_SIGNALS:
+            workers.send(signum)  # each worker finishes its step, saves and exits 0
+        elif sum(n in INTERRUPT_SIGNALS for n in received) == 1:
+            workers.send(signum)
+        else:
+            workers.send(signal.SIGKILL, group=True)
+
+    handled = [getattr(signal, n) for n in (*PREEMPT_SIGNALS, *INTERRUPT_SIGNALS) if hasattr(signal, n)]
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled} if in_main else {}
+    try:
+        with _environment({**plan.env, LAUNCHER_TAG_ENV: tag}), _quiet_elastic(
+            Path(plan.log_dir) / "launcher.log"
+        ):
+            thread = threading.Thread(target=agent, name="gkd-elastic-agent", daemon=True)
+            thread.start()
+            while thread.is_alive():
+                workers.wait(0.2)
+            workers.wait(0)  # exits seen in the last instant
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        workers.close()
+    err = outcome.get("error")
+    interrupted = next((n for n in received if n in INTERRUPT_SIGNALS), None)
+    preempted = next((n for n in received if n in PREEMPT_SIGNALS), None)
+    if err is None:
+        if interrupted:  # the workers had finished anyway
+            return None
+        return preempted
+    if isinstance(err, ChildFailedError):
+        stopped_by = interrupted or preempted
+        if stopped_by and (
+            interrupted or all(int(getattr(f, "exitcode", 0)) == -getattr(signal, stopped_by) for f in err.failures.values())
+        ):  # stopped as asked (a worker without a preemption handler dies of the signal itself)
+            raise LaunchError(
+                f"interrupted by {stopped_by}; workers stopped",
+                exit_code=128 + getattr(signal, stopped_by),
+                signal=stopped_by,
+            ) from None
+        raise worker_failure(err.failures, plan.log_dir, workers.exited_at) from None
+    if isinstance(err, SignalException):  # (only when run_local is called outside the main thread)
         raise LaunchError(
             f"interrupted by {err.sigval.name}; workers stopped",
             exit_code=130,
             signal=err.sigval.name,
         ) from None
-    except RendezvousError as err:
+    if isinstance(err, RendezvousError):
         raise LaunchError(
             f"rendezvous at {plan.rdzv_endpoint} failed: {err}; check that every node runs "
             "and can reach that address"
         ) from None
+    raise err

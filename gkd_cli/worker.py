@@ -228,8 +228,24 @@ def run(cfg: DistillConfig) -> str:
                 (out / "eval.json").write_text(json.dumps(result, indent=2))
                 log.info("validation: %s", result)
         return outcome.status
+    except BaseException:
+        _note_failure_time()
+        raise
     finally:
         shutdown()
+
+
+def _note_failure_time() -> None:
+    """Write when this rank failed, before ``shutdown()`` tears down the process group (which is
+    what makes the other ranks fail too): the launcher blames the rank that failed first."""
+    import time
+
+    path = os.environ.get("GKD_FAILED_AT_FILE")  # gkd_cli.launch.FAILED_AT_ENV
+    if path:
+        try:
+            Path(path).write_text(repr(time.time()))
+        except OSError:
+            pass
 
 
 @record

@@ -66,17 +66,64 @@ def install_early_stop() -> None:
     then stops before its first step and the worker exits 0, keeping the previous checkpoint.
 
     On Linux the worker also asks for SIGTERM when its parent (torchrun's agent) dies, so a
-    ``kill -9`` of the launcher makes the workers save and exit instead of running orphaned."""
+    ``kill -9`` of the launcher makes the workers save and exit instead of running orphaned; and
+    the process megatron-core's checkpoint writer starts dies with the worker
+    (:func:`bind_checkpoint_writer`)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _early_handler)
+    set_parent_death_signal(signal.SIGTERM)
+    bind_checkpoint_writer()
+
+
+def set_parent_death_signal(signum: int) -> bool:
+    """Ask the kernel to send ``signum`` to this process when the thread that started it exits
+    (Linux ``prctl(PR_SET_PDEATHSIG)``); False where that does not exist."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        return libc.prctl(pr_set_pdeathsig, int(signum), 0, 0, 0) == 0
     except (OSError, AttributeError):  # not Linux: orphans are the job scheduler's to clean up
+        return False
+
+
+def _die_with_worker() -> None:
+    # Runs first in megatron's writer-results Manager process (see bind_checkpoint_writer).
+    set_parent_death_signal(signal.SIGKILL)
+
+
+def bind_checkpoint_writer() -> None:
+    """Make the helper processes of megatron-core's checkpoint writer die with this worker.
+
+    ``dist_checkpointing.save`` (``FileSystemWriterAsync``, also for synchronous saves) collects
+    write results through a queue served by a ``multiprocessing`` Manager: a *spawned* server
+    process, plus multiprocessing's resource tracker. A worker that exits normally shuts both down,
+    but after a ``kill -9`` of the worker they were re-parented to init and ran forever (holding
+    memory, on GPU nodes a CUDA context). Here the Manager is started with an initializer that sets
+    a parent-death signal (SIGKILL); with it gone, the tracker's pipe closes and it exits too. The
+    Manager is still started lazily, by the first save, from the main thread (the parent-death
+    signal follows the thread that started the process)."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    except ImportError:
         return
+    if getattr(fsa._get_write_results_queue, "_gkd_bound", False) or not hasattr(fsa, "_results_queue"):
+        return
+
+    def results_queue():
+        if fsa._results_queue is None:
+            import multiprocessing
+            from multiprocessing.managers import SyncManager
+
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager.start(initializer=_die_with_worker)
+            fsa._results_queue = manager.Queue()
+            fsa._gkd_manager = manager  # (megatron keeps only the queue proxy)
+        return fsa._results_queue
+
+    results_queue._gkd_bound = True
+    fsa._get_write_results_queue = results_queue
 
 
 class _StopFlag:

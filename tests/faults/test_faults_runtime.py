@@ -18,6 +18,7 @@ import pytest
 from parallel import checkpoint as ckpt
 from tests.dist._torchrun import REPO, run_job
 from tests.distributed import free_port
+from tests.faults._procs import assert_none_left, new_marker
 
 pytestmark = [pytest.mark.faults, pytest.mark.dist]
 STEPS = 6
@@ -25,6 +26,7 @@ SPEC = dict(tp=1, pp=1, dp=2, steps=STEPS, save_every=2)
 
 
 def _start(tmp_path: Path, name: str, **spec) -> tuple[subprocess.Popen, Path]:
+    """Start torchrun with ``spec``; ``proc.marker`` tags every process of the run (see _procs)."""
     spec = {**SPEC, "out_dir": str(tmp_path / "run"), "result": str(tmp_path / f"{name}.json"), **spec}
     path = tmp_path / f"{name}.spec.json"
     path.write_text(json.dumps(spec))
@@ -32,9 +34,11 @@ def _start(tmp_path: Path, name: str, **spec) -> tuple[subprocess.Popen, Path]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(free_port()), str(REPO / "tests/dist/runtime_job.py"), str(path)]
     log = tmp_path / f"{name}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    marker = new_marker()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **marker}
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.marker = marker
     return proc, log
 
 
@@ -78,6 +82,9 @@ def test_kill9_rank_then_launcher_resumes_with_same_losses(reference, tmp_path):
     victim = _workers(proc)[-1]
     victim.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=120) != 0
+    # Nothing the killed rank started (megatron-core's checkpoint-writer Manager and the resource
+    # tracker, which used to be re-parented to init and run forever) outlives the launcher.
+    assert_none_left(proc.marker)
     root = out / "checkpoints"
     assert ckpt.latest_complete(root).name == "step_0000002"
     ckpt.verify_manifest(root / "step_0000002")
@@ -95,6 +102,7 @@ def test_kill9_rank_then_launcher_resumes_with_same_losses(reference, tmp_path):
     # The workers are told by the kernel (PDEATHSIG), finish their step, save, and exit.
     gone, alive = psutil.wait_procs(workers, timeout=90)
     assert not alive, f"orphaned workers still running: {alive}"
+    assert_none_left(proc.marker)
     assert gone  # (not our children: their exit codes are not ours to read; the save below shows it)
     text = log.read_text()
     assert "removing incomplete checkpoint" in text and ".tmp-step_0000004" in text
@@ -106,6 +114,7 @@ def test_kill9_rank_then_launcher_resumes_with_same_losses(reference, tmp_path):
     # 3. rerun to the end: every step's loss equals the uninterrupted run's (same layout: bit-exact).
     proc, log = _start(tmp_path, "c")
     assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+    assert_none_left(proc.marker)
     assert _last_losses(out) == ref_losses
 
 
