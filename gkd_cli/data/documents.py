@@ -49,8 +49,9 @@ COMPRESSION_MAGIC: dict[bytes, tuple[str, str]] = {
 }
 """Leading bytes of compressed files: ``{magic: (format, command that decompresses it)}``."""
 
-CONTROL_BYTES = bytes(b for b in range(32) if chr(b) not in "\t\n\v\f\r") + b"\x7f"
-"""ASCII control characters that never occur in text (tab, newlines and form feed do)."""
+CONTROL_BYTES = bytes(b for b in range(32) if chr(b) not in "\t\n\v\f\r\x1b") + b"\x7f"
+"""ASCII control characters that do not occur in text (tab, newlines and form feed do, and ESC
+starts the color codes of scraped terminal logs)."""
 MAX_CONTROL_FRACTION = 0.01
 """More control characters than this share of a file's first MiB: the file is binary, not text."""
 
