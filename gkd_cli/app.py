@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gkd_cli.errors import ConfigError, GkdError, WorkerFailedError
+from gkd_cli.errors import ConfigError, GkdError, LaunchError, WorkerFailedError
 
 if TYPE_CHECKING:
     from gkd_cli.plan import Device
@@ -206,16 +206,24 @@ def _prepare_output(cfg, resume: bool | None):
     from gkd_cli.config import load_config, model_roles
 
     out = Path(cfg.output.dir)
-    existing = out.is_dir() and any(out.iterdir())
+    # logs/ alone is no run: Slurm opens the batch output file in it before gkd starts.
+    existing = out.is_dir() and any(entry.name != "logs" for entry in out.iterdir())
     saved = out / "config.yaml"
     if existing and resume is None:
         if saved.is_file() and _same_run(load_config(saved, check_paths=False), cfg):
             resume = True
-        else:
+        elif saved.is_file():
             raise ConfigError(
                 f"output.dir {out} already holds another run (its config.yaml differs); pass "
                 "--resume to continue it with this config, --overwrite to start over, or choose "
                 "another output.dir=...",
+                field="output.dir",
+            )
+        else:
+            names = ", ".join(sorted(e.name for e in out.iterdir() if e.name != "logs")[:5])
+            raise ConfigError(
+                f"output.dir {out} holds files but no gkd run (no config.yaml; it has {names}); "
+                "choose another output.dir=... or empty it",
                 field="output.dir",
             )
     if resume:
@@ -254,6 +262,60 @@ def _prepare_output(cfg, resume: bool | None):
     return cfg
 
 
+def _slurm_options(
+    cfg,
+    *,
+    gpus_per_node: int | None,
+    cpus_per_task: int | None,
+    time: str | None,
+    partition: str | None,
+    submit: bool,
+    python: str | None,
+    **rest,
+):
+    """``SlurmOptions`` for ``gkd distill --slurm``, checked before anything is written: the
+    time format, sbatch present (``--submit``), and, where sinfo answers, the partition exists
+    and has the nodes; GPUs and CPUs per node default to what the partition's nodes have."""
+    from gkd_cli import launch
+
+    if time is not None:
+        launch.check_slurm_time(time)
+    if submit:
+        launch.require_sbatch()
+    nodes = cfg.parallel.nnodes
+    if nodes < 1:
+        raise ConfigError(f"--nodes {nodes}: must be at least 1", field="nodes")
+    procs = cfg.parallel.world_size // nodes
+    partitions = launch.slurm_partitions()
+    info = launch.check_partition(partitions, partition, nodes) if partitions else None
+    if gpus_per_node is not None and gpus_per_node < 0:
+        raise ConfigError(f"--gpus-per-node {gpus_per_node}: must be 0 or more")
+    if gpus_per_node is None:
+        # No sinfo (a laptop): assume GPU nodes, gkd's usual target; the script says so.
+        gpus_per_node = procs if info is None or info.gpus_per_node > 0 else 0
+    elif info is not None and gpus_per_node > info.gpus_per_node:
+        raise ConfigError(
+            f"--gpus-per-node {gpus_per_node}: the nodes of partition {info.name} have "
+            f"{info.gpus_per_node} GPU(s)"
+            + ("; use --gpus-per-node 0 for CPU workers" if info.gpus_per_node == 0 else ""),
+            field="gpus_per_node",
+        )
+    if cpus_per_task is None:
+        cpus_per_task = info.cpus_per_node if info is not None and info.cpus_per_node else procs
+    return launch.SlurmOptions(
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        procs_per_node=procs,
+        cpus_per_task=cpus_per_task,
+        time=time,
+        partition=partition,
+        python=python or sys.executable,
+        workdir=os.getcwd(),
+        **{k: v for k, v in rest.items() if k not in ("signal_seconds",)},
+        signal_seconds=rest["signal_seconds"] or None,
+    )
+
+
 @app.command()
 @_report_errors
 def distill(
@@ -275,9 +337,42 @@ def distill(
     gpus_per_node: Annotated[
         int | None,
         typer.Option(
-            "--gpus-per-node", help="Slurm GPUs per node (default: tp x pp x dp / nodes)."
+            "--gpus-per-node",
+            help="Slurm GPUs per node: tp x pp x dp / nodes, or 0 for CPU workers (default: that "
+            "on a partition with GPUs, 0 on one without, as sinfo reports).",
         ),
     ] = None,
+    cpus_per_task: Annotated[
+        int | None,
+        typer.Option(
+            "--cpus-per-task",
+            help="Slurm CPUs of each node's launcher and workers (default: the CPUs of the "
+            "partition's nodes from sinfo, else one per worker).",
+        ),
+    ] = None,
+    python: Annotated[
+        str | None,
+        typer.Option(
+            "--python",
+            help="Python on the compute nodes that has gkd installed (default: this one, "
+            f"{sys.executable}).",
+        ),
+    ] = None,
+    signal_seconds: Annotated[
+        int,
+        typer.Option(
+            "--signal-seconds",
+            help="Slurm sends SIGUSR1 this long before --time runs out: the workers save and "
+            "the job requeues (0: no signal).",
+        ),
+    ] = 300,
+    requeue: Annotated[
+        bool,
+        typer.Option(
+            "--requeue/--no-requeue",
+            help="After a preemption signal and a completed save, the job requeues itself.",
+        ),
+    ] = True,
     time: Annotated[str | None, typer.Option("--time", help="Slurm time limit (24:00:00).")] = None,
     partition: Annotated[str | None, typer.Option("--partition", help="Slurm partition.")] = None,
     account: Annotated[str | None, typer.Option("--account", help="Slurm account.")] = None,
@@ -333,37 +428,78 @@ def distill(
     console = _out()
 
     if slurm:
-        per_node = gpus_per_node or cfg.parallel.world_size // cfg.parallel.nnodes
-        options = launch.SlurmOptions(
-            nodes=cfg.parallel.nnodes,
-            gpus_per_node=per_node,
+        # The job runs from other shells and directories: absolute output dir, and --chdir here.
+        out = out.resolve()
+        cfg = replace(cfg, output=replace(cfg.output, dir=str(out)))
+        config_path = out / "config.yaml"
+        options = _slurm_options(
+            cfg,
+            gpus_per_node=gpus_per_node,
+            cpus_per_task=cpus_per_task,
             time=time,
             partition=partition,
             account=account,
             job_name=job_name,
             extra_sbatch=list(sbatch_lines or []),
             setup=list(setup_lines or []),
+            python=python,
+            signal_seconds=signal_seconds,
+            requeue=requeue,
+            submit=submit,
         )
         script = launch.render_sbatch(cfg, options, config_path)
         if dry_run:
-            console.print(dump_config(cfg), markup=False)
-            console.print(script, markup=False)
-            _print_memory(console, cfg, "gpu")
+            console.print(dump_config(cfg), markup=False, soft_wrap=True)
+            console.print(script, markup=False, soft_wrap=True)
+            _print_memory(console, cfg, "gpu" if options.gpus_per_node else "cpu")
             return
         cfg = _prepare_output(cfg, resume)
         write_config(cfg, config_path)
+        (out / "logs").mkdir(parents=True, exist_ok=True)  # sbatch opens --output in it
         script_path = out / "gkd.sbatch"
         script_path.write_text(launch.render_sbatch(cfg, options, config_path))
-        console.print(f"wrote {config_path} and {script_path}", markup=False)
+        console.print(f"wrote {config_path} and {script_path}", markup=False, soft_wrap=True)
         if submit:
             job_id = launch.submit(script_path)
-            console.print(f"submitted Slurm job {job_id}", markup=False)
+            log = (options.output or str(out / "logs" / "slurm-%j.out")).replace("%j", job_id)
+            console.print(
+                f"submitted Slurm job {job_id}\n"
+                f"  follow it:  squeue -j {job_id}   (or scontrol show job {job_id})\n"
+                f"  its output: tail -f {log}\n"
+                f"  stop it and save: scancel -b --signal=USR1 {job_id}   (requeues itself)",
+                markup=False,
+                soft_wrap=True,
+            )
         else:
-            console.print(f"submit with: sbatch {script_path}", markup=False)
+            console.print(f"submit with: sbatch {script_path}", markup=False, soft_wrap=True)
         return
 
+    context = launch.slurm_context(os.environ)
+    job_nodes = launch.slurm_job_nodes(os.environ) if context else 1
+    if context == "shell" and job_nodes > 1:
+        raise LaunchError(
+            f"this shell holds a {job_nodes}-node Slurm allocation (job "
+            f"{os.environ.get('SLURM_JOB_ID')}) but runs on none of its nodes; start gkd on "
+            "every node with: srun --ntasks-per-node=1 gkd distill ..."
+        )
+    if context == "shell":
+        _err().print(
+            Text(
+                f"warning: inside Slurm allocation {os.environ.get('SLURM_JOB_ID')} but not in a "
+                "job step: this runs here (probably the login node), not on the allocated "
+                "node; use srun gkd distill ... to run there",
+                style="bold yellow",
+            ),
+            soft_wrap=True,
+        )
+    if context == "batch" and job_nodes > 1:
+        raise LaunchError(
+            f"a batch script of a {job_nodes}-node job runs on its first node only; start gkd on "
+            "every node with: srun --ntasks-per-node=1 gkd distill ... (or use gkd distill "
+            "--slurm, which writes such a script)"
+        )
     if launch.in_slurm_allocation(os.environ):
-        plan = launch.plan_from_slurm_env(cfg, os.environ)
+        plan = launch.plan_from_slurm_env(cfg, os.environ, resolve=True)
     else:
         plan = launch.plan_local(cfg, os.environ)
     from gkd_cli.preflight import run_preflight
@@ -375,9 +511,16 @@ def distill(
         _print_memory(console, cfg, "gpu" if _gpu_available() else "cpu")
         return
     head = plan.node_rank == 0
+    token = launch.ready_token(plan, os.environ)
     if head:  # other nodes' workers read config.yaml after the rendezvous, which needs node 0
         cfg = _prepare_output(cfg, resume)
         write_config(cfg, config_path)
+        if plan.nnodes > 1:
+            launch.ready_path(out).parent.mkdir(parents=True, exist_ok=True)
+            launch.ready_path(out).write_text(token + "\n")
+    else:
+        # Touch nothing in output.dir before node 0 has checked (and maybe cleaned) it.
+        launch.wait_until_prepared(out, token)
     # Each launch logs into a fresh logs/attempt_*/ (logs/latest points at it): a rerun after a
     # failure keeps the failed attempt's logs.
     plan = replace(plan, log_dir=str(launch.attempt_log_dir(plan.log_dir, plan, os.environ)))

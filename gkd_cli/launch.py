@@ -205,11 +205,57 @@ def expand_hostlist(hostlist: str) -> list[str]:
     return hosts
 
 
-def plan_from_slurm_env(cfg: DistillConfig, environ: Mapping[str, str]) -> LaunchPlan:
-    """Launch plan of this node inside a Slurm allocation (one ``gkd``/torchrun per node):
-    nodes and node rank from ``SLURM_JOB_NUM_NODES``/``SLURM_NODEID``, the rendezvous on the
-    first host of ``SLURM_JOB_NODELIST``, the run id from ``SLURM_JOB_ID``."""
-    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+def _step_or_job(environ: Mapping[str, str], step_key: str, job_keys: tuple[str, ...]) -> str:
+    """A job step's own value (``srun`` on part of an allocation) before the allocation's."""
+    if environ.get("SLURM_STEP_ID") is not None and environ.get(step_key):
+        return environ[step_key]
+    return next((environ[k] for k in job_keys if environ.get(k)), "")
+
+
+RDZV_PORT_BASE = 15000
+RDZV_PORT_SPAN = 15000
+
+
+def slurm_rdzv_port(job_id: str, step_id: str | None = None) -> int:
+    """Rendezvous port of a Slurm job step, derived from the job id (and step id) so that two
+    jobs sharing a node do not collide; below Linux's ephemeral range (32768+)."""
+    try:
+        job, step = int(job_id.split("_")[0]), int(step_id or 0)
+    except ValueError:
+        return DEFAULT_RDZV_PORT
+    return RDZV_PORT_BASE + (job * 8 + step % 8) % RDZV_PORT_SPAN
+
+
+def _resolve_node(name: str, environ: Mapping[str, str]) -> str:
+    """A Slurm node name as a reachable address: the name itself when it resolves, else the
+    node's ``NodeAddr`` from ``scontrol`` (clusters whose node names are not host names)."""
+    import socket
+
+    try:
+        socket.getaddrinfo(name, None)
+        return name
+    except OSError:
+        pass
+    scontrol = shutil.which("scontrol", path=environ.get("PATH"))
+    if scontrol is None:
+        return name
+    proc = subprocess.run(
+        [scontrol, "show", "node", name, "-o"], capture_output=True, text=True, check=False
+    )
+    match = re.search(r"\bNodeAddr=(\S+)", proc.stdout)
+    return match.group(1) if proc.returncode == 0 and match else name
+
+
+def plan_from_slurm_env(
+    cfg: DistillConfig, environ: Mapping[str, str], *, resolve: bool = False
+) -> LaunchPlan:
+    """Launch plan of this node inside a Slurm job step (one ``gkd``/torchrun per node, started
+    by ``srun``): nodes and node rank from ``SLURM_STEP_NUM_NODES``/``SLURM_NODEID``, the
+    rendezvous on the first host of ``SLURM_STEP_NODELIST`` (``MASTER_ADDR`` overrides), its port
+    from ``MASTER_PORT`` or derived from ``SLURM_JOB_ID``, the run id from ``SLURM_JOB_ID``.
+    ``resolve``: turn a node name that does not resolve into its ``NodeAddr`` (asks scontrol)."""
+    job_keys = ("SLURM_JOB_NODELIST", "SLURM_NODELIST")
+    nodelist = _step_or_job(environ, "SLURM_STEP_NODELIST", job_keys)
     job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
     if not nodelist or not job_id:
         raise LaunchError(
@@ -219,11 +265,19 @@ def plan_from_slurm_env(cfg: DistillConfig, environ: Mapping[str, str]) -> Launc
     hosts = expand_hostlist(nodelist)
     if not hosts:
         raise LaunchError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
-    count_key = next((k for k in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES") if environ.get(k)), None)
-    nnodes = _int_env(environ, count_key) if count_key else len(hosts)
+    count = _step_or_job(
+        environ, "SLURM_STEP_NUM_NODES", ("SLURM_JOB_NUM_NODES", "SLURM_NNODES")
+    )
+    nnodes = int(count) if count.isdigit() else len(hosts)
     if nnodes != len(hosts):
         raise LaunchError(
             f"SLURM_JOB_NUM_NODES={nnodes} but SLURM_JOB_NODELIST has {len(hosts)} hosts"
+        )
+    tasks = environ.get("SLURM_STEP_NUM_TASKS", "")
+    if environ.get("SLURM_STEP_ID") is not None and tasks.isdigit() and int(tasks) != nnodes:
+        raise LaunchError(
+            f"this srun starts {tasks} tasks on {nnodes} node(s); gkd needs exactly one per node "
+            "(it starts the workers itself): srun --ntasks-per-node=1 gkd distill ..."
         )
     if nnodes != cfg.parallel.nnodes:
         raise ConfigError(
@@ -240,8 +294,13 @@ def plan_from_slurm_env(cfg: DistillConfig, environ: Mapping[str, str]) -> Launc
             "(SLURM_GPUS_ON_NODE); change parallel.dp or the allocation",
             field="parallel.dp",
         )
-    port = _int_env(environ, "MASTER_PORT") if environ.get("MASTER_PORT") else DEFAULT_RDZV_PORT
-    head = hosts[0]
+    if environ.get("MASTER_PORT"):
+        port = _int_env(environ, "MASTER_PORT")
+    else:
+        port = slurm_rdzv_port(job_id, environ.get("SLURM_STEP_ID"))
+    head = environ.get("MASTER_ADDR") or hosts[0]
+    if resolve:
+        head = _resolve_node(head, environ)
     return LaunchPlan(
         nnodes=nnodes,
         nproc_per_node=nproc,
@@ -258,19 +317,204 @@ def plan_from_slurm_env(cfg: DistillConfig, environ: Mapping[str, str]) -> Launc
     )
 
 
+def slurm_context(environ: Mapping[str, str]) -> str | None:
+    """Where this process runs with respect to Slurm: ``None`` (no job), ``"step"`` (a task of
+    ``srun``, or an interactive step), ``"batch"`` (the batch script, on the job's first node) or
+    ``"shell"`` (``salloc``'s shell, usually on the login node: no node of the job)."""
+    if not (environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")):
+        return None
+    if environ.get("SLURM_STEP_ID") is not None:
+        return "step"
+    if environ.get("SLURM_NODEID") is not None:
+        return "batch"
+    return "shell"
+
+
 def in_slurm_allocation(environ: Mapping[str, str]) -> bool:
     """True inside a Slurm job step or batch script (where ``plan_from_slurm_env`` applies)."""
-    return bool(environ.get("SLURM_JOB_ID") and environ.get("SLURM_NODEID") is not None)
+    return slurm_context(environ) in ("step", "batch")
+
+
+def slurm_job_nodes(environ: Mapping[str, str]) -> int:
+    """Nodes of the allocation this process belongs to (1 when unknown)."""
+    count = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or ""
+    if count.isdigit():
+        return int(count)
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    return len(expand_hostlist(nodelist)) if nodelist else 1
+
+
+def ready_token(plan: LaunchPlan, environ: Mapping[str, str]) -> str:
+    """What node 0 writes to :func:`ready_path` once ``output.dir`` is prepared: the same on
+    every node of one launch (job, step, requeue attempt) and different for the next launch."""
+    parts = [plan.rdzv_id, environ.get("SLURM_STEP_ID", ""), environ.get("SLURM_RESTART_COUNT", "0")]
+    return ":".join(parts)
+
+
+def ready_path(output_dir: str | os.PathLike) -> Path:
+    """The file node 0 writes after preparing ``output.dir`` (the other nodes wait for it)."""
+    return Path(output_dir) / "logs" / ".prepared"
+
+
+def wait_until_prepared(
+    output_dir: str | os.PathLike, token: str, timeout_s: float = 900.0, poll_s: float = 0.5
+) -> None:
+    """On nodes other than 0: wait until node 0 has checked (and maybe cleaned) ``output.dir``
+    and written its config, so nothing here touches the directory first."""
+    import time
+
+    path = ready_path(output_dir)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if path.read_text().strip() == token:
+                return
+        except OSError:
+            pass
+        time.sleep(poll_s)
+    raise LaunchError(
+        f"node 0 did not prepare {output_dir} within {timeout_s:.0f} s (no {path} for this "
+        "launch); see node 0's output for its error"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# sbatch options checked against the cluster
+# ---------------------------------------------------------------------------------------------
+
+_TIME_FORMATS = (
+    r"\d+",  # minutes
+    r"\d+:\d{1,2}",  # minutes:seconds
+    r"\d+:\d{1,2}:\d{1,2}",  # hours:minutes:seconds
+    r"\d+-\d+",  # days-hours
+    r"\d+-\d+:\d{1,2}",  # days-hours:minutes
+    r"\d+-\d+:\d{1,2}:\d{1,2}",  # days-hours:minutes:seconds
+)
+
+
+def check_slurm_time(value: str) -> None:
+    """Raise ``ConfigError`` unless ``value`` is one of Slurm's ``--time`` formats."""
+    text = value.strip()
+    if text.lower() in ("infinite", "unlimited") or any(
+        re.fullmatch(f, text) for f in _TIME_FORMATS
+    ):
+        return
+    raise ConfigError(
+        f"--time {value!r} is not a Slurm time: use minutes, HH:MM:SS or D-HH:MM:SS "
+        "(e.g. --time 24:00:00 or --time 2-00:00:00)",
+        field="time",
+    )
+
+
+@dataclass(kw_only=True)
+class PartitionInfo:
+    """What ``sinfo`` says about one partition."""
+
+    name: str
+    nodes: int
+    cpus_per_node: int
+    """Fewest CPUs of its nodes."""
+    gpus_per_node: int
+    """Fewest GPUs (``gpu`` GRES) of its nodes; 0 on a CPU partition."""
+    default: bool = False
+
+
+def _gres_gpus(gres: str) -> int:
+    total = 0
+    for item in _split_top_level(gres):
+        match = re.match(r"gpu(?::[^:(]+)?:(\d+)", item.strip())
+        if match:
+            total += int(match.group(1))
+    return total
+
+
+def slurm_partitions(environ: Mapping[str, str] | None = None) -> dict[str, PartitionInfo] | None:
+    """Partitions of the cluster from ``sinfo`` (``None`` where sinfo is missing or fails)."""
+    environ = os.environ if environ is None else environ
+    sinfo = shutil.which("sinfo", path=environ.get("PATH"))
+    if sinfo is None:
+        return None
+    try:
+        proc = subprocess.run(
+            [sinfo, "-h", "-N", "-o", "%N|%P|%c|%G"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    nodes: dict[str, set[str]] = {}
+    cpus: dict[str, int] = {}
+    gpus: dict[str, int] = {}
+    default = None
+    for line in proc.stdout.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 4:
+            continue
+        node, part, cpu, gres = fields
+        if part.endswith("*"):
+            part = part[:-1]
+            default = part
+        nodes.setdefault(part, set()).add(node)
+        count = int(re.match(r"\d*", cpu).group() or 0)  # "32" or "32+" (mixed nodes)
+        cpus[part] = min(cpus.get(part, count), count)
+        gpus[part] = min(gpus.get(part, _gres_gpus(gres)), _gres_gpus(gres))
+    return {
+        part: PartitionInfo(
+            name=part,
+            nodes=len(members),
+            cpus_per_node=cpus[part],
+            gpus_per_node=gpus[part],
+            default=part == default,
+        )
+        for part, members in nodes.items()
+    }
+
+
+def check_partition(
+    partitions: Mapping[str, PartitionInfo], partition: str | None, nodes: int
+) -> PartitionInfo | None:
+    """The partition a job goes to (``partition`` or the default one), checked to exist and to
+    have ``nodes`` nodes; ``ConfigError`` naming the partitions otherwise."""
+    names = ", ".join(sorted(partitions)) or "(none)"
+    if partition is None:
+        info = next((p for p in partitions.values() if p.default), None)
+        if info is None:
+            return None
+    else:
+        info = partitions.get(partition)
+        if info is None:
+            raise ConfigError(
+                f"--partition {partition}: no such Slurm partition (sinfo lists: {names})",
+                field="partition",
+            )
+    if nodes > info.nodes:
+        raise ConfigError(
+            f"--nodes {nodes}: partition {info.name} has only {info.nodes} node(s); use "
+            f"--nodes {info.nodes} or less, or another partition (sinfo lists: {names})",
+            field="nodes",
+        )
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# sbatch
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(kw_only=True)
 class SlurmOptions:
-    """What ``#SBATCH`` lines the generated batch script gets."""
+    """What ``#SBATCH`` lines and commands the generated batch script gets."""
 
     nodes: int
     """Nodes to allocate (``--nodes``)."""
     gpus_per_node: int
-    """GPUs (= worker processes) per node."""
+    """GPUs per node (``--gpus-per-node``); 0 (a CPU partition): no GPU request."""
+    procs_per_node: int | None = None
+    """Worker processes per node (default: ``gpus_per_node``, or tp x pp x dp / nodes)."""
     time: str | None = None
     """Wall-clock limit (``--time``, e.g. ``24:00:00``)."""
     partition: str | None = None
@@ -284,44 +528,68 @@ class SlurmOptions:
     error: str | None = None
     """Batch error file (``--error``); default: same as output."""
     cpus_per_task: int | None = None
-    """CPUs for each node's torchrun (``--cpus-per-task``)."""
+    """CPUs of each node's gkd launcher and its workers (``--cpus-per-task``)."""
     extra_sbatch: list[str] = field(default_factory=list)
     """More ``#SBATCH`` options, e.g. ``--exclusive`` or ``--qos=high``."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run before ``srun`` (``module load ...``, ``source .venv/bin/activate``)."""
     python: str = "python"
-    """Python interpreter on the compute nodes."""
-    rdzv_port: int = DEFAULT_RDZV_PORT
-    """Port of the c10d rendezvous on the first node."""
+    """Python interpreter on the compute nodes (``gkd distill --slurm`` passes its own,
+    ``sys.executable``)."""
+    signal: str = "USR1"
+    """Signal Slurm sends the batch script before the time limit (``--signal=B:<sig>@<s>``)."""
+    signal_seconds: int | None = 300
+    """Seconds before the time limit it comes (None: no ``--signal``)."""
+    requeue: bool = True
+    """``--requeue``, and the script requeues itself after a preemption whose save completed."""
+    workdir: str | None = None
+    """Working directory of the job (``--chdir``): where relative paths of the config resolve."""
+
+
+def _check_procs(cfg: DistillConfig, options: SlurmOptions) -> int:
+    world = cfg.parallel.world_size
+    nodes = options.nodes
+    procs = options.procs_per_node or options.gpus_per_node or world // max(nodes, 1)
+    if world % nodes:
+        raise ConfigError(
+            f"{world} processes (tp x pp x dp) cannot be split over {nodes} nodes",
+            field="parallel.dp",
+        )
+    if nodes * procs != world:
+        raise ConfigError(
+            f"--nodes {nodes} x --gpus-per-node {procs} = {nodes * procs} but parallel.tp x pp x "
+            f"dp = {world}; use --gpus-per-node {world // nodes}",
+            field="parallel.dp",
+        )
+    if options.gpus_per_node and options.gpus_per_node != procs:
+        raise ConfigError(
+            f"--gpus-per-node {options.gpus_per_node}: each node runs {procs} workers (tp x pp x "
+            f"dp / nodes), one per GPU; use --gpus-per-node {procs} (or 0 for CPU workers)",
+            field="gpus_per_node",
+        )
+    return procs
 
 
 def render_sbatch(cfg: DistillConfig, options: SlurmOptions, config_path: str | os.PathLike) -> str:
-    """A Slurm batch script running one torchrun per node (``srun``) with a c10d rendezvous on
-    the allocation's first node; each torchrun starts ``gpus_per_node`` workers on
-    ``config_path``."""
-    world = cfg.parallel.world_size
-    if options.nodes * options.gpus_per_node != world:
-        raise ConfigError(
-            f"--nodes {options.nodes} x --gpus-per-node {options.gpus_per_node} = "
-            f"{options.nodes * options.gpus_per_node} but parallel.tp x pp x dp = {world}; "
-            f"use --gpus-per-node {world // options.nodes}"
-            if world % options.nodes == 0
-            else f"{world} processes (tp x pp x dp) cannot be split over {options.nodes} nodes",
-            field="parallel.dp",
-        )
+    """A Slurm batch script that starts one ``gkd distill`` launcher per node with ``srun`` (each
+    starts ``tp x pp x dp / nodes`` workers, c10d rendezvous on the first node), forwards the
+    preemption signal to them, and requeues the job after they saved a checkpoint."""
+    procs = _check_procs(cfg, options)
     out_dir = Path(cfg.output.dir)
     output = options.output or str(out_dir / "logs" / "slurm-%j.out")
     p = cfg.parallel
     q = shlex.quote
+    devices = f"{options.gpus_per_node} GPU(s)" if options.gpus_per_node else "CPU only"
     lines = [
         "#!/bin/bash",
-        f"# gkd distill: tp={p.tp} pp={p.pp} dp={p.dp} on {options.nodes} node(s) x "
-        f"{options.gpus_per_node} GPU(s). Generated by gkd; submit with: sbatch <this file>",
+        f"# gkd distill: tp={p.tp} pp={p.pp} dp={p.dp} on {options.nodes} node(s) x {procs} "
+        f"worker(s), {devices}. Generated by gkd; submit with: sbatch <this file>",
         f"#SBATCH --job-name={q(options.job_name)}",
         f"#SBATCH --nodes={options.nodes}",
         "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --gpus-per-node={options.gpus_per_node}",
     ]
+    if options.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={options.gpus_per_node}")
     if options.cpus_per_task:
         lines.append(f"#SBATCH --cpus-per-task={options.cpus_per_task}")
     if options.time:
@@ -330,49 +598,103 @@ def render_sbatch(cfg: DistillConfig, options: SlurmOptions, config_path: str | 
         lines.append(f"#SBATCH --partition={q(options.partition)}")
     if options.account:
         lines.append(f"#SBATCH --account={q(options.account)}")
+    if options.workdir:
+        lines.append(f"#SBATCH --chdir={q(options.workdir)}")
     lines.append(f"#SBATCH --output={q(output)}")
     if options.error:
         lines.append(f"#SBATCH --error={q(options.error)}")
+    lines.append("#SBATCH --open-mode=append")
+    if options.signal_seconds is not None:
+        lines.append(f"#SBATCH --signal=B:{options.signal}@{options.signal_seconds}")
+    lines.append("#SBATCH --requeue" if options.requeue else "#SBATCH --no-requeue")
     for extra in options.extra_sbatch:
         extra = extra.strip()
         lines.append(extra if extra.startswith("#SBATCH") else f"#SBATCH {extra}")
     lines += ["", "set -euo pipefail", ""]
     if options.setup:
         lines += [*options.setup, ""]
-    worker_env = _worker_env({})
+    worker_env = {**_worker_env({}), "PYTHONUNBUFFERED": "1"}
     lines += [f"export {k}={q(v)}" for k, v in sorted(worker_env.items())]
+    python = q(options.python)
+    srun = "srun --kill-on-bad-exit=1 --ntasks-per-node=1"
+    if options.cpus_per_task:
+        # Since Slurm 22.05 srun does not inherit the batch script's --cpus-per-task.
+        srun += ' --cpus-per-task="${SLURM_CPUS_PER_TASK}"'
+    requeue = [
+        'echo "gkd: stopped after saving a checkpoint; requeueing job ${SLURM_JOB_ID} to resume"',
+        'scontrol requeue "${SLURM_JOB_ID}" || echo "gkd: could not requeue; resume with:'
+        ' scontrol requeue ${SLURM_JOB_ID} (or sbatch this script again)"',
+    ]
+    if not options.requeue:
+        requeue = [
+            'echo "gkd: stopped after saving a checkpoint; resume with: sbatch this script again"'
+        ]
     lines += [
         "",
-        "# Rendezvous (c10d) on the first node of the allocation (no pipefail in this subshell:"
-        " head",
-        "# closing the pipe early is not an error).",
-        'head_node=$(set +o pipefail; scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-        f"rdzv_port={options.rdzv_port}",
-        "",
+        'echo "gkd: job ${SLURM_JOB_ID} attempt ${SLURM_RESTART_COUNT:-0} on'
+        ' ${SLURM_JOB_NODELIST} ($(date -u +%FT%TZ))"',
         f"mkdir -p {q(str(out_dir / 'logs'))}",
-        "srun --kill-on-bad-exit=1 --ntasks-per-node=1 \\",
-        f"  {q(options.python)} -m torch.distributed.run \\",
-        f"    --nnodes={options.nodes} \\",
-        f"    --nproc-per-node={options.gpus_per_node} \\",
-        "    --rdzv-backend=c10d \\",
-        '    --rdzv-endpoint="${head_node}:${rdzv_port}" \\',
-        '    --rdzv-id="${SLURM_JOB_ID}" \\',
-        "    --max-restarts=0 \\",
-        f"    --log-dir={q(str(out_dir / 'logs' / 'torchrun'))} \\",
-        "    --redirects=3 --tee=3 \\",
-        f"    -m {WORKER_MODULE} --config {q(str(config_path))}",
+        "",
+        "# One gkd launcher per node; each starts this node's workers. A signal to this script",
+        f"# (Slurm sends SIG{options.signal} {options.signal_seconds or '-'} s before the time"
+        " limit, scancel -b --signal=...)",
+        "# goes to srun, which forwards it to the launchers: the workers finish the current"
+        " step, save",
+        "# a checkpoint and exit 0.",
+        "stop_signal=",
+        "forward() {",
+        '  stop_signal=$1',
+        '  echo "gkd: got SIG$1: the workers finish the current step and save"',
+        '  kill -s "$1" "$srun_pid" 2>/dev/null || true',
+        "}",
+        "trap 'forward USR1' USR1",
+        "trap 'forward TERM' TERM",
+        f"{srun} \\",
+        f"  {python} -m gkd_cli.app distill {q(str(config_path))} &",
+        "srun_pid=$!",
+        "while :; do",
+        '  wait "$srun_pid" && status=0 || status=$?',
+        "  # wait returns early (status > 128) when a trapped signal arrives; srun still runs",
+        '  if [ "$status" -gt 128 ] && kill -0 "$srun_pid" 2>/dev/null; then continue; fi',
+        "  break",
+        "done",
+        'if [ "$status" -ne 0 ]; then',
+        '  echo "gkd: failed (srun exit $status${stop_signal:+, after SIG$stop_signal})"',
+        '  exit "$status"',
+        "fi",
+        "# exit 0: the run is complete; 1: it stopped early after saving (a preemption)",
+        "finished=0",
+        f"{python} -m gkd_cli.launch finished {q(str(out_dir))} || finished=$?",
+        'if [ "$finished" -eq 0 ]; then',
+        '  echo "gkd: finished"',
+        "  exit 0",
+        "fi",
+        'if [ "$finished" -ne 1 ]; then',
+        '  echo "gkd: cannot tell whether the run finished (exit $finished); not requeueing"',
+        '  exit "$finished"',
+        "fi",
+        *requeue,
         "",
     ]
     return "\n".join(lines)
 
 
+def run_finished(output_dir: str | os.PathLike) -> bool:
+    """True when ``output_dir`` holds a checkpoint of the last step of its ``config.yaml``."""
+    from gkd_cli.config import load_config
+    from parallel.checkpoint import latest_complete, read_meta
+
+    out = Path(output_dir)
+    cfg = load_config(out / "config.yaml", check_paths=False)
+    latest = latest_complete(out / "checkpoints")
+    if latest is None:
+        return False
+    return int(read_meta(latest).get("step", 0)) >= cfg.train.steps
+
+
 def submit(script_path: str | os.PathLike) -> str:
     """Submit a batch script with ``sbatch --parsable``; return the job id."""
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        raise LaunchError(
-            f"sbatch not found: run this on a Slurm login node, or submit {script_path} yourself"
-        )
+    sbatch = require_sbatch(script_path)
     proc = subprocess.run(
         [sbatch, "--parsable", str(script_path)], capture_output=True, text=True, check=False
     )
@@ -386,6 +708,15 @@ def submit(script_path: str | os.PathLike) -> str:
     if not job_id:
         raise LaunchError(f"sbatch {script_path} printed no job id")
     return job_id
+
+
+def require_sbatch(script_path: str | os.PathLike | None = None) -> str:
+    """Path of ``sbatch``, or a ``LaunchError`` saying how to submit without it."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        where = f"submit {script_path} yourself" if script_path else "drop --submit"
+        raise LaunchError(f"sbatch not found: run this on a Slurm login node, or {where}")
+    return sbatch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -811,3 +1142,20 @@ def run_local(plan: LaunchPlan) -> str | None:
             "and can reach that address"
         ) from None
     raise err
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m gkd_cli.launch finished OUTPUT_DIR``: exit 0 when the run there is complete
+    (the batch script asks this before requeueing itself)."""
+    if len(argv) == 2 and argv[0] == "finished":
+        try:
+            return 0 if run_finished(argv[1]) else 1
+        except Exception as err:  # not "unfinished": the batch script must not requeue on this
+            print(f"gkd: cannot read the run in {argv[1]}: {err}", file=sys.stderr)
+            return 3
+    print("usage: python -m gkd_cli.launch finished OUTPUT_DIR", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
