@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install install-test demo test test-unit test-dist test-e2e lint bench clean
+.PHONY: install install-test demo test test-unit test-dist test-e2e test-slurm lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ test-dist: install-test
 
 test-e2e: install-test
 	$(BIN)/python -m pytest -q -m e2e $(PYTEST_ARGS)
+
+# The Slurm tier needs a running Slurm: `sudo .ci/slurm/start.sh` (two nodes on localhost), or
+# `.ci/slurm/run.sh`, which installs Debian's slurm-wlm, starts it, runs this and stops it.
+test-slurm: install-test
+	$(BIN)/python -m pytest -q -m slurm tests/slurm $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check gkd_cli methods parallel scripts tests
