@@ -245,9 +245,34 @@ def stage_compressed_tokenizer(tokenizer_path: Path | None, mapping_path: Path, 
     return compress_tokenizer(tokenizer, mapping_path, stage, overwrite=True)
 
 
+def _token_name(value: Any) -> str | None:
+    """A ``tokenizer_config.json`` special token: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def template_bos(json_file: Path) -> str | None:
+    """The special token the tokenizer's post-processor puts before every text (Llama's ``<s>``,
+    Llama 3's ``<|begin_of_text|>``), or ``None`` (GPT-2-style byte-level tokenizers add none)."""
+    from tokenizers import Tokenizer as RawTokenizer
+
+    try:
+        raw = RawTokenizer.from_file(str(json_file))
+    except Exception:
+        return None
+    bare = raw.encode("a", add_special_tokens=False).ids
+    full = raw.encode("a", add_special_tokens=True).ids
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return raw.id_to_token(full[0]) if start == 1 else None
+    return None
+
+
 def _hf_tokenizer_config(tokenizer_path: Path) -> dict[str, Any] | None:
     """A minimal ``tokenizer_config.json`` so that ``AutoTokenizer`` loads a bare
-    ``tokenizer.json`` (special tokens from gkd's tokenizer roles)."""
+    ``tokenizer.json`` (special tokens from gkd's tokenizer roles; BOS only where the tokenizer
+    adds one)."""
     from gkd_cli.data.tokenizer import load_tokenizer
 
     try:
@@ -255,11 +280,46 @@ def _hf_tokenizer_config(tokenizer_path: Path) -> dict[str, Any] | None:
     except ValueError:
         return None
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    json_file = tokenizer_path / "tokenizer.json" if tokenizer_path.is_dir() else tokenizer_path
+    bos = template_bos(json_file)
+    if bos is not None:
+        config["bos_token"] = bos
     for role, token_id in (("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id), ("unk_token", tokenizer.unk_id)):
         token = tokenizer.id_to_token(token_id) if token_id is not None else None
         if token is not None:
             config[role] = token
     return config
+
+
+def special_token_ids(tokenizer_path: Path, tokenizer_config: dict[str, Any] | None) -> dict[str, int | None]:
+    """``bos_token_id`` / ``eos_token_id`` for the exported ``config.json``: the ids of the
+    tokens that ``tokenizer_config`` (the one shipped with the export) names, else gkd's
+    end-of-document token and the BOS the tokenizer's template adds. ``bos_token_id`` is
+    written as null when the tokenizer has no BOS, so transformers' defaults (Llama: 1 and 2)
+    never name an unrelated token."""
+    from gkd_cli.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    config = tokenizer_config or {}
+    json_file = tokenizer_path / "tokenizer.json" if tokenizer_path.is_dir() else tokenizer_path
+    bos_name = _token_name(config.get("bos_token")) if "bos_token" in config else template_bos(json_file)
+    eos_name = _token_name(config.get("eos_token"))
+    bos = tokenizer.token_to_id(bos_name) if bos_name else None
+    eos = tokenizer.token_to_id(eos_name) if eos_name else None
+    return {"bos_token_id": bos, "eos_token_id": eos if eos is not None else tokenizer.eos_id}
+
+
+def _compressed_special_ids(compressed: Path, original: Path | None, orig_to_comp) -> dict[str, int | None]:
+    """The special ids of a compressed-vocabulary export, in compressed ids."""
+    from gkd_cli.data.tokenizer import load_tokenizer
+
+    bos = None
+    if original is not None:
+        json_file = original / "tokenizer.json" if original.is_dir() else original
+        name = template_bos(json_file) if json_file.suffix == ".json" else None
+        original_id = load_tokenizer(original).token_to_id(name) if name else None
+        bos = int(orig_to_comp[original_id]) if original_id is not None else None
+    return {"bos_token_id": bos, "eos_token_id": load_tokenizer(compressed).eos_id}
 
 
 @convert_app.command("export-hf")
@@ -316,6 +376,7 @@ def export_hf(
             if compressed is not None:
                 extra_files[GKD_TOKENIZER_DIR] = compressed
                 extra_config["gkd_tokenizer"] = GKD_TOKENIZER_DIR
+                extra_config.update(_compressed_special_ids(compressed, tokenizer_path, mapping.orig_to_comp))
             staged_tokenizer = ""  # the original tokenizer's ids are not the model's
         elif tokenizer_path is not None:
             json_file = tokenizer_path / "tokenizer.json" if tokenizer_path.is_dir() else tokenizer_path
@@ -329,13 +390,18 @@ def export_hf(
             if tokenizer_path.is_file() and tokenizer_path.name != "tokenizer.json":
                 extra_files["tokenizer.json"] = tokenizer_path
                 staged_tokenizer = ""
-            has_config = tokenizer_path.is_dir() and (tokenizer_path / "tokenizer_config.json").is_file()
-            if json_file.name == "tokenizer.json" and json_file.is_file() and not has_config:
+            shipped_config = tokenizer_path / "tokenizer_config.json" if tokenizer_path.is_dir() else None
+            hf_config = None
+            if shipped_config is not None and shipped_config.is_file():
+                hf_config = json.loads(shipped_config.read_text())
+            elif json_file.name == "tokenizer.json" and json_file.is_file():
                 hf_config = _hf_tokenizer_config(tokenizer_path)
                 if hf_config is not None:
                     path = Path(tmp) / "tokenizer_config.json"
                     path.write_text(json.dumps(hf_config, indent=2) + "\n")
                     extra_files["tokenizer_config.json"] = path
+            if json_file.name == "tokenizer.json" and json_file.is_file():
+                extra_config.update(special_token_ids(tokenizer_path, hf_config))
         with console.status(f"exporting {folder} as {architecture} ..."), warnings.catch_warnings():
             # megatron-core warns at import about missing apex/Transformer Engine (irrelevant here)
             warnings.filterwarnings("ignore", module=r"megatron\..*|torch\..*|parallel\..*")

@@ -97,6 +97,8 @@ def test_import_then_export_through_the_cli(gpt2_dir, tmp_path):
     assert not (out_compressed / "tokenizer.json").exists()
     compressed = load_tokenizer(out_compressed / config["gkd_tokenizer"])
     assert compressed.is_compressed and compressed.vocab_size == 300
+    # Generation stops at the compressed end-of-document id; the BPE tokenizer adds no BOS.
+    assert config["eos_token_id"] == compressed.eos_id and config["bos_token_id"] is None
     text = "the quick brown fox"
     assert compressed.encode(text) == [int(orig_to_comp[i]) for i in original.encode(text)]
     with torch.no_grad():
