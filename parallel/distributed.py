@@ -35,6 +35,9 @@ class ParallelContext:
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
+    sequence_parallel: bool = False
+    """megatron's sequence parallelism (``parallel.sequence_parallel``; only at tp > 1): the
+    activations outside attention and MLP are split along the sequence over the tp ranks."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -101,6 +104,7 @@ def initialize(parallel: ParallelConfig, *, seed: int) -> ParallelContext:
         tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
+        sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
     )
 
 

@@ -138,6 +138,63 @@ def layer_spec(arch: ModelArch, *, use_te: bool):
     return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization=arch.normalization)
 
 
+class SequenceParallelTorchNorm:
+    """torch's LayerNorm / RMSNorm whose parameters carry megatron's ``sequence_parallel`` tag.
+
+    megatron-core's torch fallback norm (``WrappedTorchNorm``, used without apex and Transformer
+    Engine, so always on CPU) refuses ``sequence_parallel`` only because it does not tag its
+    parameters: under sequence parallelism a norm sees only this rank's ``s/tp`` tokens, so its
+    gradient is a partial sum, and ``finalize_model_grads`` all-reduces over tp exactly the
+    parameters tagged ``sequence_parallel`` (what apex's and TE's norms declare). The forward is
+    per token, the same module class as ``WrappedTorchNorm`` builds."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def sequence_parallel_block_spec(spec, config):
+    """The block spec of ``spec`` (a local layer spec) with every torch fallback norm replaced by
+    :class:`SequenceParallelTorchNorm`, including the final norm (megatron's block builds it from
+    its own default, which refuses sequence parallelism). Specs with apex or TE norms are
+    returned unchanged."""
+    import dataclasses
+
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    def swap(module_spec):
+        return SequenceParallelTorchNorm if module_spec is WrappedTorchNorm else module_spec
+
+    layer = spec.submodules
+    if layer.input_layernorm is not WrappedTorchNorm and layer.pre_mlp_layernorm is not WrappedTorchNorm:
+        return spec
+    attention = dataclasses.replace(
+        layer.self_attention,
+        submodules=dataclasses.replace(
+            layer.self_attention.submodules,
+            q_layernorm=swap(layer.self_attention.submodules.q_layernorm),
+            k_layernorm=swap(layer.self_attention.submodules.k_layernorm),
+        ),
+    )
+    layer = dataclasses.replace(
+        layer,
+        input_layernorm=swap(layer.input_layernorm),
+        pre_mlp_layernorm=swap(layer.pre_mlp_layernorm),
+        self_attention=attention,
+    )
+    layer_spec_ = dataclasses.replace(spec, submodules=layer)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec_] * get_num_layers_to_build(config), layer_norm=SequenceParallelTorchNorm
+    )
+
+
 def build_gpt(
     arch: ModelArch,
     *,
@@ -162,9 +219,12 @@ def build_gpt(
         sequence_parallel=sequence_parallel,
         perform_initialization=perform_initialization,
     )
+    spec = layer_spec(arch, use_te=use_te)
+    if config.sequence_parallel and not use_te:
+        spec = sequence_parallel_block_spec(spec, config)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, use_te=use_te),
+        transformer_layer_spec=spec,
         vocab_size=arch.padded_vocab(tp_size),
         max_sequence_length=arch.max_seq_len,
         pre_process=ps.is_pipeline_first_stage(),

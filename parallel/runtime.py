@@ -178,12 +178,22 @@ class DistillationRuntime:
         needs_attention = any(t.kind in ATTENTION_KINDS for t in self.taps)
         use_te = self.accelerators.transformer_engine and not needs_attention
 
+        if ctx.sequence_parallel and seq_length % ctx.tp:
+            raise ValueError(
+                f"parallel.sequence_parallel splits the sequence over tp={ctx.tp} ranks: the sequence "
+                f"length {seq_length} must be a multiple of {ctx.tp} (change data.seq_length or turn "
+                "sequence_parallel off)"
+            )
         # Teachers: frozen, same TP/PP groups, bf16 on GPU.
         self.teachers = []
         for spec in self.teacher_specs:
             # Weights are loaded or drawn layout-independently below: skip megatron's own init.
             teacher = build_gpt(
-                spec.arch, params_dtype=self.precision.params_dtype, use_te=use_te, perform_initialization=False
+                spec.arch,
+                params_dtype=self.precision.params_dtype,
+                sequence_parallel=ctx.sequence_parallel,  # the stage concatenates both along h
+                use_te=use_te,
+                perform_initialization=False,
             )
             if spec.checkpoint is None:
                 init_layout_independent(teacher, seed=spec.seed, num_layers=spec.arch.num_layers)
@@ -195,6 +205,7 @@ class DistillationRuntime:
             student,
             params_dtype=self.precision.params_dtype,
             recompute=train.recompute,
+            sequence_parallel=ctx.sequence_parallel,
             use_te=use_te,
             perform_initialization=False,
         )
@@ -226,6 +237,12 @@ class DistillationRuntime:
         self.handles = RuntimeHandles(self)
         for entry in self.entries:
             if isinstance(entry.method, ForwardModifier):
+                if ctx.sequence_parallel:
+                    # Their hooks see layer inputs of [s/tp, b, h] (per-sequence norms, token swaps).
+                    raise ValueError(
+                        f"method {entry.name!r} changes the forward pass, which gkd does not support "
+                        "with parallel.sequence_parallel=true; turn sequence_parallel off"
+                    )
                 entry.method.install(self.handles)
         if vocab is not None:
             self._install_vocab_restriction(vocab)
@@ -407,8 +424,11 @@ class DistillationRuntime:
         # Doubled microbatches (ForwardHandles.double_batch) in training only.
         b = self.train_cfg.micro_batch_size * (1 if forward_only else self.stage.batch_multiplier)
 
+        # Under sequence parallelism the activations between stages are [s/tp, b, h].
+        s = self.seq_length // self.ctx.tp if self.ctx.sequence_parallel else self.seq_length
+
         def shapes(recv, send):
-            shape = (self.seq_length, b, width)
+            shape = (s, b, width)
             return [shape], [shape]
 
         AttachAuxLoss.scale = 1.0 / self.num_microbatches

@@ -56,6 +56,19 @@ def _first(output):
     return output[0] if isinstance(output, tuple | list) else output
 
 
+def _sequence_parallel(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "sequence_parallel", False))
+
+
+def gather_sequence(value: torch.Tensor) -> torch.Tensor:
+    """``[s/tp, b, h]`` (sequence parallelism) -> ``[s, b, h]``, as the features are documented.
+    Every tp rank then holds the whole sequence and computes the same loss, as without sequence
+    parallelism; the backward keeps this rank's slice of the (identical) gradients, no sum."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(value, tensor_parallel_output_grad=False)
+
+
 class TapRecorder:
     """Hooks for ``taps`` (those of ``role``/``teacher_index``) on ``model``'s modules on this stage."""
 
@@ -94,14 +107,16 @@ class TapRecorder:
 
     def _register(self, model, decoder, layers, tap: Tap) -> None:
         kind = tap.kind
+        # Under sequence parallelism the activations between layers are [s/tp, b, h].
+        sequence = gather_sequence if _sequence_parallel(model) else None
         if kind is FeatureKind.EMBEDDING:
             if getattr(model, "pre_process", False):
-                self._handles.append(model.embedding.register_forward_hook(self._output_hook(tap)))
+                self._handles.append(model.embedding.register_forward_hook(self._output_hook(tap, sequence)))
             return
         if kind is FeatureKind.FINAL_NORM:
             norm = getattr(decoder, "final_layernorm", None) if decoder is not None else None
             if getattr(model, "post_process", False) and norm is not None:
-                self._handles.append(norm.register_forward_hook(self._output_hook(tap)))
+                self._handles.append(norm.register_forward_hook(self._output_hook(tap, sequence)))
             return
         if kind is FeatureKind.LOGITS:
             if getattr(model, "post_process", False):
@@ -112,7 +127,7 @@ class TapRecorder:
         if layer is None:
             return  # lives on another pipeline stage
         if kind is FeatureKind.HIDDEN:
-            self._handles.append(layer.register_forward_hook(self._output_hook(tap)))
+            self._handles.append(layer.register_forward_hook(self._output_hook(tap, sequence)))
             return
         core = layer.self_attention.core_attention
         if kind in (FeatureKind.QUERY, FeatureKind.KEY, FeatureKind.VALUE):

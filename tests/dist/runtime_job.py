@@ -2,8 +2,8 @@
 
     torchrun --nproc-per-node N tests/dist/runtime_job.py SPEC.json
 
-SPEC keys: tp, pp, dp, steps, out_dir, save_every, stop_after, result (path of the JSON written by
-rank 0), teacher_checkpoint (optional). The result holds per-step losses and terms, and a
+SPEC keys: tp, pp, dp, sequence_parallel (optional), steps, out_dir, save_every, stop_after, result
+(path of the JSON written by rank 0), teacher_checkpoint (optional). The result holds per-step losses and terms, and a
 layout-independent fingerprint of the student's and the teacher's weights: for every global tensor,
 the dot product of its full value with a fixed random tensor of the same global shape, summed over
 the ranks that hold its main replica. Equal weights give equal fingerprints at every layout.
@@ -174,7 +174,10 @@ def main(spec_path: str) -> None:
     from parallel.runtime import DistillationRuntime, TeacherSpec
 
     spec = json.loads(Path(spec_path).read_text())
-    ctx = initialize(ParallelConfig(tp=spec["tp"], pp=spec["pp"], dp=spec["dp"]), seed=7)
+    parallel = ParallelConfig(
+        tp=spec["tp"], pp=spec["pp"], dp=spec["dp"], sequence_parallel=spec.get("sequence_parallel", False)
+    )
+    ctx = initialize(parallel, seed=7)
     teacher_ckpt = spec.get("teacher_checkpoint")
     # "student": the teacher has the student's architecture (loading a trained student as teacher).
     teacher_arch = ModelArch.gpt2(**STUDENT) if spec.get("teacher_arch") == "student" else ModelArch.llama(**TEACHER)
