@@ -22,20 +22,21 @@ done
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-mkdir -p "$DIR"/{etc,state,log,run,spool/n1,spool/n2} /run/munge /var/lib/munge /var/log/munge
+mkdir -p "$DIR"/{etc,state,log,run,spool/n1,spool/n2,munge}
 
-# munge: a key (created once) and the daemon on its default socket, which Slurm's auth/munge uses.
-if [ ! -s /etc/munge/munge.key ]; then
-  mkdir -p /etc/munge
-  dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+# munge: a private daemon, key and socket under $DIR (a host's own munged is left alone);
+# slurm.conf's AuthInfo=socket= points Slurm's auth/munge at it.
+MUNGE=$DIR/munge
+chmod 0700 "$MUNGE"
+if [ ! -s "$MUNGE/munge.key" ]; then
+  dd if=/dev/urandom bs=1 count=1024 of="$MUNGE/munge.key" status=none
+  chmod 0400 "$MUNGE/munge.key"
 fi
-chown -R root:root /etc/munge /run/munge /var/lib/munge /var/log/munge
-chmod 0700 /etc/munge /var/lib/munge /var/log/munge
-chmod 0400 /etc/munge/munge.key
-chmod 0755 /run/munge
-if ! running /run/munge/munged.pid; then
-  rm -f /run/munge/munge.socket.2*
-  munged --force --pid-file=/run/munge/munged.pid
+if ! running "$DIR/run/munged.pid"; then
+  rm -f "$MUNGE"/munge.socket*
+  munged --force --socket="$MUNGE/munge.socket" --key-file="$MUNGE/munge.key" \
+    --pid-file="$DIR/run/munged.pid" --seed-file="$MUNGE/munged.seed" \
+    --log-file="$DIR/log/munged.log"
 fi
 
 cat > "$CONF" <<CONF
@@ -47,7 +48,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 # A requeued job waits cred_expire + 1 s before it may start again (default 120 s): short for CI.
-AuthInfo=cred_expire=${GKD_SLURM_CRED_EXPIRE:-10}
+AuthInfo=socket=$MUNGE/munge.socket,cred_expire=${GKD_SLURM_CRED_EXPIRE:-10}
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid

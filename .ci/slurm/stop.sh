@@ -22,7 +22,7 @@ stop_pid_file() {
 scancel --full --signal=KILL --user=root >/dev/null 2>&1 || true
 for node in n1 n2; do stop_pid_file "$DIR/run/slurmd-$node.pid"; done
 stop_pid_file "$DIR/run/slurmctld.pid"
-stop_pid_file /run/munge/munged.pid
+stop_pid_file "$DIR/run/munged.pid"
 if [ "${GKD_SLURM_KEEP_STATE:-0}" != 1 ]; then
   rm -rf "$DIR"
 fi
