@@ -63,7 +63,7 @@ def launched(monkeypatch):
 
     def fake_run_local(plan):
         plans.append(plan)
-        out = Path(plan.log_dir).parent
+        out = Path(plan.args[-1]).parent  # --config <output.dir>/config.yaml
         with open(out / "metrics.jsonl", "a") as handle:
             for step in (1, 2):
                 record = {"step": step, "loss": 3.0 - step, "terms": {"glmd.kl": 3.0 - step}}
@@ -94,7 +94,7 @@ def test_distill_launches_with_the_plan_and_writes_config(tmp_path, launched):
     assert plan.nnodes == 1 and plan.nproc_per_node == 4  # tp 2 x pp 1 x dp 2
     assert plan.entry_module == "gkd_cli.worker"
     assert plan.args == ["--config", str(out / "config.yaml")]
-    assert plan.log_dir == str(out / "logs")
+    assert plan.log_dir == str(out / "logs" / "attempt_1")  # a fresh folder per launch
     saved = load_config(out / "config.yaml")
     assert saved.parallel.dp == 2 and saved.train.lr == pytest.approx(1e-4)
     assert saved == load_config(config, ["parallel.dp=2", "train.lr=1e-4"])
@@ -189,7 +189,7 @@ def test_worker_failure_names_rank_and_log(tmp_path, monkeypatch):
     assert result.exit_code == 1
     lines = result.stderr.splitlines()
     assert lines[0] == "error: rank 3 failed (exit code 1): RuntimeError: out of memory"
-    assert f"log of rank 3: {tmp_path / 'run' / 'logs' / 'rank3.stderr.log'}" in result.stderr
+    assert f"log of rank 3: {tmp_path / 'run' / 'logs' / 'attempt_1' / 'rank3.stderr.log'}" in result.stderr
 
 
 def test_inside_slurm_allocation_uses_slurm_plan(tmp_path, launched, monkeypatch):
