@@ -374,6 +374,7 @@ def test_other_nodes_wait_for_node_0_before_touching_the_output_dir(tmp_path, la
         seen.append((Path(output_dir), token, out.exists()))
 
     monkeypatch.setattr(launch, "wait_until_prepared", fake_wait)
+    monkeypatch.setattr(launch, "run_local", launched.append)  # node 1 writes no metrics
     monkeypatch.setenv("SLURM_NODEID", "1")
     assert run("distill", config, "parallel.nnodes=2").exit_code == 0
     assert seen == [(out, "57:0:1", False)]  # waited before anything existed
