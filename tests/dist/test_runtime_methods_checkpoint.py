@@ -40,8 +40,13 @@ def run(tmp: Path, name: str, **spec) -> dict:
     return json.loads(Path(spec["result"]).read_text())
 
 
-def _close(a: float, b: float, rtol: float = RTOL) -> bool:
-    return math.isclose(a, b, rel_tol=rtol, abs_tol=1e-9)
+def _close(a: float, b: float, rtol: float = RTOL, atol: float = 1e-9) -> bool:
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
+
+
+# Weight fingerprints (dot products with a fixed random tensor) that nearly cancel, such as a q/k/v
+# bias's, also pass within an absolute 2e-5: see tests/dist/test_runtime_equivalence.py.
+WEIGHT_ATOL = 2e-5
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +90,7 @@ def test_tp2pp2_matches_tp1pp1_with_method_modules(reference, full):
     for key, value in reference["modules"].items():
         assert _close(full["modules"][key], value, 1e-4), (key, full["modules"][key], value)
     for key, value in reference["student"].items():
-        assert _close(full["student"][key], value, 1e-4), (key, full["student"][key], value)
+        assert _close(full["student"][key], value, 1e-4, WEIGHT_ATOL), (key, full["student"][key], value)
 
 
 def test_checkpoint_holds_method_modules_beside_the_student(interrupted):
