@@ -10,7 +10,8 @@ on.
 
 Values follow megatron's defaults: normal(0, std) for weights, std / sqrt(2 L) for the output
 projections of attention and MLP (``linear_proj``, ``linear_fc2``), ones for norm weights, zeros for
-biases.
+biases. Each key's kind is declared in a table (:func:`value_kind`); a key megatron-core produces
+that the table does not know raises instead of falling back to a guess.
 """
 
 from __future__ import annotations
