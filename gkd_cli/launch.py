@@ -876,19 +876,35 @@ def _last_lines(path: Path, count: int = 20) -> str | None:
     return "\n".join(lines[-count:]) if lines else None
 
 
+DEATH_SEEN_LATE_S = 1.0
+"""How much later the launcher may see a rank's death than the ranks connected to it do: the kernel
+closes a dying process's sockets (its peers raise "Connection reset by peer" at once) before the
+process becomes a zombie (its pidfd turns readable), and the launcher must then be scheduled."""
+_OWN_DEATH_SIGNALS = frozenset({"SIGKILL", "SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE"})
+"""Signals that end a rank for a cause of its own (``kill -9``, the OOM killer, a crash), never
+sent by torch elastic's cleanup within a second of another failure (its SIGTERM is excluded and
+its SIGKILL comes 30 s later)."""
+
+
 def _failure_times(failures: Mapping[int, object], log_dir: str, exited_at: Mapping[int, float]) -> dict[int, float]:
     """When each failed rank failed (``time.time()``): the moment its first exception was raised
     (the worker writes it before tearing down its process group, which is what makes the other ranks
-    fail) or, for a rank killed by a signal, the moment it exited (seen by the launcher through a
-    pidfd); elastic's whole-second timestamp only where neither is known."""
+    fail); for a rank killed by a signal of its own (:data:`_OWN_DEATH_SIGNALS`), the moment the
+    launcher saw it exit (pidfd) less :data:`DEATH_SEEN_LATE_S`; else when it exited; elastic's
+    whole-second timestamp only where none of these is known."""
     times = {}
     for rank, failure in failures.items():
-        candidates = [exited_at[rank]] if rank in exited_at else []
         try:
-            candidates.append(float(rank_log_paths(log_dir, rank)["failed_at"].read_text()))
+            times[rank] = float(rank_log_paths(log_dir, rank)["failed_at"].read_text())
+            continue
         except (OSError, ValueError):
             pass
-        times[rank] = min(candidates) if candidates else float(getattr(failure, "timestamp", 0) or 0)
+        if rank in exited_at:
+            exitcode = int(getattr(failure, "exitcode", 1))
+            own = exitcode < 0 and _signal_name(-exitcode) in _OWN_DEATH_SIGNALS
+            times[rank] = exited_at[rank] - (DEATH_SEEN_LATE_S if own else 0.0)
+        else:
+            times[rank] = float(getattr(failure, "timestamp", 0) or 0)
     return times
 
 
@@ -1129,6 +1145,8 @@ def run_local(plan: LaunchPlan) -> str | None:
                 exit_code=128 + getattr(signal, stopped_by),
                 signal=stopped_by,
             ) from None
+        with contextlib.suppress(OSError), open(Path(plan.log_dir) / "launcher.log", "a") as fh:
+            fh.write(f"gkd: exits seen (rank: time.time()): {workers.exited_at}\n")
         raise worker_failure(err.failures, plan.log_dir, workers.exited_at) from None
     if isinstance(err, SignalException):  # (only when run_local is called outside the main thread)
         raise LaunchError(

@@ -89,8 +89,12 @@ def set_parent_death_signal(signum: int) -> bool:
 
 
 def _die_with_worker() -> None:
-    # Runs first in megatron's writer-results Manager process (see bind_checkpoint_writer).
+    # Runs first in megatron's writer-results Manager process (see bind_checkpoint_writer). It ends
+    # with its worker only: a signal sent to every process of a job (Slurm's scancel --signal,
+    # a Ctrl-C to the process group) must not take it down while its worker is saving.
     set_parent_death_signal(signal.SIGKILL)
+    for sig in (*STOP_SIGNALS, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def bind_checkpoint_writer() -> None:

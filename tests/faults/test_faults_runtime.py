@@ -18,7 +18,7 @@ import pytest
 from parallel import checkpoint as ckpt
 from tests.dist._torchrun import REPO, run_job
 from tests.distributed import free_port
-from tests.faults._procs import assert_none_left, new_marker
+from tests.faults._procs import assert_none_left, marked, new_marker
 
 pytestmark = [pytest.mark.faults, pytest.mark.dist]
 STEPS = 6
@@ -122,9 +122,14 @@ def test_sigterm_while_saving_then_while_loading_exits_zero(tmp_path):
     out = tmp_path / "run"
     proc, log = _start(tmp_path, "save", steps=50, slow_save=3.0)
     _wait_for(lambda: (out / "saving").exists(), "a save in progress")
-    for worker in _workers(proc):
-        worker.send_signal(signal.SIGTERM)
+    # To every process of the run but torchrun, as Slurm's `scancel --signal` does: the workers and
+    # the helper processes of megatron's checkpoint writer, which must survive it until their worker
+    # has saved (the stop save after this one needs them).
+    for pid, _ in marked(proc.marker):
+        if pid != proc.pid:
+            os.kill(pid, signal.SIGTERM)
     assert proc.wait(timeout=150) == 0, log.read_text()[-3000:]
+    assert_none_left(proc.marker)
     result = json.loads((tmp_path / "save.json").read_text())
     assert result["status"] == "preempted"
     root = out / "checkpoints"
