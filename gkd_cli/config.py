@@ -849,6 +849,14 @@ def check_world_size(cfg: DistillConfig, environ: Mapping[str, str]) -> None:
 
 def _check_sequence(cfg: DistillConfig) -> None:
     s = cfg.data.seq_length
+    tp = cfg.parallel.tp
+    if cfg.parallel.sequence_parallel and tp > 1 and s % tp:
+        raise ConfigError(
+            f"parallel.sequence_parallel splits each sequence over tp={tp} ranks, but "
+            f"data.seq_length={s} is not a multiple of {tp}; use data.seq_length="
+            f"{s // tp * tp or tp} or {(s // tp + 1) * tp}, or parallel.sequence_parallel=false",
+            field="data.seq_length",
+        )
     for role, model in model_roles(cfg):
         limit = model.max_seq_len
         if s > limit:
@@ -1135,7 +1143,7 @@ def _check_methods(cfg: DistillConfig) -> None:
         if err.name in ("methods", "methods.registry"):
             return  # registry not installed yet: the worker will check when it builds them
         raise
-    from methods.base import Role, TeacherAware
+    from methods.base import ForwardModifier, Role, TeacherAware
     from parallel.method_checks import check_method_layout
     from parallel.model import model_info
     from parallel.taps import check_taps_for_recompute
@@ -1171,6 +1179,13 @@ def _check_methods(cfg: DistillConfig) -> None:
                 f"{where} reads teacher {wanted}, but the config has {len(teachers)} teacher(s); "
                 "list them under 'teachers:'",
                 field=f"methods.{i}",
+            )
+        if cfg.parallel.sequence_parallel and tp > 1 and isinstance(method, ForwardModifier):
+            # Their hooks would see layer inputs of [s/tp, b, h] (per-sequence norms, token swaps).
+            raise ConfigError(
+                f"{where} changes the forward pass, which gkd does not support with "
+                "parallel.sequence_parallel=true; set parallel.sequence_parallel=false",
+                field="parallel.sequence_parallel",
             )
         try:
             check_method_layout(method, entry["name"], teachers, student, pp=pp, where=where)

@@ -302,6 +302,20 @@ def test_teacher_checkpoint_that_is_a_file(tmp_path, tokenizer, no_launch):
     assert "does not exist" not in text
 
 
+def test_sequence_parallel_needs_seq_length_divisible_by_tp(tmp_path, tokenizer, no_launch):
+    cfg = _cfg(tmp_path, tokenizer, seq_length=30)
+    cfg["parallel"] = {"tp": 4, "pp": 1, "dp": 1, "sequence_parallel": True}
+    _refused(tmp_path, cfg, "data.seq_length=30 is not a multiple of 4", "28 or 32", dry_run=False)
+
+
+def test_sequence_parallel_refuses_forward_changing_methods(tmp_path, tokenizer, no_launch):
+    cfg = _cfg(tmp_path, tokenizer)
+    cfg["parallel"] = {"tp": 2, "pp": 1, "dp": 1, "sequence_parallel": True}
+    cfg["methods"] = [{"name": "lrc_bert"}]
+    _refused(tmp_path, cfg, "methods.0 (lrc_bert) changes the forward pass",
+             "parallel.sequence_parallel=false", dry_run=False)
+
+
 def test_refusal_through_the_installed_command(tmp_path, tokenizer):
     """The same refusal through the `gkd` console script in a fresh process (no CliRunner)."""
     import subprocess
