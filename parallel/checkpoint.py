@@ -186,6 +186,25 @@ def _rng_sharded(layout: Layout, data):
     )
 
 
+def save_error_advice(err: OSError, root: Path) -> str:
+    """What to do about a failed checkpoint write, by its errno (a full disk is one cause of many)."""
+    import errno
+
+    code = err.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"free space under {root} or raise the quota, or lower output.keep_last"
+    if code == errno.EPIPE:
+        return (
+            "a pipe to a checkpoint writer closed (Broken pipe): the process was interrupted or a "
+            "writer process died mid-save; check the other ranks' logs and rerun"
+        )
+    if code == errno.EIO:
+        return f"the storage under {root} reported an I/O error: check the disk or file system, then rerun"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{root} is not writable (permissions or a read-only file system): fix that or set output.dir elsewhere"
+    return f"fix the cause ({err.strerror or err}) and rerun"
+
+
 def save(
     root: Path,
     *,
@@ -241,8 +260,8 @@ def save(
         previous = latest_complete(root)
         raise CheckpointError(
             f"writing checkpoint {final.name} on rank {rank} failed ({err}); the previous checkpoint "
-            f"{previous.name if previous else '(none)'} is intact and a rerun resumes from it; free "
-            f"space under {root} (the partial {tmp.name} is removed by the next save)"
+            f"{previous.name if previous else '(none)'} is intact and a rerun resumes from it; "
+            f"{save_error_advice(err, root)} (the partial {tmp.name} is removed by the next save)"
         ) from err
     if rank == 0:
         if final.exists():

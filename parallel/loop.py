@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import signal
 from collections.abc import Callable, Sequence
@@ -164,6 +165,26 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the records of steps ``<= step`` (the resumed checkpoint's) in ``path``: the steps
+    after it are re-run and logged again, so that every step appears once, as the surviving run
+    computed it. Rewritten atomically (a temporary file, then ``os.replace``); a torn last line
+    left by a killed writer is dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def train_loop(
     runtime,
     batch_fn: Callable[[int], Sequence[torch.Tensor]],
@@ -187,6 +208,8 @@ def train_loop(
     if rank0:
         settings.out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = settings.out_dir / "metrics.jsonl"
+    if rank0:
+        truncate_metrics(metrics_path, start)
     flag = _StopFlag()
     flag.install()
     last_saved: Path | None = None

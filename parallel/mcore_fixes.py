@@ -11,6 +11,15 @@
   parameter advances N times per step and resumed runs diverge from uninterrupted ones. Give each
   parameter its own copy after loading.
 
+* Saving a ``fully_reshardable`` checkpoint slices each parameter's optimizer state (and its fp32
+  copy, which the load writes back into the weights) out of "world tensors" at the parameter's
+  index in the gradient buffer, but ``get_parameter_state_dp_zero`` builds those tensors without
+  the padding between buckets. With more than one bucket (pipeline parallelism puts the tied
+  embedding in a bucket of its own) every parameter after a padded bucket end is saved shifted,
+  partly zero-filled ("param range exceeds unpadded buffer"), and a resume restores a corrupted
+  student (the model weights themselves are saved correctly). Lay the world tensors out in buffer
+  index space, padding included, while that format is built.
+
 Applied once by :func:`apply`; each fix names the upstream function it wraps.
 """
 
@@ -54,4 +63,45 @@ def apply() -> None:
         return result
 
     DistributedOptimizer.load_state_dict = load_state_dict_with_private_steps
+
+    original_reshardable = DistributedOptimizer.sharded_param_state_fully_reshardable
+
+    def fully_reshardable_in_buffer_space(self, *args, **kwargs):
+        compact = self.get_parameter_state_dp_zero  # bound method
+
+        def expanded(**options):
+            return _buffer_space(self, compact(**options))
+
+        self.get_parameter_state_dp_zero = expanded
+        try:
+            return original_reshardable(self, *args, **kwargs)
+        finally:
+            del self.get_parameter_state_dp_zero
+
+    DistributedOptimizer.sharded_param_state_fully_reshardable = fully_reshardable_in_buffer_space
     _applied = True
+
+
+def _buffer_space(optimizer, state: dict | None) -> dict | None:
+    """``get_parameter_state_dp_zero``'s world tensors (``[sum of buckets' unpadded numel]``,
+    buckets back to back) re-laid out as ``[buffer.numel]`` with bucket ``b`` at its start index
+    ``buffer.bucket_indices[b][0]``, so ``param_index_map`` ranges index them correctly."""
+    if state is None:
+        return None
+    for gbuf_idx, by_dtype in state.items():
+        if not isinstance(gbuf_idx, int):
+            continue  # "buckets_coalesced"
+        buffer = optimizer.buffers[gbuf_idx]
+        for world in by_dtype.values():
+            for key in ("param", "exp_avg", "exp_avg_sq"):
+                compact = world.get(key)
+                if compact is None:
+                    continue
+                full = torch.zeros(buffer.numel, dtype=compact.dtype, device=compact.device)
+                offset = 0
+                for (start, _), bucket in zip(buffer.bucket_indices, buffer.buckets, strict=True):
+                    n = bucket.numel_unpadded
+                    full[start : start + n] = compact[offset : offset + n]
+                    offset += n
+                world[key] = full
+    return state
