@@ -147,22 +147,29 @@ def _lookup(record: object, dotted: str) -> object:
     return value
 
 
+def _jsonl_text(path: Path, line_number: int, line: str, text_field: str, *, hint: str = "") -> str:
+    """The string ``text_field`` of one JSON-lines record; ``ValueError`` naming file:line when
+    the line is not JSON or the field is missing or not a string."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path}:{line_number}: not valid JSON ({error.msg}); each line of a JSON-lines "
+            f"corpus must be one object with a string field {text_field!r}{hint}"
+        ) from None
+    text = _lookup(record, text_field)
+    if not isinstance(text, str):
+        raise ValueError(_field_problem(path, line_number, record, text_field))
+    return text
+
+
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
     # utf-8-sig: a leading byte-order mark is not part of the text.
     with open(path, encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}:{line_number}: not valid JSON ({error.msg}); each line of a JSON-lines "
-                    f"corpus must be one object with a string field {text_field!r}"
-                ) from None
-            text = _lookup(record, text_field)
-            if not isinstance(text, str):
-                raise ValueError(_field_problem(path, line_number, record, text_field))
+            text = _jsonl_text(path, line_number, line, text_field)
             if text.strip():
                 yield text
 
@@ -216,16 +223,7 @@ def check_format(
             if not line.strip():
                 continue
             if concrete == "jsonl":
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(
-                        f"{path}:{line_number}: not valid JSON ({error.msg}); each line of a "
-                        f"JSON-lines corpus must be one object with a string field "
-                        f"{text_field!r} (plain text? set data.format: text)"
-                    ) from None
-                if not isinstance(_lookup(record, text_field), str):
-                    raise ValueError(_field_problem(path, line_number, record, text_field))
+                _jsonl_text(path, line_number, line, text_field, hint=" (plain text? set data.format: text)")
                 continue
             stripped = line.strip()
             if not (stripped.startswith("{") and stripped.endswith("}")):
