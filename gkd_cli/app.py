@@ -549,10 +549,14 @@ def distill(
 @app.command()
 @_report_errors
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the runs, tokenizer and caches go.")] = Path("runs/demo"),
+    workdir: Annotated[Path, typer.Option(help="Where the runs, tokenizer and caches go.")] = Path(
+        "runs/demo"
+    ),
     teacher_steps: Annotated[int, typer.Option(help="Teacher pre-training steps.")] = 300,
     student_steps: Annotated[int, typer.Option(help="Steps of each student.")] = 200,
-    fresh: Annotated[bool, typer.Option(help="Delete cached runs (the teacher too) first.")] = False,
+    fresh: Annotated[
+        bool, typer.Option(help="Delete cached runs (the teacher too) first.")
+    ] = False,
 ) -> None:
     """Pre-train a small teacher, distill it into a student at TP=2, train the same student from
     scratch, and compare validation perplexity (CPU, a few minutes; the teacher is cached)."""
@@ -566,7 +570,9 @@ def demo(
     workdir = workdir.resolve()
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
-    settings = demo_lib.DemoSettings(workdir=workdir, teacher_steps=teacher_steps, student_steps=student_steps)
+    settings = demo_lib.DemoSettings(
+        workdir=workdir, teacher_steps=teacher_steps, student_steps=student_steps
+    )
     tokenizer = demo_lib.ensure_tokenizer(workdir, settings.vocab_size)
     runs = demo_lib.configs(settings, tokenizer)
     titles = {
@@ -582,7 +588,9 @@ def demo(
         console.rule(titles[name])
         path = demo_lib.write_config(workdir / f"{name}.yaml", config)
         distill(config=path, overrides=[], resume=None)
-    table = Table(title="Validation perplexity (held-out SuperGLUE passages): teacher, distilled student, same student from scratch")
+    table = Table(
+        title="Validation perplexity (held-out SuperGLUE passages): teacher, distilled student, same student from scratch"
+    )
     for column in ("model", "layers x hidden", "parameters", "steps", "val loss", "val ppl"):
         table.add_column(column, justify="left" if column == "model" else "right")
     rows = [

@@ -61,7 +61,10 @@ def _error_line(message: str) -> None:
 def _is_checkpoint_error(err: Exception) -> bool:
     """parallel.checkpoint.CheckpointError (missing, incomplete or damaged checkpoint), matched
     without importing torch up front."""
-    return any(c.__name__ == "CheckpointError" and c.__module__ == "parallel.checkpoint" for c in type(err).__mro__)
+    return any(
+        c.__name__ == "CheckpointError" and c.__module__ == "parallel.checkpoint"
+        for c in type(err).__mro__
+    )
 
 
 def _report_errors(fn):
@@ -105,7 +108,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _summary_table(checkpoint, tp: int, pp: int) -> Table:
     spec, arch = checkpoint.spec, checkpoint.spec.arch
     files = sorted({t.file for t in checkpoint.tensors.values()})
-    table = Table(title=f"Hugging Face model {checkpoint.path}", title_justify="left", show_header=False)
+    table = Table(
+        title=f"Hugging Face model {checkpoint.path}", title_justify="left", show_header=False
+    )
     table.add_column("field")
     table.add_column("value", overflow="fold")
     heads = f"{arch.num_attention_heads} ({arch.query_groups} key/value, head dim {arch.head_dim})"
@@ -116,7 +121,10 @@ def _summary_table(checkpoint, tp: int, pp: int) -> Table:
         ("vocabulary", f"{arch.vocab_size} (padded to {arch.padded_vocab(tp)} at tp={tp})"),
         ("parameters", f"{arch.num_parameters(tp):,}"),
         ("weights", f"{checkpoint.weight_dtype}, {len(files)} file(s)"),
-        ("tokenizer", f"{checkpoint.tokenizer_vocab_size} ids" if checkpoint.tokenizer_vocab_size else "-"),
+        (
+            "tokenizer",
+            f"{checkpoint.tokenizer_vocab_size} ids" if checkpoint.tokenizer_vocab_size else "-",
+        ),
         ("layout", f"tp={tp} pp={pp} ({tp * pp} process(es))"),
     ]
     for name, value in rows:
@@ -141,8 +149,16 @@ def import_plan(hf_dir: Path, out: Path, *, tp: int, pp: int, dtype: str, log_di
         rdzv_id=f"gkd-convert-{uuid.uuid4().hex[:12]}",
         entry_module=WORKER_MODULE,
         args=[
-            "--hf-dir", str(hf_dir.resolve()), "--out", str(out.resolve()),
-            "--tp", str(tp), "--pp", str(pp), "--dtype", dtype,
+            "--hf-dir",
+            str(hf_dir.resolve()),
+            "--out",
+            str(out.resolve()),
+            "--tp",
+            str(tp),
+            "--pp",
+            str(pp),
+            "--dtype",
+            dtype,
         ],
         env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
         log_dir=str(log_dir),
@@ -153,15 +169,22 @@ def import_plan(hf_dir: Path, out: Path, *, tp: int, pp: int, dtype: str, log_di
 @_report_errors
 def import_hf(
     hf_dir: Annotated[
-        Path, typer.Argument(help="Hugging Face model folder (config.json + safetensors).", show_default=False)
+        Path,
+        typer.Argument(
+            help="Hugging Face model folder (config.json + safetensors).", show_default=False
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="gkd checkpoint folder to write.", show_default=False)],
+    out: Annotated[
+        Path, typer.Option("--out", help="gkd checkpoint folder to write.", show_default=False)
+    ],
     tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size of the import.")] = 1,
     pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel size of the import.")] = 1,
     dtype: Annotated[
         str, typer.Option("--dtype", help="auto (as stored), float32, bfloat16 or float16.")
     ] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty --out.")
+    ] = False,
 ) -> None:
     """Convert a Hugging Face model into a gkd checkpoint (loadable at any TP/PP layout)."""
     from parallel.hf import inspect_hf_dir
@@ -171,7 +194,11 @@ def import_hf(
         raise GkdError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
     checkpoint = inspect_hf_dir(hf_dir)
     check_layout(
-        checkpoint.spec.arch, tp, pp, where=str(hf_dir / "config.json"), family=checkpoint.spec.family
+        checkpoint.spec.arch,
+        tp,
+        pp,
+        where=str(hf_dir / "config.json"),
+        family=checkpoint.spec.family,
     )
     _check_out(out, overwrite)
     console = _out()
@@ -230,7 +257,9 @@ def _tokenizer_source(folder: Path, meta: dict, config: dict, explicit: Path | N
     return None
 
 
-def stage_compressed_tokenizer(tokenizer_path: Path | None, mapping_path: Path, stage: Path) -> Path | None:
+def stage_compressed_tokenizer(
+    tokenizer_path: Path | None, mapping_path: Path, stage: Path
+) -> Path | None:
     """Write the compressed tokenizer (ids = the student's) into ``stage``; ``None`` without a
     tokenizer."""
     from gkd_cli.data.tokenizer import load_tokenizer
@@ -284,14 +313,20 @@ def _hf_tokenizer_config(tokenizer_path: Path) -> dict[str, Any] | None:
     bos = template_bos(json_file)
     if bos is not None:
         config["bos_token"] = bos
-    for role, token_id in (("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id), ("unk_token", tokenizer.unk_id)):
+    for role, token_id in (
+        ("eos_token", tokenizer.eos_id),
+        ("pad_token", tokenizer.pad_id),
+        ("unk_token", tokenizer.unk_id),
+    ):
         token = tokenizer.id_to_token(token_id) if token_id is not None else None
         if token is not None:
             config[role] = token
     return config
 
 
-def special_token_ids(tokenizer_path: Path, tokenizer_config: dict[str, Any] | None) -> dict[str, int | None]:
+def special_token_ids(
+    tokenizer_path: Path, tokenizer_config: dict[str, Any] | None
+) -> dict[str, int | None]:
     """``bos_token_id`` / ``eos_token_id`` for the exported ``config.json``: the ids of the
     tokens that ``tokenizer_config`` (the one shipped with the export) names, else gkd's
     end-of-document token and the BOS the tokenizer's template adds. ``bos_token_id`` is
@@ -302,14 +337,18 @@ def special_token_ids(tokenizer_path: Path, tokenizer_config: dict[str, Any] | N
     tokenizer = load_tokenizer(tokenizer_path)
     config = tokenizer_config or {}
     json_file = tokenizer_path / "tokenizer.json" if tokenizer_path.is_dir() else tokenizer_path
-    bos_name = _token_name(config.get("bos_token")) if "bos_token" in config else template_bos(json_file)
+    bos_name = (
+        _token_name(config.get("bos_token")) if "bos_token" in config else template_bos(json_file)
+    )
     eos_name = _token_name(config.get("eos_token"))
     bos = tokenizer.token_to_id(bos_name) if bos_name else None
     eos = tokenizer.token_to_id(eos_name) if eos_name else None
     return {"bos_token_id": bos, "eos_token_id": eos if eos is not None else tokenizer.eos_id}
 
 
-def _compressed_special_ids(compressed: Path, original: Path | None, orig_to_comp) -> dict[str, int | None]:
+def _compressed_special_ids(
+    compressed: Path, original: Path | None, orig_to_comp
+) -> dict[str, int | None]:
     """The special ids of a compressed-vocabulary export, in compressed ids."""
     from gkd_cli.data.tokenizer import load_tokenizer
 
@@ -327,17 +366,31 @@ def _compressed_special_ids(compressed: Path, original: Path | None, orig_to_com
 def export_hf(
     checkpoint: Annotated[
         Path,
-        typer.Argument(help="gkd checkpoint: a step folder, a checkpoints/ folder or a run directory.", show_default=False),
+        typer.Argument(
+            help="gkd checkpoint: a step folder, a checkpoints/ folder or a run directory.",
+            show_default=False,
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="Hugging Face folder to write.", show_default=False)],
+    out: Annotated[
+        Path, typer.Option("--out", help="Hugging Face folder to write.", show_default=False)
+    ],
     dtype: Annotated[
-        str, typer.Option("--dtype", help="auto (the checkpoint's precision), float32, bfloat16 or float16.")
+        str,
+        typer.Option(
+            "--dtype", help="auto (the checkpoint's precision), float32, bfloat16 or float16."
+        ),
     ] = "auto",
     tokenizer: Annotated[
         Path | None,
-        typer.Option("--tokenizer", help="Tokenizer to ship (default: the run's data.tokenizer).", show_default=False),
+        typer.Option(
+            "--tokenizer",
+            help="Tokenizer to ship (default: the run's data.tokenizer).",
+            show_default=False,
+        ),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty --out.")
+    ] = False,
 ) -> None:
     """Write a gkd checkpoint's student as a Hugging Face model folder."""
     from parallel.checkpoint import resolve
@@ -371,15 +424,23 @@ def export_hf(
                     "another run"
                 )
             extra_files[MAPPING_FILE] = mapping_path
-            extra_config.update(gkd_vocab_mapping=MAPPING_FILE, gkd_original_vocab_size=mapping.vocab_size)
-            compressed = stage_compressed_tokenizer(tokenizer_path, mapping_path, Path(tmp) / GKD_TOKENIZER_DIR)
+            extra_config.update(
+                gkd_vocab_mapping=MAPPING_FILE, gkd_original_vocab_size=mapping.vocab_size
+            )
+            compressed = stage_compressed_tokenizer(
+                tokenizer_path, mapping_path, Path(tmp) / GKD_TOKENIZER_DIR
+            )
             if compressed is not None:
                 extra_files[GKD_TOKENIZER_DIR] = compressed
                 extra_config["gkd_tokenizer"] = GKD_TOKENIZER_DIR
-                extra_config.update(_compressed_special_ids(compressed, tokenizer_path, mapping.orig_to_comp))
+                extra_config.update(
+                    _compressed_special_ids(compressed, tokenizer_path, mapping.orig_to_comp)
+                )
             staged_tokenizer = ""  # the original tokenizer's ids are not the model's
         elif tokenizer_path is not None:
-            json_file = tokenizer_path / "tokenizer.json" if tokenizer_path.is_dir() else tokenizer_path
+            json_file = (
+                tokenizer_path / "tokenizer.json" if tokenizer_path.is_dir() else tokenizer_path
+            )
             size = tokenizer_vocab_size(json_file) if json_file.suffix == ".json" else None
             if size is not None and size > arch.vocab_size:
                 raise GkdError(
@@ -390,7 +451,9 @@ def export_hf(
             if tokenizer_path.is_file() and tokenizer_path.name != "tokenizer.json":
                 extra_files["tokenizer.json"] = tokenizer_path
                 staged_tokenizer = ""
-            shipped_config = tokenizer_path / "tokenizer_config.json" if tokenizer_path.is_dir() else None
+            shipped_config = (
+                tokenizer_path / "tokenizer_config.json" if tokenizer_path.is_dir() else None
+            )
             hf_config = None
             if shipped_config is not None and shipped_config.is_file():
                 hf_config = json.loads(shipped_config.read_text())

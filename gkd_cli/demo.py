@@ -39,12 +39,22 @@ class DemoSettings:
     student_width: int = 128
 
     def teacher(self) -> dict:
-        return dict(num_layers=4, hidden_size=self.teacher_width, num_attention_heads=4,
-                    vocab_size=self.vocab_size, max_seq_len=self.seq_length)
+        return dict(
+            num_layers=4,
+            hidden_size=self.teacher_width,
+            num_attention_heads=4,
+            vocab_size=self.vocab_size,
+            max_seq_len=self.seq_length,
+        )
 
     def student(self) -> dict:
-        return dict(num_layers=2, hidden_size=self.student_width, num_attention_heads=4,
-                    vocab_size=self.vocab_size, max_seq_len=self.seq_length)
+        return dict(
+            num_layers=2,
+            hidden_size=self.student_width,
+            num_attention_heads=4,
+            vocab_size=self.vocab_size,
+            max_seq_len=self.seq_length,
+        )
 
 
 def _data(settings: DemoSettings, tokenizer: Path) -> dict:
@@ -81,7 +91,11 @@ def configs(settings: DemoSettings, tokenizer: Path) -> dict[str, dict]:
             "student": settings.teacher(),
             "methods": [{"name": "lm", "weight": 1.0}],
             "train": _train(settings, settings.teacher_steps, settings.teacher_lr),
-            "output": {"dir": str(work / "teacher"), "save_every": settings.teacher_steps, "keep_last": 1},
+            "output": {
+                "dir": str(work / "teacher"),
+                "save_every": settings.teacher_steps,
+                "keep_last": 1,
+            },
         },
         "distill": {
             **common,
@@ -92,14 +106,22 @@ def configs(settings: DemoSettings, tokenizer: Path) -> dict[str, dict]:
                 {"name": "lm", "weight": 0.5},
             ],
             "train": _train(settings, settings.student_steps, settings.student_lr),
-            "output": {"dir": str(work / "distill"), "save_every": settings.student_steps, "keep_last": 1},
+            "output": {
+                "dir": str(work / "distill"),
+                "save_every": settings.student_steps,
+                "keep_last": 1,
+            },
         },
         "scratch": {
             **common,
             "student": settings.student(),
             "methods": [{"name": "lm", "weight": 1.0}],
             "train": _train(settings, settings.student_steps, settings.student_lr),
-            "output": {"dir": str(work / "scratch"), "save_every": settings.student_steps, "keep_last": 1},
+            "output": {
+                "dir": str(work / "scratch"),
+                "save_every": settings.student_steps,
+                "keep_last": 1,
+            },
         },
     }
 

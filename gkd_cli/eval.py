@@ -131,7 +131,9 @@ def parse_tasks(text: str) -> list[str]:
 
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
-        raise ConfigError("--tasks is empty; give all or a comma list such as boolq,cb", field="tasks")
+        raise ConfigError(
+            "--tasks is empty; give all or a comma list such as boolq,cb", field="tasks"
+        )
     if len(names) == 1 and names[0].lower() == "all":
         return list(BENCHMARK_TASKS)
     tasks = []
@@ -160,7 +162,9 @@ def resolve_data_dir(data: Path | None, environ: dict[str, str] | None = None) -
     else:
         where = f"--data {data}"
     if not data.is_dir():
-        raise ConfigError(f"{where}: no such directory; point it at the SuperGLUE data folder", field="data")
+        raise ConfigError(
+            f"{where}: no such directory; point it at the SuperGLUE data folder", field="data"
+        )
     return data
 
 
@@ -194,7 +198,9 @@ def checkpoint_info(path: Path, tp: int, pp: int) -> tuple[Path, dict]:
     except ckpt.CheckpointError as error:
         raise ConfigError(str(error), field="checkpoint") from None
     if not isinstance(meta.get("arch"), dict):
-        raise ConfigError(f"{folder}/meta.json has no 'arch': not a gkd model checkpoint", field="checkpoint")
+        raise ConfigError(
+            f"{folder}/meta.json has no 'arch': not a gkd model checkpoint", field="checkpoint"
+        )
     try:
         arch = ModelArch(**meta["arch"])
         arch.check_parallel(tp, pp, where="checkpoint arch")
@@ -329,7 +335,9 @@ def launch_plan(job_path: Path, world_size: int, log_dir: Path):
     )
 
 
-def evaluate_checkpoint(checkpoint: Path, out: Path, settings: EvalSettings, console: Console) -> dict:
+def evaluate_checkpoint(
+    checkpoint: Path, out: Path, settings: EvalSettings, console: Console
+) -> dict:
     """Score ``checkpoint`` with torchrun workers; return the results document written to ``out``."""
     from gkd_cli import launch
     from gkd_cli.superglue import load_results
@@ -395,62 +403,92 @@ def superglue(
     ] = None,
     tasks: Annotated[
         str,
-        typer.Option(help="all (the eight benchmark tasks) or a comma list: boolq,cb,copa,multirc,"
-                     "record,rte,wic,wsc,axb,axg."),
+        typer.Option(
+            help="all (the eight benchmark tasks) or a comma list: boolq,cb,copa,multirc,"
+            "record,rte,wic,wsc,axb,axg."
+        ),
     ] = "all",
     data: Annotated[
         Path | None,
-        typer.Option(help=f"SuperGLUE data directory ({{Task}}/{{split}}.jsonl); default ${DATA_ENV}.",
-                     show_default=False),
+        typer.Option(
+            help=f"SuperGLUE data directory ({{Task}}/{{split}}.jsonl); default ${DATA_ENV}.",
+            show_default=False,
+        ),
     ] = None,
     split: Annotated[
         str | None,
-        typer.Option(help="Split to score: val, dev32, train, test, unlabeled (default: each task's; "
-                     "val, ReCoRD dev32).", show_default=False),
+        typer.Option(
+            help="Split to score: val, dev32, train, test, unlabeled (default: each task's; "
+            "val, ReCoRD dev32).",
+            show_default=False,
+        ),
     ] = None,
     shots: Annotated[int, typer.Option(help="Few-shot examples per prompt, drawn from train.")] = 0,
     out: Annotated[
-        Path, typer.Option(help="Results JSON to write (with --compare: OUT.a.json, OUT.b.json for "
-                           "evaluated checkpoints).")
+        Path,
+        typer.Option(
+            help="Results JSON to write (with --compare: OUT.a.json, OUT.b.json for "
+            "evaluated checkpoints)."
+        ),
     ] = DEFAULT_OUT,
     tp: Annotated[int, typer.Option(help="Tensor-parallel size.")] = 1,
     pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
     dp: Annotated[int, typer.Option(help="Data-parallel replicas.")] = 1,
     limit: Annotated[
         int | None,
-        typer.Option(help="Score only the first N examples of each task (MultiRC: the first N questions, "
-                     "with all their answer options).", show_default=False),
+        typer.Option(
+            help="Score only the first N examples of each task (MultiRC: the first N questions, "
+            "with all their answer options).",
+            show_default=False,
+        ),
     ] = None,
     predictions: Annotated[
         bool, typer.Option("--predictions", help="Also write per-example predictions and prompts.")
     ] = False,
     tokenizer: Annotated[
         Path | None,
-        typer.Option(help="Tokenizer (default: the one recorded with the checkpoint).", show_default=False),
+        typer.Option(
+            help="Tokenizer (default: the one recorded with the checkpoint).", show_default=False
+        ),
     ] = None,
     normalize: Annotated[
         bool | None,
-        typer.Option("--normalize/--no-normalize", help="Rank options by per-token log-likelihood "
-                     "(default: each task's).", show_default=False),
+        typer.Option(
+            "--normalize/--no-normalize",
+            help="Rank options by per-token log-likelihood (default: each task's).",
+            show_default=False,
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the few-shot draws.")] = 1234,
     micro_batch_size: Annotated[int, typer.Option(help="Packed rows per forward pass.")] = 8,
     seq_length: Annotated[
         int | None,
-        typer.Option(help="Scoring window in tokens (default: the model's max_seq_len); longer "
-                     "contexts are cut from the left.", show_default=False),
+        typer.Option(
+            help="Scoring window in tokens (default: the model's max_seq_len); longer "
+            "contexts are cut from the left.",
+            show_default=False,
+        ),
     ] = None,
-    precision: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
+    ] = "auto",
     add_bos: Annotated[
         bool | None,
-        typer.Option("--add-bos/--no-add-bos", help="Put the tokenizer's BOS token (its end-of-document "
-                     "token if it has none) before every prompt, or nothing (default: as the tokenizer "
-                     "does, like lm-evaluation-harness).", show_default=False),
+        typer.Option(
+            "--add-bos/--no-add-bos",
+            help="Put the tokenizer's BOS token (its end-of-document "
+            "token if it has none) before every prompt, or nothing (default: as the tokenizer "
+            "does, like lm-evaluation-harness).",
+            show_default=False,
+        ),
     ] = None,
     compare: Annotated[
         tuple[Path, Path] | None,
-        typer.Option(help="Compare A and B (results JSON files or checkpoints) with deltas B - A.",
-                     metavar="A B", show_default=False),
+        typer.Option(
+            help="Compare A and B (results JSON files or checkpoints) with deltas B - A.",
+            metavar="A B",
+            show_default=False,
+        ),
     ] = None,
 ) -> None:
     """Score a checkpoint on SuperGLUE (log-likelihood ranking of each task's options, official
@@ -459,8 +497,13 @@ def superglue(
     from gkd_cli.superglue import compare as compare_rows
 
     console = _out()
-    for name, value, least in (("tp", tp, 1), ("pp", pp, 1), ("dp", dp, 1), ("shots", shots, 0),
-                               ("micro-batch-size", micro_batch_size, 1)):
+    for name, value, least in (
+        ("tp", tp, 1),
+        ("pp", pp, 1),
+        ("dp", dp, 1),
+        ("shots", shots, 0),
+        ("micro-batch-size", micro_batch_size, 1),
+    ):
         if value < least:
             raise ConfigError(f"--{name} must be >= {least}, got {value}", field=name)
     if limit is not None and limit < 1:
@@ -468,7 +511,9 @@ def superglue(
     if split is not None and split not in SPLITS:
         raise ConfigError(f"--split {split!r} is not one of {', '.join(SPLITS)}", field="split")
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}", field="precision")
+        raise ConfigError(
+            f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}", field="precision"
+        )
     if checkpoint is not None and compare is not None:
         raise ConfigError("give either CHECKPOINT or --compare A B, not both", field="compare")
     if checkpoint is None and compare is None:
@@ -483,9 +528,19 @@ def superglue(
     settings = EvalSettings(
         tasks=parse_tasks(tasks),
         data_dir=resolve_data_dir(data) if needs_model else None,
-        split=split, shots=shots, normalize=normalize, seed=seed, limit=limit,
-        predictions=predictions, tokenizer=tokenizer, tp=tp, pp=pp, dp=dp,
-        micro_batch_size=micro_batch_size, seq_length=seq_length, precision=precision,
+        split=split,
+        shots=shots,
+        normalize=normalize,
+        seed=seed,
+        limit=limit,
+        predictions=predictions,
+        tokenizer=tokenizer,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        micro_batch_size=micro_batch_size,
+        seq_length=seq_length,
+        precision=precision,
         add_bos=add_bos,
     )
 

@@ -220,8 +220,10 @@ def _convention(tokenizer) -> tuple[list[int], int | None, str]:
         )
         prefix = list(full[:start])
         bos = prefix[0] if prefix else (hf.token_to_id(bos_name) if bos_name else None)
-        return prefix, bos, "the tokenizer.json post-processor " + (
-            "adds it" if prefix else "adds none"
+        return (
+            prefix,
+            bos,
+            "the tokenizer.json post-processor " + ("adds it" if prefix else "adds none"),
         )
     bos = backend.role_id("bos")
     if bos_name and backend.token_to_id(bos_name) is not None:
@@ -231,7 +233,11 @@ def _convention(tokenizer) -> tuple[list[int], int | None, str]:
         where = "add_bos_token in tokenizer_config.json"
         adds = configured
     else:
-        where = "the SentencePiece model defines a BOS piece" if bos is not None else "the SentencePiece model has no BOS piece"
+        where = (
+            "the SentencePiece model defines a BOS piece"
+            if bos is not None
+            else "the SentencePiece model has no BOS piece"
+        )
         adds = bos is not None
     return ([bos] if adds and bos is not None else []), bos, where
 
@@ -294,7 +300,9 @@ def evaluate_job(job: EvalJob, ctx) -> list:
     folder = ckpt.resolve(job.checkpoint)
     meta = ckpt.read_meta(folder)
     if "arch" not in meta:
-        raise ckpt.CheckpointError(f"{folder}/meta.json has no 'arch'; it is not a gkd model checkpoint")
+        raise ckpt.CheckpointError(
+            f"{folder}/meta.json has no 'arch'; it is not a gkd model checkpoint"
+        )
     arch = ModelArch(**meta["arch"])
     tokenizer = load_tokenizer(job.tokenizer)
     mapping = Path(job.vocab_mapping) if job.vocab_mapping else find_vocab_mapping(folder)
@@ -303,18 +311,34 @@ def evaluate_job(job: EvalJob, ctx) -> list:
     log.info("%s", prefix.describe())
     precision = resolve_precision(job.precision)
     scorer = Scorer(
-        ctx, arch, folder, micro_batch_size=job.micro_batch_size, seq_length=job.seq_length,
-        params_dtype=precision.params_dtype, excluded_token_ids=excluded,
+        ctx,
+        arch,
+        folder,
+        micro_batch_size=job.micro_batch_size,
+        seq_length=job.seq_length,
+        params_dtype=precision.params_dtype,
+        excluded_token_ids=excluded,
     )
     log.info(
-        "scoring %s (%s, tp=%d pp=%d dp=%d) on %s", folder, precision.name, ctx.tp, ctx.pp, ctx.dp,
+        "scoring %s (%s, tp=%d pp=%d dp=%d) on %s",
+        folder,
+        precision.name,
+        ctx.tp,
+        ctx.pp,
+        ctx.dp,
         ", ".join(job.tasks),
     )
     try:
         results = evaluate_tasks(
-            job.data_dir, job.tasks, scorer, make_tokenize(tokenizer, map_ids, prefix.ids),
+            job.data_dir,
+            job.tasks,
+            scorer,
+            make_tokenize(tokenizer, map_ids, prefix.ids),
             split=job.split,
-            shots=job.shots, normalize=job.normalize, seed=job.seed, limit=job.limit,
+            shots=job.shots,
+            normalize=job.normalize,
+            seed=job.seed,
+            limit=job.limit,
             batch_size=job.request_batch_size,
         )
     finally:
@@ -324,12 +348,20 @@ def evaluate_job(job: EvalJob, ctx) -> list:
         "ran %d tokens in %d rows (%d with padding) for %d scored tokens; scoring each option "
         "with its own copy of the context would have run %d; %d contexts truncated, %d options "
         "longer than the window",
-        stats["tokens"], stats["rows"], stats["padded_tokens"], stats["targets"],
-        stats["unshared_tokens"], stats["truncated_requests"], stats["split_options"],
+        stats["tokens"],
+        stats["rows"],
+        stats["padded_tokens"],
+        stats["targets"],
+        stats["unshared_tokens"],
+        stats["truncated_requests"],
+        stats["split_options"],
     )
     if ctx.rank == 0:
         save_results(
-            job.out, results, model=job.model_name, include_predictions=job.predictions,
+            job.out,
+            results,
+            model=job.model_name,
+            include_predictions=job.predictions,
             include_prompts=job.predictions,
             settings={"prompt_prefix": list(prefix.tokens), "prompt_prefix_reason": prefix.reason},
         )

@@ -265,9 +265,7 @@ def plan_from_slurm_env(
     hosts = expand_hostlist(nodelist)
     if not hosts:
         raise LaunchError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
-    count = _step_or_job(
-        environ, "SLURM_STEP_NUM_NODES", ("SLURM_JOB_NUM_NODES", "SLURM_NNODES")
-    )
+    count = _step_or_job(environ, "SLURM_STEP_NUM_NODES", ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"))
     nnodes = int(count) if count.isdigit() else len(hosts)
     if nnodes != len(hosts):
         raise LaunchError(
@@ -347,7 +345,11 @@ def slurm_job_nodes(environ: Mapping[str, str]) -> int:
 def ready_token(plan: LaunchPlan, environ: Mapping[str, str]) -> str:
     """What node 0 writes to :func:`ready_path` once ``output.dir`` is prepared: the same on
     every node of one launch (job, step, requeue attempt) and different for the next launch."""
-    parts = [plan.rdzv_id, environ.get("SLURM_STEP_ID", ""), environ.get("SLURM_RESTART_COUNT", "0")]
+    parts = [
+        plan.rdzv_id,
+        environ.get("SLURM_STEP_ID", ""),
+        environ.get("SLURM_RESTART_COUNT", "0"),
+    ]
     return ":".join(parts)
 
 
@@ -643,7 +645,7 @@ def render_sbatch(cfg: DistillConfig, options: SlurmOptions, config_path: str | 
         "# a checkpoint and exit 0.",
         "stop_signal=",
         "forward() {",
-        '  stop_signal=$1',
+        "  stop_signal=$1",
         '  echo "gkd: got SIG$1: the workers finish the current step and save"',
         '  kill -s "$1" "$srun_pid" 2>/dev/null || true',
         "}",
@@ -762,11 +764,15 @@ def attempt_log_dir(
     root = Path(logs_root)
     root.mkdir(parents=True, exist_ok=True)
     if plan.nnodes > 1:
-        name = plan.rdzv_id + (f".{environ['SLURM_RESTART_COUNT']}" if environ.get("SLURM_RESTART_COUNT") else "")
+        name = plan.rdzv_id + (
+            f".{environ['SLURM_RESTART_COUNT']}" if environ.get("SLURM_RESTART_COUNT") else ""
+        )
         folder = root / ("attempt_" + re.sub(r"[^A-Za-z0-9_.-]", "_", name))
         folder.mkdir(exist_ok=True)
     else:
-        number = max((int(m.group(1)) for p in root.iterdir() if (m := ATTEMPT_DIR.match(p.name))), default=0)
+        number = max(
+            (int(m.group(1)) for p in root.iterdir() if (m := ATTEMPT_DIR.match(p.name))), default=0
+        )
         while True:  # mkdir is the lock: two launchers never share an attempt folder
             number += 1
             folder = root / f"attempt_{number}"
@@ -886,7 +892,9 @@ sent by torch elastic's cleanup within a second of another failure (its SIGTERM 
 its SIGKILL comes 30 s later)."""
 
 
-def _failure_times(failures: Mapping[int, object], log_dir: str, exited_at: Mapping[int, float]) -> dict[int, float]:
+def _failure_times(
+    failures: Mapping[int, object], log_dir: str, exited_at: Mapping[int, float]
+) -> dict[int, float]:
     """When each failed rank failed (``time.time()``): the moment its first exception was raised
     (the worker writes it before tearing down its process group, which is what makes the other ranks
     fail); for a rank killed by a signal of its own (:data:`_OWN_DEATH_SIGNALS`), the moment the
@@ -1112,12 +1120,15 @@ def run_local(plan: LaunchPlan) -> str | None:
         else:
             workers.send(signal.SIGKILL, group=True)
 
-    handled = [getattr(signal, n) for n in (*PREEMPT_SIGNALS, *INTERRUPT_SIGNALS) if hasattr(signal, n)]
+    handled = [
+        getattr(signal, n) for n in (*PREEMPT_SIGNALS, *INTERRUPT_SIGNALS) if hasattr(signal, n)
+    ]
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, on_signal) for sig in handled} if in_main else {}
     try:
-        with _environment({**plan.env, LAUNCHER_TAG_ENV: tag}), _quiet_elastic(
-            Path(plan.log_dir) / "launcher.log"
+        with (
+            _environment({**plan.env, LAUNCHER_TAG_ENV: tag}),
+            _quiet_elastic(Path(plan.log_dir) / "launcher.log"),
         ):
             thread = threading.Thread(target=agent, name="gkd-elastic-agent", daemon=True)
             thread.start()
@@ -1138,7 +1149,11 @@ def run_local(plan: LaunchPlan) -> str | None:
     if isinstance(err, ChildFailedError):
         stopped_by = interrupted or preempted
         if stopped_by and (
-            interrupted or all(int(getattr(f, "exitcode", 0)) == -getattr(signal, stopped_by) for f in err.failures.values())
+            interrupted
+            or all(
+                int(getattr(f, "exitcode", 0)) == -getattr(signal, stopped_by)
+                for f in err.failures.values()
+            )
         ):  # stopped as asked (a worker without a preemption handler dies of the signal itself)
             raise LaunchError(
                 f"interrupted by {stopped_by}; workers stopped",

@@ -33,7 +33,9 @@ MIN_SCAN_BYTES = 64 << 10
 def _files(patterns: list[str]) -> list[Path]:
     found: list[Path] = []
     for pattern in patterns:
-        found.extend(Path(p) for p in (sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]))
+        found.extend(
+            Path(p) for p in (sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])
+        )
     return found
 
 
@@ -100,7 +102,11 @@ def check_checkpoint(cfg: DistillConfig, role: str, model) -> None:
         return
     arch = vars(model.arch())
     ignored = {"max_seq_len"} if arch.get("position_embedding") == "rope" else set()
-    diff = {k: (saved[k], v) for k, v in arch.items() if k in saved and saved[k] != v and k not in ignored}
+    diff = {
+        k: (saved[k], v)
+        for k, v in arch.items()
+        if k in saved and saved[k] != v and k not in ignored
+    }
     if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(
@@ -133,7 +139,11 @@ def run_preflight(cfg: DistillConfig) -> None:
         check_corpus(cfg, cfg.data.train_files, "data.train_files")
     check_corpus(cfg, cfg.data.valid_files, "data.valid_files")
     for role, model in model_roles(cfg):
-        if model.checkpoint and os.path.isdir(model.checkpoint) and getattr(model, "init", None) != "random":
+        if (
+            model.checkpoint
+            and os.path.isdir(model.checkpoint)
+            and getattr(model, "init", None) != "random"
+        ):
             check_checkpoint(cfg, role, model)
     if Path(cfg.output.dir).is_dir():
         check_resume(cfg)

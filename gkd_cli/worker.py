@@ -45,7 +45,9 @@ def build_dataset(cfg: DistillConfig, tokenizer, files: Sequence[str], *, rank: 
     if cfg.data.source == "superglue" and name == "train":
         files, fmt = [str(_superglue_texts(cfg, cache, rank=rank))], "jsonl"
     stream = _barrier_build(
-        lambda: build_token_stream(files, tokenizer, cache / name, fmt=fmt, text_field=cfg.data.text_field),
+        lambda: build_token_stream(
+            files, tokenizer, cache / name, fmt=fmt, text_field=cfg.data.text_field
+        ),
         rank=rank,
     )
     return TokenDataset(stream, cfg.data.seq_length)
@@ -75,9 +77,17 @@ def make_batch_fn(dataset, cfg: DistillConfig, ctx):
 
     def batch_fn(step: int) -> list[torch.Tensor]:
         micro = batch_indices(
-            step, train.global_batch_size, ctx.dp_rank, ctx.dp, train.micro_batch_size, len(dataset), train.seed
+            step,
+            train.global_batch_size,
+            ctx.dp_rank,
+            ctx.dp,
+            train.micro_batch_size,
+            len(dataset),
+            train.seed,
         )
-        return [torch.from_numpy(np.stack([dataset[i] for i in ids]).astype(np.int64)) for ids in micro]
+        return [
+            torch.from_numpy(np.stack([dataset[i] for i in ids]).astype(np.int64)) for ids in micro
+        ]
 
     return batch_fn
 
@@ -87,7 +97,10 @@ def lm_eval_fn(pipeline_ctx_vocab):
     from methods.base import FeatureKind, Role, Tap
     from methods.vocab_parallel import cross_entropy
 
-    student_tap, teacher_tap = Tap(Role.STUDENT, FeatureKind.LOGITS), Tap(Role.TEACHER, FeatureKind.LOGITS)
+    student_tap, teacher_tap = (
+        Tap(Role.STUDENT, FeatureKind.LOGITS),
+        Tap(Role.TEACHER, FeatureKind.LOGITS),
+    )
     teacher_vocab_start, teacher_vocab = pipeline_ctx_vocab
 
     def compute(features, ctx):
@@ -95,21 +108,31 @@ def lm_eval_fn(pipeline_ctx_vocab):
             return None, {}
         terms = {
             "student_lm": cross_entropy(
-                features[student_tap], ctx.labels, ctx.loss_mask, vocab_start=ctx.vocab_start,
-                vocab_size=ctx.vocab_size, tp_group=ctx.tp_group,
+                features[student_tap],
+                ctx.labels,
+                ctx.loss_mask,
+                vocab_start=ctx.vocab_start,
+                vocab_size=ctx.vocab_size,
+                tp_group=ctx.tp_group,
             ).detach()
         }
         if teacher_tap in features:
             terms["teacher_lm"] = cross_entropy(
-                features[teacher_tap], ctx.extras.get("teacher_labels", ctx.labels), ctx.loss_mask, vocab_start=teacher_vocab_start,
-                vocab_size=teacher_vocab, tp_group=ctx.tp_group,
+                features[teacher_tap],
+                ctx.extras.get("teacher_labels", ctx.labels),
+                ctx.loss_mask,
+                vocab_start=teacher_vocab_start,
+                vocab_size=teacher_vocab,
+                tp_group=ctx.tp_group,
             ).detach()
         return terms["student_lm"], terms
 
     return compute
 
 
-def evaluate(runtime, dataset, cfg: DistillConfig, ctx, *, max_batches: int = 8) -> dict[str, float]:
+def evaluate(
+    runtime, dataset, cfg: DistillConfig, ctx, *, max_batches: int = 8
+) -> dict[str, float]:
     """Mean LM loss and perplexity of student and teacher over (up to) ``max_batches`` global
     batches of the validation set, in order."""
     from methods.base import FeatureKind, Role, Tap
@@ -134,7 +157,10 @@ def evaluate(runtime, dataset, cfg: DistillConfig, ctx, *, max_batches: int = 8)
         start = batch * per_step + ctx.dp_rank * per_rank
         rows = [dataset[i] for i in range(start, start + per_rank)]
         tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
-        micro = [tokens[i : i + train.micro_batch_size] for i in range(0, per_rank, train.micro_batch_size)]
+        micro = [
+            tokens[i : i + train.micro_batch_size]
+            for i in range(0, per_rank, train.micro_batch_size)
+        ]
         for name, value in runtime.evaluate(micro, compute).items():
             sums[name] = sums.get(name, 0.0) + value / num_batches
     result = {"sequences": num_batches * per_step, "seq_length": cfg.data.seq_length}
@@ -192,9 +218,15 @@ def run(cfg: DistillConfig) -> str:
             extra_files["vocab_mapping.safetensors"] = Path(cfg.data.vocab_mapping)
         teachers = []
         for index, teacher in enumerate(teacher_configs(cfg)):
-            checkpoint = Path(teacher.checkpoint) if teacher.init != "random" and teacher.checkpoint else None
+            checkpoint = (
+                Path(teacher.checkpoint)
+                if teacher.init != "random" and teacher.checkpoint
+                else None
+            )
             # Teacher 0 keeps the single-teacher seed, so a one-item 'teachers:' equals 'teacher:'.
-            teachers.append(TeacherSpec(teacher.arch(), checkpoint, seed=cfg.train.seed + 1 + 1000 * index))
+            teachers.append(
+                TeacherSpec(teacher.arch(), checkpoint, seed=cfg.train.seed + 1 + 1000 * index)
+            )
         runtime = DistillationRuntime(
             ctx=ctx,
             student=cfg.student.arch(),

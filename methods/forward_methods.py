@@ -48,11 +48,15 @@ TEACHER_FINAL = Tap(Role.TEACHER, FeatureKind.FINAL_NORM)
 
 
 def _generator(seed: int, step: int, microbatch: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + microbatch * 104_729 + salt) % (2**63))
+    return torch.Generator().manual_seed(
+        (seed * 1_000_003 + step * 7919 + microbatch * 104_729 + salt) % (2**63)
+    )
 
 
 def _hard(student: torch.Tensor, ctx: LossContext, method: str) -> torch.Tensor:
-    return vp.cross_entropy(student, require_labels(ctx, method), ctx.loss_mask, **shard_kwargs(ctx))
+    return vp.cross_entropy(
+        student, require_labels(ctx, method), ctx.loss_mask, **shard_kwargs(ctx)
+    )
 
 
 def _first(output):
@@ -109,7 +113,10 @@ class Theseus:
                 f"theseus puts teacher layers in the student's place, so the widths must match: "
                 f"teacher.hidden_size={teacher.hidden_size} != student.hidden_size={student.hidden_size}"
             )
-        if teacher.hidden_size // teacher.num_attention_heads != student.hidden_size // student.num_attention_heads:
+        if (
+            teacher.hidden_size // teacher.num_attention_heads
+            != student.hidden_size // student.num_attention_heads
+        ):
             raise ValueError(
                 "theseus needs equal head widths (hidden_size / num_attention_heads) in teacher and "
                 "student (they share the rotary embedding); match the num_attention_heads"
@@ -127,14 +134,18 @@ class Theseus:
         assert self.student is not None
         rate = min(max(value_at(self.params.replace_rate, step, total_steps), 0.0), 1.0)
         seed = (self.handles.seed if self.handles is not None else 0) + self.params.seed
-        draws = torch.rand(self.student.num_layers, generator=_generator(seed, step, 0, 31), dtype=torch.float64)
+        draws = torch.rand(
+            self.student.num_layers, generator=_generator(seed, step, 0, 31), dtype=torch.float64
+        )
         return [bool(d < rate) for d in draws]
 
     def install(self, handles: ForwardHandles) -> None:
         if self.teacher is None or self.student is None:
             raise RuntimeError("theseus.install needs taps() first (the model sizes)")
         if not handles.teacher_layers:
-            raise ValueError("theseus needs a teacher (its layers stand in for the student's); add a teacher")
+            raise ValueError(
+                "theseus needs a teacher (its layers stand in for the student's); add a teacher"
+            )
         self.handles = handles
         block = self.teacher.num_layers // self.student.num_layers
         teacher_layers = handles.teacher_layers[0]
@@ -153,13 +164,19 @@ class Theseus:
             rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             result = output
             for layer in predecessors:
-                result = layer(*args[1:], hidden_states=hidden, **rest) if args else layer(hidden_states=hidden, **rest)
+                result = (
+                    layer(*args[1:], hidden_states=hidden, **rest)
+                    if args
+                    else layer(hidden_states=hidden, **rest)
+                )
                 hidden = _first(result)
             return _replace_first(output, hidden)
 
         return hook
 
-    def compute(self, features: Mapping[Tap, torch.Tensor], ctx: LossContext) -> dict[str, torch.Tensor]:
+    def compute(
+        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> dict[str, torch.Tensor]:
         student = features.get(STUDENT_LOGITS)
         if student is None:
             return {}
@@ -205,7 +222,9 @@ class DIITO:
     name: ClassVar[str] = "diito"
     stages: ClassVar[frozenset[Stage]] = PRETRAIN_ONLY
     paper: ClassVar[str] = "Wu et al. 2022 (causal distillation, DIITO)"
-    signals: ClassVar[str] = "logits, final hidden states, intervened hidden states of an aligned layer, labels"
+    signals: ClassVar[str] = (
+        "logits, final hidden states, intervened hidden states of an aligned layer, labels"
+    )
     Params: ClassVar[type] = DIITOParams
 
     def __init__(self, params: DIITOParams | None = None) -> None:
@@ -244,7 +263,10 @@ class DIITO:
         self.handles = handles
         handles.double_batch()
         teacher_layer, student_layer = self.layers
-        for layers, index in ((handles.student_layers, student_layer), (handles.teacher_layers[0], teacher_layer)):
+        for layers, index in (
+            (handles.student_layers, student_layer),
+            (handles.teacher_layers[0], teacher_layer),
+        ):
             if index in layers:
                 layers[index].register_forward_hook(self._intervene)
 
@@ -252,7 +274,11 @@ class DIITO:
         """``[length]`` bool: the swapped positions of this step's microbatch."""
         width = max(1, round(self.params.span * length))
         seed = (self.handles.seed if self.handles is not None else 0) + self.params.seed
-        start = int(torch.randint(0, length - width + 1, (1,), generator=_generator(seed, step, microbatch, 53)))
+        start = int(
+            torch.randint(
+                0, length - width + 1, (1,), generator=_generator(seed, step, microbatch, 53)
+            )
+        )
         mask = torch.zeros(length, dtype=torch.bool)
         mask[start : start + width] = True
         return mask
@@ -281,7 +307,9 @@ class DIITO:
             "iit": at(self.params.iit_weight, ctx),
         }
 
-    def compute(self, features: Mapping[Tap, torch.Tensor], ctx: LossContext) -> dict[str, torch.Tensor]:
+    def compute(
+        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> dict[str, torch.Tensor]:
         student, teacher = features.get(STUDENT_LOGITS), features.get(TEACHER_LOGITS)
         if student is None or teacher is None:
             return {}
@@ -340,7 +368,9 @@ class LRCBERT:
     name: ClassVar[str] = "lrc_bert"
     stages: ClassVar[frozenset[Stage]] = TASK_ONLY
     paper: ClassVar[str] = "Fu et al. 2021 (LRC-BERT)"
-    signals: ClassVar[str] = "hidden states of mapped layers, logits, labels; embedding-output gradient"
+    signals: ClassVar[str] = (
+        "hidden states of mapped layers, logits, labels; embedding-output gradient"
+    )
     Params: ClassVar[type] = LRCBERTParams
 
     def __init__(self, params: LRCBERTParams | None = None) -> None:
@@ -355,14 +385,20 @@ class LRCBERT:
 
     def layer_pairs(self, teacher: ModelInfo, student: ModelInfo) -> list[tuple[int, int]]:
         """``(student, teacher)`` pairs: every student layer with the end of its teacher block."""
-        return [(s, uniform_layer(s, teacher.num_layers, student.num_layers)) for s in range(student.num_layers)]
+        return [
+            (s, uniform_layer(s, teacher.num_layers, student.num_layers))
+            for s in range(student.num_layers)
+        ]
 
     def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
         self.pairs = self.layer_pairs(teacher, student)
         self.sizes = (teacher.hidden_size, student.hidden_size)
         taps = list(BOTH_LOGITS)
         for s, t in self.pairs:
-            taps += [Tap(Role.TEACHER, FeatureKind.HIDDEN, t), Tap(Role.STUDENT, FeatureKind.HIDDEN, s)]
+            taps += [
+                Tap(Role.TEACHER, FeatureKind.HIDDEN, t),
+                Tap(Role.STUDENT, FeatureKind.HIDDEN, s),
+            ]
         return taps
 
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -370,7 +406,9 @@ class LRCBERT:
             if self.sizes is None:
                 raise RuntimeError("lrc_bert.modules() needs taps() first (the model sizes)")
             teacher_width, student_width = self.sizes
-            self._projections = {f"proj_l{s}": torch.nn.Linear(student_width, teacher_width) for s, _ in self.pairs}
+            self._projections = {
+                f"proj_l{s}": torch.nn.Linear(student_width, teacher_width) for s, _ in self.pairs
+            }
         return dict(self._projections)
 
     def module_layers(self) -> dict[str, int]:
@@ -387,26 +425,40 @@ class LRCBERT:
             "contrastive": at(self.params.contrastive_weight, ctx),
         }
 
-    def contrastive(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
-                    projection: torch.nn.Module, dp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    def contrastive(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        mask: torch.Tensor,
+        projection: torch.nn.Module,
+        dp_group: dist.ProcessGroup | None,
+    ) -> torch.Tensor:
         """One layer pair's loss. ``student`` ``[s, b, h_s]`` and ``teacher`` ``[s, b, h_t]``,
         replicated over tp; ``mask`` ``[s*b]``."""
         weights = mask.view(student.shape[0], student.shape[1], 1).to(student.dtype)
         count = weights.sum(0).clamp_min(1.0)
         acc = torch.float64 if student.dtype == torch.float64 else torch.float32
         z_s = projection((student * weights).sum(0) / count).to(acc)  # [b, h_t]
-        z_t = ((teacher * weights.to(teacher.dtype)).sum(0) / count.to(teacher.dtype)).detach().to(acc)
+        z_t = (
+            ((teacher * weights.to(teacher.dtype)).sum(0) / count.to(teacher.dtype))
+            .detach()
+            .to(acc)
+        )
         offset = 0
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
             gathered = [torch.empty_like(z_t) for _ in range(dist.get_world_size(dp_group))]
             dist.all_gather(gathered, z_t.contiguous(), group=dp_group)
             offset = dist.get_rank(dp_group) * z_t.shape[0]
             z_t = torch.cat(gathered)
-        sims = F.cosine_similarity(z_s[:, None, :], z_t[None, :, :], dim=-1) / self.params.tau  # [b, B]
+        sims = (
+            F.cosine_similarity(z_s[:, None, :], z_t[None, :, :], dim=-1) / self.params.tau
+        )  # [b, B]
         target = torch.arange(z_s.shape[0], device=sims.device) + offset
         return F.cross_entropy(sims, target)
 
-    def compute(self, features: Mapping[Tap, torch.Tensor], ctx: LossContext) -> dict[str, torch.Tensor]:
+    def compute(
+        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         contrastive = None
         for s, t in self.pairs:
@@ -414,8 +466,12 @@ class LRCBERT:
             teacher = features.get(Tap(Role.TEACHER, FeatureKind.HIDDEN, t))
             if student is None or teacher is None:
                 continue
-            assert self._projections is not None, "lrc_bert: the runtime builds the projections first"
-            value = self.contrastive(student, teacher, ctx.distill_mask, self._projections[f"proj_l{s}"], ctx.dp_group)
+            assert self._projections is not None, (
+                "lrc_bert: the runtime builds the projections first"
+            )
+            value = self.contrastive(
+                student, teacher, ctx.distill_mask, self._projections[f"proj_l{s}"], ctx.dp_group
+            )
             contrastive = value if contrastive is None else contrastive + value
         if contrastive is not None:
             terms["contrastive"] = contrastive
@@ -427,4 +483,3 @@ class LRCBERT:
             )
             terms["hard"] = _hard(student, ctx, self.name)
         return terms
-

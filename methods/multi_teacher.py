@@ -119,7 +119,11 @@ def token_stats(
     if labels is not None:
         local = labels - vocab_start
         inside = (local >= 0) & (local < width)
-        picked = x.gather(1, local.clamp(0, max(width - 1, 0)).view(-1, 1)).squeeze(1) if width else sums[2]
+        picked = (
+            x.gather(1, local.clamp(0, max(width - 1, 0)).view(-1, 1)).squeeze(1)
+            if width
+            else sums[2]
+        )
         sums[2] = torch.where(inside, picked, torch.zeros_like(picked))
     if tp_group is not None:
         dist.all_reduce(sums, group=tp_group)
@@ -157,7 +161,9 @@ class _SoftLoss:
     def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
         return BOTH_LOGITS
 
-    def compute(self, features: Mapping[Tap, torch.Tensor], ctx: LossContext) -> dict[str, torch.Tensor]:
+    def compute(
+        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> dict[str, torch.Tensor]:
         student, teacher = features.get(STUDENT_LOGITS), features.get(BOTH_LOGITS[0])
         if student is None or teacher is None:
             return {}
@@ -184,7 +190,9 @@ class PerTeacher:
 
     def __init__(self, config: Any, default: Callable[[], Any], *, where: str) -> None:
         if config is not None and not isinstance(config, str | Mapping):
-            raise ValueError(f"{where}.method must be a method name or a mapping like {{name: kd}}, got {config!r}")
+            raise ValueError(
+                f"{where}.method must be a method name or a mapping like {{name: kd}}, got {config!r}"
+            )
         if isinstance(config, str):
             config = {"name": config}
         if config is not None and "name" not in config:
@@ -210,14 +218,18 @@ class PerTeacher:
 
     def _check(self, method) -> None:
         if isinstance(method, TeacherAware):
-            raise ValueError(f"{self.where}.method: {method.name!r} combines teachers itself; nest no combiners")
+            raise ValueError(
+                f"{self.where}.method: {method.name!r} combines teachers itself; nest no combiners"
+            )
         if isinstance(method, ForwardModifier):
             raise ValueError(
                 f"{self.where}.method: {method.name!r} changes the forward pass, which is shared by all "
                 "teachers; use it as a method of its own"
             )
         if self.stage is not None and self.stage not in method.stages:
-            raise ValueError(f"{self.where}.method: {method.name!r} does not apply to stage {self.stage.value!r}")
+            raise ValueError(
+                f"{self.where}.method: {method.name!r} does not apply to stage {self.stage.value!r}"
+            )
 
     @property
     def inner_stages(self) -> frozenset[Stage]:
@@ -229,7 +241,9 @@ class PerTeacher:
 
     def set_teachers(self, teachers: Sequence[ModelInfo]) -> None:
         if not teachers:
-            raise ValueError(f"{self.where} combines teachers, but the run has none; add 'teachers:'")
+            raise ValueError(
+                f"{self.where} combines teachers, but the run has none; add 'teachers:'"
+            )
         self.teachers = list(teachers)
         self.methods = []
         for _ in teachers:
@@ -250,7 +264,9 @@ class PerTeacher:
             taps.update(dict.fromkeys(_as_teacher(t, index) for t in method.taps(info, student)))
         return list(taps)
 
-    def features_for(self, features: Mapping[Tap, torch.Tensor], index: int) -> dict[Tap, torch.Tensor]:
+    def features_for(
+        self, features: Mapping[Tap, torch.Tensor], index: int
+    ) -> dict[Tap, torch.Tensor]:
         return {
             dataclasses.replace(tap, teacher_index=0) if tap.role is Role.TEACHER else tap: value
             for tap, value in features.items()
@@ -258,7 +274,10 @@ class PerTeacher:
         }
 
     def compute(
-        self, index: int, features: Mapping[Tap, torch.Tensor], ctx: LossContext,
+        self,
+        index: int,
+        features: Mapping[Tap, torch.Tensor],
+        ctx: LossContext,
         token_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Teacher ``index``'s terms, each multiplied by the method's own term weight; with
@@ -269,7 +288,9 @@ class PerTeacher:
         scale = 1.0
         if token_weights is not None:
             inner_ctx.loss_mask = ctx.loss_mask * token_weights
-            inner_ctx.token_mask = None if ctx.token_mask is None else ctx.token_mask * token_weights
+            inner_ctx.token_mask = (
+                None if ctx.token_mask is None else ctx.token_mask * token_weights
+            )
             base = ctx.distill_mask
             scale = (base * token_weights).sum() / base.sum().clamp_min(1e-12)
         terms = method.compute(self.features_for(features, index), inner_ctx)
@@ -280,7 +301,9 @@ class PerTeacher:
         out: dict[str, torch.nn.Module] = {}
         for index, method in enumerate(self.methods):
             if isinstance(method, HasModules):
-                out.update({f"t{index}_{name}": module for name, module in method.modules().items()})
+                out.update(
+                    {f"t{index}_{name}": module for name, module in method.modules().items()}
+                )
         return out
 
     def module_layers(self) -> dict[str, int]:
@@ -305,7 +328,9 @@ def _combine(
     return out
 
 
-def _hard(features: Mapping[Tap, torch.Tensor], ctx: LossContext, method: str) -> dict[str, torch.Tensor]:
+def _hard(
+    features: Mapping[Tap, torch.Tensor], ctx: LossContext, method: str
+) -> dict[str, torch.Tensor]:
     student = features.get(STUDENT_LOGITS)
     if student is None:
         return {}
@@ -388,10 +413,14 @@ class TMKD:
     def term_weights(self, ctx: LossContext) -> dict[str, float]:
         return _LogOnly(hard=at(self.params.hard_weight, ctx))
 
-    def compute(self, features: Mapping[Tap, torch.Tensor], ctx: LossContext) -> dict[str, torch.Tensor]:
+    def compute(
+        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> dict[str, torch.Tensor]:
         count = len(self.inner.methods)
         parts = {k: self.inner.compute(k, features, ctx) for k in range(count)}
-        terms = _combine({k: v for k, v in parts.items() if v}, dict.fromkeys(range(count), 1.0 / count))
+        terms = _combine(
+            {k: v for k, v in parts.items() if v}, dict.fromkeys(range(count), 1.0 / count)
+        )
         if at(self.params.hard_weight, ctx) != 0.0:
             terms.update(_hard(features, ctx, self.name))
         return terms
@@ -429,7 +458,9 @@ class MTBERT:
     def __init__(self, params: MTBERTParams | None = None) -> None:
         self.params = params or MTBERTParams()
         temperature = self.params.temperature
-        self.inner = PerTeacher(self.params.method, lambda: _SoftLoss("ce", temperature), where=self.name)
+        self.inner = PerTeacher(
+            self.params.method, lambda: _SoftLoss("ce", temperature), where=self.name
+        )
         self._student: ModelInfo | None = None
         self._projections: dict[str, torch.nn.Module] | None = None
 
@@ -450,10 +481,16 @@ class MTBERT:
         self.inner.ensure(teacher)
         self._student = student
         taps = [*self.inner.taps(student), STUDENT_LOGITS]
-        taps += [Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=k) for k in range(len(self.inner.methods))]
+        taps += [
+            Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=k)
+            for k in range(len(self.inner.methods))
+        ]
         if self._hidden:
             taps.append(Tap(Role.STUDENT, FeatureKind.FINAL_NORM))
-            taps += [Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=k) for k in range(len(self.inner.methods))]
+            taps += [
+                Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=k)
+                for k in range(len(self.inner.methods))
+            ]
         return list(dict.fromkeys(taps))
 
     def modules(self) -> dict[str, torch.nn.Module]:
@@ -472,13 +509,19 @@ class MTBERT:
     def module_layers(self) -> dict[str, int]:
         layers = self.inner.module_layers()
         if self._hidden:
-            layers.update({f"proj_t{k}": -1 for k in range(len(self.inner.methods))})  # final norm: last stage
+            layers.update(
+                {f"proj_t{k}": -1 for k in range(len(self.inner.methods))}
+            )  # final norm: last stage
         return layers
 
     def term_weights(self, ctx: LossContext) -> dict[str, float]:
-        return _LogOnly(hard=at(self.params.hard_weight, ctx), hidden=at(self.params.hidden_weight, ctx))
+        return _LogOnly(
+            hard=at(self.params.hard_weight, ctx), hidden=at(self.params.hidden_weight, ctx)
+        )
 
-    def compute(self, features: Mapping[Tap, torch.Tensor], ctx: LossContext) -> dict[str, torch.Tensor]:
+    def compute(
+        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> dict[str, torch.Tensor]:
         count = len(self.inner.methods)
         parts: dict[int, dict[str, torch.Tensor]] = {}
         for k in range(count):
@@ -497,7 +540,9 @@ class MTBERT:
             mask = ctx.distill_mask.view(student_hidden.shape[0], student_hidden.shape[1], 1)
             hidden = None
             for k in range(count):
-                teacher_hidden = features[Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=k)]
+                teacher_hidden = features[
+                    Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=k)
+                ]
                 projected = self._projections[f"proj_t{k}"](student_hidden)
                 acc = torch.float64 if projected.dtype == torch.float64 else torch.float32
                 squared = (projected.to(acc) - teacher_hidden.to(acc)).pow(2) * mask
@@ -529,7 +574,9 @@ def uncertainty_weights(uncertainty: torch.Tensor, count: int, mode: str) -> tor
     position ``u (count - 1)``; ``weight`` splits linearly between the two neighbours, ``route``
     takes the nearest."""
     position = uncertainty.clamp(0.0, 1.0) * (count - 1)
-    weights = torch.zeros(count, uncertainty.shape[0], dtype=uncertainty.dtype, device=uncertainty.device)
+    weights = torch.zeros(
+        count, uncertainty.shape[0], dtype=uncertainty.dtype, device=uncertainty.device
+    )
     if mode == "route":
         weights.scatter_(0, position.round().long().view(1, -1), 1.0)
         return weights
@@ -552,13 +599,17 @@ class Uncertainty:
     name: ClassVar[str] = "uncertainty"
     stages: ClassVar[frozenset[Stage]] = BOTH_STAGES
     paper: ClassVar[str] = "Li et al. 2021 (Dynamic KD)"
-    signals: ClassVar[str] = "every teacher's logits (or the inner method's signals), student entropy"
+    signals: ClassVar[str] = (
+        "every teacher's logits (or the inner method's signals), student entropy"
+    )
     Params: ClassVar[type] = UncertaintyParams
 
     def __init__(self, params: UncertaintyParams | None = None) -> None:
         self.params = params or UncertaintyParams()
         temperature = self.params.temperature
-        self.inner = PerTeacher(self.params.method, lambda: _SoftLoss("kl", temperature), where=self.name)
+        self.inner = PerTeacher(
+            self.params.method, lambda: _SoftLoss("kl", temperature), where=self.name
+        )
 
     def set_stage(self, stage: Stage) -> None:
         self.inner.set_stage(stage)
@@ -585,12 +636,18 @@ class Uncertainty:
     def order(self) -> list[int]:
         """Teacher indices from the smallest to the largest (ties: config order)."""
         assert self.inner.teachers is not None
-        return sorted(range(len(self.inner.teachers)), key=lambda k: _model_size(self.inner.teachers[k]))
+        return sorted(
+            range(len(self.inner.teachers)), key=lambda k: _model_size(self.inner.teachers[k])
+        )
 
-    def compute(self, features: Mapping[Tap, torch.Tensor], ctx: LossContext) -> dict[str, torch.Tensor]:
+    def compute(
+        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> dict[str, torch.Tensor]:
         student = features.get(STUDENT_LOGITS)
         if student is None:  # the default and logit inner methods run where the logits are
-            parts = {k: self.inner.compute(k, features, ctx) for k in range(len(self.inner.methods))}
+            parts = {
+                k: self.inner.compute(k, features, ctx) for k in range(len(self.inner.methods))
+            }
             return _combine({k: v for k, v in parts.items() if v}, dict.fromkeys(parts, 1.0))
         entropy = _stats_of(student, ctx, labels=False).entropy
         u = (entropy / math.log(ctx.vocab_size)).to(ctx.loss_mask.dtype)
@@ -649,7 +706,9 @@ class RLKD:
         if not 0.0 <= self.params.warmup <= 1.0:
             raise ValueError(f"rl_kd.warmup must be a fraction in [0, 1], got {self.params.warmup}")
         temperature = self.params.temperature
-        self.inner = PerTeacher(self.params.method, lambda: _SoftLoss("ce", temperature), where=self.name)
+        self.inner = PerTeacher(
+            self.params.method, lambda: _SoftLoss("ce", temperature), where=self.name
+        )
         self._policies: dict[str, torch.nn.Module] | None = None
         self._draw = (-1, 0)
 
@@ -683,11 +742,16 @@ class RLKD:
         return {**self.inner.modules(), **self._policies}
 
     def module_layers(self) -> dict[str, int]:
-        return {**self.inner.module_layers(), **{f"policy_t{k}": -1 for k in range(len(self.inner.methods))}}
+        return {
+            **self.inner.module_layers(),
+            **{f"policy_t{k}": -1 for k in range(len(self.inner.methods))},
+        }
 
     def term_weights(self, ctx: LossContext) -> dict[str, float]:
         return _LogOnly(
-            hard=at(self.params.hard_weight, ctx), policy=at(self.params.policy_weight, ctx), selected=LOG_ONLY
+            hard=at(self.params.hard_weight, ctx),
+            policy=at(self.params.policy_weight, ctx),
+            selected=LOG_ONLY,
         )
 
     def _generator(self, ctx: LossContext) -> torch.Generator:
@@ -701,7 +765,9 @@ class RLKD:
         draws = torch.rand(probs.shape, generator=self._generator(ctx), dtype=torch.float64)
         return (draws.to(probs.device) < probs.double()).to(probs.dtype)
 
-    def states(self, features: Mapping[Tap, torch.Tensor], ctx: LossContext, batch: int) -> list[torch.Tensor]:
+    def states(
+        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext, batch: int
+    ) -> list[torch.Tensor]:
         """Each teacher's ``[b, h_k + 3]`` state (no gradient)."""
         mask = ctx.distill_mask.view(-1, batch)  # [s, b]
         count = mask.sum(0).clamp_min(1.0)
@@ -715,17 +781,25 @@ class RLKD:
                 return (x.view(-1, batch).float() * mask).sum(0) / count
 
             scalars = torch.stack(
-                [mean(stats.cross_entropy), mean(stats.max_prob), mean(stats.entropy) / math.log(ctx.vocab_size)],
+                [
+                    mean(stats.cross_entropy),
+                    mean(stats.max_prob),
+                    mean(stats.entropy) / math.log(ctx.vocab_size),
+                ],
                 dim=1,
             )
             out.append(torch.cat([pooled, scalars], dim=1))
         return out
 
-    def compute(self, features: Mapping[Tap, torch.Tensor], ctx: LossContext) -> dict[str, torch.Tensor]:
+    def compute(
+        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> dict[str, torch.Tensor]:
         student = features.get(STUDENT_LOGITS)
         if student is None:
             return {}
-        assert self._policies is not None, "rl_kd: the runtime builds the policy modules before the first step"
+        assert self._policies is not None, (
+            "rl_kd: the runtime builds the policy modules before the first step"
+        )
         count = len(self.inner.methods)
         hidden = features[Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=0)]
         batch = hidden.shape[1]
@@ -743,7 +817,9 @@ class RLKD:
         share = chosen / chosen.sum(0, keepdim=True)  # [K, b], the average of the selected teachers
         parts = {}
         for k in range(count):
-            tokens = share[k].to(ctx.loss_mask.dtype).repeat(ctx.loss_mask.shape[0] // batch)  # s-major tokens
+            tokens = (
+                share[k].to(ctx.loss_mask.dtype).repeat(ctx.loss_mask.shape[0] // batch)
+            )  # s-major tokens
             result = self.inner.compute(k, features, ctx, tokens)
             if result:
                 parts[k] = result
@@ -753,7 +829,9 @@ class RLKD:
         label_mask = ctx.loss_mask.view(-1, batch).float()
         reward = -(ce * label_mask).sum(0) / label_mask.sum(0).clamp_min(1.0)
         advantage = reward - reward.mean()
-        log_prob = actions * torch.log(probs.clamp_min(1e-12)) + (1 - actions) * torch.log((1 - probs).clamp_min(1e-12))
+        log_prob = actions * torch.log(probs.clamp_min(1e-12)) + (1 - actions) * torch.log(
+            (1 - probs).clamp_min(1e-12)
+        )
         terms["policy"] = -(advantage[None, :] * log_prob).sum(0).mean()
         terms["selected"] = chosen.mean().detach()
         if at(self.params.hard_weight, ctx) != 0.0:
@@ -795,7 +873,9 @@ class DGKD:
         if not 0.0 < self.params.survival <= 1.0:
             raise ValueError(f"dgkd.survival must be in (0, 1], got {self.params.survival}")
         temperature = self.params.temperature
-        self.inner = PerTeacher(self.params.method, lambda: _SoftLoss("kl", temperature), where=self.name)
+        self.inner = PerTeacher(
+            self.params.method, lambda: _SoftLoss("kl", temperature), where=self.name
+        )
 
     def set_stage(self, stage: Stage) -> None:
         self.inner.set_stage(stage)
@@ -828,7 +908,9 @@ class DGKD:
             keep[int(draws.argmin())] = True
         return keep
 
-    def compute(self, features: Mapping[Tap, torch.Tensor], ctx: LossContext) -> dict[str, torch.Tensor]:
+    def compute(
+        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> dict[str, torch.Tensor]:
         keep = self.kept(ctx.step)
         parts = {k: self.inner.compute(k, features, ctx) for k, kept in enumerate(keep) if kept}
         terms = _combine({k: v for k, v in parts.items() if v}, dict.fromkeys(parts, 1.0))

@@ -177,7 +177,9 @@ REGISTRY: dict[str, MethodSpec] = {
     "mobilebert": _spec(MobileBERT),
     # methods that change the forward pass
     "theseus": _spec(Theseus, replace_rate=UNIT),  # a probability
-    "diito": _spec(DIITO, span=Range(0, 1, low_open=True, high_open=True), student_layer=NON_NEGATIVE),
+    "diito": _spec(
+        DIITO, span=Range(0, 1, low_open=True, high_open=True), student_layer=NON_NEGATIVE
+    ),
     "lrc_bert": _spec(LRCBERT, tau=POSITIVE, epsilon=NON_NEGATIVE),
     # multi-teacher combiners (teachers: [...]; each wraps any single-teacher method)
     "tmkd": _spec(TMKD),

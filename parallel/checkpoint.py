@@ -71,11 +71,15 @@ def verify_manifest(folder: Path, *, checksums: bool = True) -> None:
     """Raise :class:`CheckpointError` naming the first missing or damaged file."""
     manifest = folder / "manifest.json"
     if not manifest.exists():
-        raise CheckpointError(f"{folder} is incomplete (no manifest.json): it was not fully written")
+        raise CheckpointError(
+            f"{folder} is incomplete (no manifest.json): it was not fully written"
+        )
     try:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"{manifest} is damaged ({exc}); restore it or use an older checkpoint") from exc
+        raise CheckpointError(
+            f"{manifest} is damaged ({exc}); restore it or use an older checkpoint"
+        ) from exc
     for rel, info in files.items():
         path = folder / rel
         if not path.exists():
@@ -86,7 +90,9 @@ def verify_manifest(folder: Path, *, checksums: bool = True) -> None:
                 "(truncated or overwritten); use an older checkpoint"
             )
         if checksums and _sha256(path) != info["sha256"]:
-            raise CheckpointError(f"checkpoint file {path} is damaged (sha256 mismatch); use an older checkpoint")
+            raise CheckpointError(
+                f"checkpoint file {path} is damaged (sha256 mismatch); use an older checkpoint"
+            )
 
 
 def read_meta(folder: Path) -> dict:
@@ -120,9 +126,13 @@ def latest_complete(root: Path) -> Path | None:
         candidate = root / pointer.read_text().strip()
         if (candidate / "manifest.json").exists():
             return candidate
-        log.warning("checkpoint pointer %s names %s, which is incomplete; scanning", pointer, candidate.name)
+        log.warning(
+            "checkpoint pointer %s names %s, which is incomplete; scanning", pointer, candidate.name
+        )
     steps = sorted(
-        (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "manifest.json").exists()
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := STEP_DIR.match(p.name)) and (p / "manifest.json").exists()
     )
     return steps[-1][1] if steps else None
 
@@ -146,7 +156,9 @@ def _model_and_extra(model, extra: ExtraShardedState | None) -> dict:
     more = extra.sharded_state_dict()
     clash = [k for k in more if k.startswith(MODEL_PREFIX) or k in model_sd]
     if clash:
-        raise ValueError(f"extra checkpoint keys {clash[:3]} clash with the student's ({MODEL_PREFIX}*)")
+        raise ValueError(
+            f"extra checkpoint keys {clash[:3]} clash with the student's ({MODEL_PREFIX}*)"
+        )
     return {**model_sd, **more}
 
 
@@ -163,7 +175,10 @@ class Layout:
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 
-    state = {"cpu": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {
+        "cpu": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -182,7 +197,11 @@ def _rng_sharded(layout: Layout, data):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     return ShardedObject(
-        "rng_state", data, (layout.pp, layout.tp, layout.dp), (layout.pp_rank, layout.tp_rank, layout.dp_rank), replica_id=0
+        "rng_state",
+        data,
+        (layout.pp, layout.tp, layout.dp),
+        (layout.pp_rank, layout.tp_rank, layout.dp_rank),
+        replica_id=0,
     )
 
 
@@ -250,7 +269,11 @@ def save(
         dist_checkpointing.save(state, str(tmp / "dist"), content_metadata=OPTIMIZER_FORMAT)
         dist.barrier()
         if rank == 0:
-            meta = {**meta, "step": step, "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}}
+            meta = {
+                **meta,
+                "step": step,
+                "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+            }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             (tmp / "config.yaml").write_text(config_yaml)
             for name, source in (extra_files or {}).items():
@@ -288,7 +311,9 @@ def save_model_weights(folder: Path, *, model, meta: dict, config_yaml: str = ""
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "dist").mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict(prefix=MODEL_PREFIX)}, str(tmp / "dist"))
+    dist_checkpointing.save(
+        {"model": model.sharded_state_dict(prefix=MODEL_PREFIX)}, str(tmp / "dist")
+    )
     dist.barrier()
     if dist.get_rank() == 0:
         (tmp / "meta.json").write_text(json.dumps({**meta, "weights_only": True}, indent=2))
@@ -310,7 +335,13 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def load_training_state(
-    folder: Path, *, model, optimizer, scheduler, layout: Layout, method_modules: ExtraShardedState | None = None
+    folder: Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    layout: Layout,
+    method_modules: ExtraShardedState | None = None,
 ) -> dict:
     """Collective: restore student weights, method modules, optimizer, scheduler (and RNG at the
     same layout)."""
@@ -327,7 +358,9 @@ def load_training_state(
     model_sd = _model_and_extra(model, method_modules)
     template = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT),
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT
+        ),
     }
     if same_layout:
         template["rng_state"] = _rng_sharded(layout, None)
@@ -335,7 +368,9 @@ def load_training_state(
     student = {k: v for k, v in loaded["model"].items() if k.startswith(MODEL_PREFIX)}
     model.load_state_dict(_strip(student), strict=True)
     if method_modules is not None:
-        method_modules.load({k: v for k, v in loaded["model"].items() if not k.startswith(MODEL_PREFIX)})
+        method_modules.load(
+            {k: v for k, v in loaded["model"].items() if not k.startswith(MODEL_PREFIX)}
+        )
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
@@ -344,7 +379,9 @@ def load_training_state(
 
 
 def _strip(state: dict) -> dict:
-    return {k[len(MODEL_PREFIX):] if k.startswith(MODEL_PREFIX) else k: v for k, v in state.items()}
+    return {
+        k[len(MODEL_PREFIX) :] if k.startswith(MODEL_PREFIX) else k: v for k, v in state.items()
+    }
 
 
 def load_model_weights(folder: Path, model) -> dict:

@@ -69,7 +69,9 @@ def initialize(parallel: ParallelConfig, *, seed: int) -> ParallelContext:
 
     from parallel.loop import install_early_stop
 
-    if threading.current_thread() is threading.main_thread():  # signal handlers need the main thread
+    if (
+        threading.current_thread() is threading.main_thread()
+    ):  # signal handlers need the main thread
         install_early_stop()
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"

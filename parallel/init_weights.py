@@ -96,7 +96,9 @@ def value_kind(key: str) -> str:
 
 
 @torch.no_grad()
-def init_layout_independent(model: torch.nn.Module, *, seed: int, num_layers: int, std: float = 0.02) -> None:
+def init_layout_independent(
+    model: torch.nn.Module, *, seed: int, num_layers: int, std: float = 0.02
+) -> None:
     """Overwrite ``model``'s parameters with values that depend only on ``seed`` and each tensor's
     global identity, not on the parallel layout."""
     for sharded in _leaves(model.sharded_state_dict()):
@@ -117,7 +119,9 @@ def init_layout_independent(model: torch.nn.Module, *, seed: int, num_layers: in
             full = torch.randn(full_shape, generator=gen, dtype=torch.float32) * scale
             index = tuple(
                 slice(off, off + size)
-                for off, size in zip(sharded.global_offset[prepend:], sharded.local_shape, strict=True)
+                for off, size in zip(
+                    sharded.global_offset[prepend:], sharded.local_shape, strict=True
+                )
             )
             local = full[index].reshape(sharded.data.shape)
             sharded.data.copy_(local.to(sharded.data.dtype))

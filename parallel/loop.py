@@ -56,8 +56,10 @@ _EARLY_SIGNAL: dict[str, int | None] = {"signum": None}
 
 def _early_handler(signum, frame) -> None:
     if _EARLY_SIGNAL["signum"] is None:
-        log.warning("received %s before training started: stopping before the first step",
-                    signal.Signals(signum).name)
+        log.warning(
+            "received %s before training started: stopping before the first step",
+            signal.Signals(signum).name,
+        )
     _EARLY_SIGNAL["signum"] = signum
 
 
@@ -113,7 +115,9 @@ def bind_checkpoint_writer() -> None:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
     except ImportError:
         return
-    if getattr(fsa._get_write_results_queue, "_gkd_bound", False) or not hasattr(fsa, "_results_queue"):
+    if getattr(fsa._get_write_results_queue, "_gkd_bound", False) or not hasattr(
+        fsa, "_results_queue"
+    ):
         return
 
     def results_queue():
@@ -142,7 +146,9 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
-            log.warning("received %s: finishing the current step, then saving", signal.Signals(signum).name)
+            log.warning(
+                "received %s: finishing the current step, then saving", signal.Signals(signum).name
+            )
         self.signum = signum
 
     def restore(self) -> None:
@@ -178,7 +184,11 @@ def truncate_metrics(path: Path, step: int) -> None:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("step"), int)
+            and record["step"] <= step
+        ):
             kept.append(line + "\n")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
@@ -242,10 +252,18 @@ def train_loop(
                 on_step(record)
             interrupted = settings.stop_after is not None and done - start >= settings.stop_after
             stop = _any_rank(flag.signum is not None) or interrupted
-            if (settings.save_every and done % settings.save_every == 0) or done == settings.steps or stop:
+            if (
+                (settings.save_every and done % settings.save_every == 0)
+                or done == settings.steps
+                or stop
+            ):
                 last_saved = runtime.save(
-                    root, step=done, meta=settings.meta, config_yaml=settings.config_yaml,
-                    keep_last=settings.keep_last, extra_files=settings.extra_files or None,
+                    root,
+                    step=done,
+                    meta=settings.meta,
+                    config_yaml=settings.config_yaml,
+                    keep_last=settings.keep_last,
+                    extra_files=settings.extra_files or None,
                 )
             if stop:
                 return LoopOutcome("preempted", done, last_saved)

@@ -12,8 +12,15 @@ from methods.base import ModelInfo
 from methods.layer_mapping import check_pipeline
 
 
-def check_method_layout(method, name: str, teachers: Sequence[ModelInfo], student: ModelInfo,
-                        *, pp: int, where: str | None = None) -> None:
+def check_method_layout(
+    method,
+    name: str,
+    teachers: Sequence[ModelInfo],
+    student: ModelInfo,
+    *,
+    pp: int,
+    where: str | None = None,
+) -> None:
     """Raise ``ValueError`` saying why ``method`` cannot run with ``pp`` pipeline stages."""
     where = where or f"method {name!r}"
     per_teacher = getattr(method, "per_teacher_methods", None)

@@ -99,16 +99,22 @@ class MethodModules(torch.nn.Module):
             layers = dict(method.module_layers()) if isinstance(method, PlacesModules) else {}
             unknown = sorted(set(layers) - set(modules))
             if unknown:
-                raise ValueError(f"method {entry.name!r}: module_layers() names unknown modules {unknown}")
+                raise ValueError(
+                    f"method {entry.name!r}: module_layers() names unknown modules {unknown}"
+                )
             mine = torch.nn.ModuleDict()
             for name, module in modules.items():
                 if "." in name or not name:
-                    raise ValueError(f"method {entry.name!r}: module name {name!r} must be non-empty without dots")
+                    raise ValueError(
+                        f"method {entry.name!r}: module name {name!r} must be non-empty without dots"
+                    )
                 if name in layers and stage_of_layer(layers[name], student_layers, pp) != pp_rank:
                     continue  # built and trained on the stage that uses it
                 module.to(device=device, dtype=dtype)
                 mine[name] = module
-                self._entries.append(_Entry(entry.name, name, module, replicated_over_pp=name not in layers))
+                self._entries.append(
+                    _Entry(entry.name, name, module, replicated_over_pp=name not in layers)
+                )
             if len(mine):
                 self.by_method[entry.name] = mine
         for item in self._entries:
@@ -121,7 +127,13 @@ class MethodModules(torch.nn.Module):
 
     def replicated_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters replicated over the pipeline stages (gradients summed over pp)."""
-        return [p for e in self._entries if e.replicated_over_pp for p in e.module.parameters() if p.requires_grad]
+        return [
+            p
+            for e in self._entries
+            if e.replicated_over_pp
+            for p in e.module.parameters()
+            if p.requires_grad
+        ]
 
     # ------------------------------------------------------------------ consistency
     def synchronize(self, *, tp_group, pp_group, dp_group) -> None:
@@ -158,7 +170,10 @@ class MethodModules(torch.nn.Module):
                 if getattr(tensor, "tensor_model_parallel", False):
                     dim = int(getattr(tensor, "partition_dim", 0))
                     out[key] = ShardedTensor.from_rank_offsets(
-                        key, tensor, (dim, self._tp_rank, tp), replica_id=(pp_replica, 0, self._dp_rank)
+                        key,
+                        tensor,
+                        (dim, self._tp_rank, tp),
+                        replica_id=(pp_replica, 0, self._dp_rank),
                     )
                 else:
                     out[key] = ShardedTensor.from_rank_offsets(
@@ -189,7 +204,9 @@ def wrap_finalize(finalize: Callable, params: list[torch.nn.Parameter], pp_group
         return finalize
 
     def finalize_with_pp_sum(*args, **kwargs):
-        grads = [p.main_grad if getattr(p, "main_grad", None) is not None else p.grad for p in params]
+        grads = [
+            p.main_grad if getattr(p, "main_grad", None) is not None else p.grad for p in params
+        ]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=pp_group)
         offset = 0

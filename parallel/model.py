@@ -28,7 +28,11 @@ class Accelerators:
     apex: bool
 
     def describe(self) -> str:
-        used = [n for n, ok in (("Transformer Engine", self.transformer_engine), ("apex", self.apex)) if ok]
+        used = [
+            n
+            for n, ok in (("Transformer Engine", self.transformer_engine), ("apex", self.apex))
+            if ok
+        ]
         return ", ".join(used) if used else "none (megatron-core's torch fallbacks)"
 
 
@@ -124,7 +128,9 @@ def transformer_config(
         attention_softmax_in_fp32=True,
     )
     if recompute == "full":
-        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        kwargs.update(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
     elif recompute == "selective":
         kwargs.update(recompute_granularity="selective")
     return TransformerConfig(**kwargs)
@@ -135,7 +141,9 @@ def layer_spec(arch: ModelArch, *, use_te: bool):
 
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization=arch.normalization)
+    return specs.get_gpt_layer_local_spec(
+        qk_layernorm=arch.qk_layernorm, normalization=arch.normalization
+    )
 
 
 class SequenceParallelTorchNorm:
@@ -149,7 +157,9 @@ class SequenceParallelTorchNorm:
     per token, the same module class as ``WrappedTorchNorm`` builds."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
+        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[
+            config.normalization
+        ]
         norm = norm_cls(normalized_shape=hidden_size, eps=eps)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
@@ -173,7 +183,10 @@ def sequence_parallel_block_spec(spec, config):
         return SequenceParallelTorchNorm if module_spec is WrappedTorchNorm else module_spec
 
     layer = spec.submodules
-    if layer.input_layernorm is not WrappedTorchNorm and layer.pre_mlp_layernorm is not WrappedTorchNorm:
+    if (
+        layer.input_layernorm is not WrappedTorchNorm
+        and layer.pre_mlp_layernorm is not WrappedTorchNorm
+    ):
         return spec
     attention = dataclasses.replace(
         layer.self_attention,
@@ -191,7 +204,8 @@ def sequence_parallel_block_spec(spec, config):
     )
     layer_spec_ = dataclasses.replace(spec, submodules=layer)
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec_] * get_num_layers_to_build(config), layer_norm=SequenceParallelTorchNorm
+        layer_specs=[layer_spec_] * get_num_layers_to_build(config),
+        layer_norm=SequenceParallelTorchNorm,
     )
 
 
@@ -255,7 +269,9 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
 
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.nn.Parameter) or getattr(weight, "tensor_model_parallel", False):
+        if not isinstance(weight, torch.nn.Parameter) or getattr(
+            weight, "tensor_model_parallel", False
+        ):
             continue
         if isinstance(module, ColumnParallelLinear | VocabParallelEmbedding):
             set_tensor_model_parallel_attributes(weight, True, 0, 1)

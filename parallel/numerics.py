@@ -37,7 +37,9 @@ def first_nonfinite_gradient(module: torch.nn.Module) -> str | None:
     return named[int((~finite).nonzero()[0])][0]
 
 
-def step_problem(step: int, terms: dict[str, float], module: torch.nn.Module, *, rank: int) -> str | None:
+def step_problem(
+    step: int, terms: dict[str, float], module: torch.nn.Module, *, rank: int
+) -> str | None:
     """Collective over the default group: ``None`` when the step may be applied, else a message
     naming the step, the method term(s) or the parameter, and the rank(s) where it appeared."""
     bad_terms = nonfinite_terms(terms)

@@ -58,7 +58,6 @@ from parallel.taps import ATTENTION_KINDS, check_taps_for_recompute
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class TeacherSpec:
     arch: ModelArch
@@ -173,7 +172,9 @@ class DistillationRuntime:
             check_method_layout(
                 entry.method, entry.name, self.teacher_infos, self.student_info, pp=ctx.pp
             )
-        self.taps = list(pipeline.taps(self.teacher_infos[0] if self.teacher_infos else None, self.student_info))
+        self.taps = list(
+            pipeline.taps(self.teacher_infos[0] if self.teacher_infos else None, self.student_info)
+        )
         check_taps_for_recompute(self.taps, train.recompute)
         needs_attention = any(t.kind in ATTENTION_KINDS for t in self.taps)
         use_te = self.accelerators.transformer_engine and not needs_attention
@@ -221,7 +222,9 @@ class DistillationRuntime:
             device=ctx.device,
             dtype=self.precision.params_dtype,
         )
-        self.method_modules.synchronize(tp_group=ctx.tp_group, pp_group=ctx.pp_group, dp_group=ctx.dp_group)
+        self.method_modules.synchronize(
+            tp_group=ctx.tp_group, pp_group=ctx.pp_group, dp_group=ctx.dp_group
+        )
         self.stage = DistillationStage(
             student_model,
             self.teachers,
@@ -291,7 +294,6 @@ class DistillationRuntime:
             ckpt.load_model_weights(Path(student_init), self.stage.module)
         self._step = 0
 
-
     # ------------------------------------------------------------------ building blocks
     def _load_teacher(self, teacher, spec: TeacherSpec) -> None:
         from parallel.hf import is_hf_dir, load_hf_weights
@@ -311,7 +313,9 @@ class DistillationRuntime:
                 if k in saved and saved[k] != v and k not in ignored
             }
             if mismatched:
-                details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
+                details = ", ".join(
+                    f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items()
+                )
                 raise ckpt.CheckpointError(
                     f"teacher checkpoint {folder} has another architecture ({details}); set teacher.* to "
                     "the checkpoint's values (see its meta.json)"
@@ -333,7 +337,9 @@ class DistillationRuntime:
 
         def forward(input_, weight=None, runtime_gather_output=None, **kwargs):
             if not stage.training:
-                return full_forward(input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
+                return full_forward(
+                    input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs
+                )
             full_weight = layer.weight if weight is None else weight
             return torch.nn.functional.linear(input_, full_weight.index_select(0, index)), None
 
@@ -363,13 +369,19 @@ class DistillationRuntime:
         if has_padding:  # without padding slots (balanced selection) the logits need no masked copy
             self.stage.feature_transforms[Tap(Role.STUDENT, FeatureKind.LOGITS)] = student_logits
         for index in range(len(self.teachers)):
-            self.stage.training_transforms[Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=index)] = teacher_logits
+            self.stage.training_transforms[
+                Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=index)
+            ] = teacher_logits
 
     def _loss_context(self, batch: dict) -> LossContext:
         shard = self.student_info.padded_vocab_size // self.ctx.tp
         # With a compressed vocabulary the padding slots are masked in the logits themselves, so
         # every column of the (already aligned) shards counts.
-        vocab_size = self.student_info.padded_vocab_size if self.vocab is not None else self.student_info.vocab_size
+        vocab_size = (
+            self.student_info.padded_vocab_size
+            if self.vocab is not None
+            else self.student_info.vocab_size
+        )
         return LossContext(
             step=self._step,
             total_steps=self.train_cfg.steps,
@@ -419,7 +431,9 @@ class DistillationRuntime:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if len(microbatches) != self.num_microbatches:
-            raise ValueError(f"expected {self.num_microbatches} microbatches, got {len(microbatches)}")
+            raise ValueError(
+                f"expected {self.num_microbatches} microbatches, got {len(microbatches)}"
+            )
         width = sum(t.arch.hidden_size for t in self.teacher_specs) + self.student_arch.hidden_size
         # Doubled microbatches (ForwardHandles.double_batch) in training only.
         b = self.train_cfg.micro_batch_size * (1 if forward_only else self.stage.batch_multiplier)
@@ -508,14 +522,23 @@ class DistillationRuntime:
                     f"{self.train_cfg.max_skipped_steps}, {skipped} skipped so far)"
                 )
             self.skipped_steps = skipped + 1
-            log.warning("%s; skipping this step (%d of train.max_skipped_steps=%d)", problem,
-                        self.skipped_steps, self.train_cfg.max_skipped_steps)
+            log.warning(
+                "%s; skipping this step (%d of train.max_skipped_steps=%d)",
+                problem,
+                self.skipped_steps,
+                self.train_cfg.max_skipped_steps,
+            )
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             self.scheduler.step(increment=1)  # the step counts: resumed runs see the same schedule
             return StepResult(
-                step=step, loss=terms.pop("loss", float("nan")), terms=terms, lr=lr, grad_norm=float("nan"),
-                skipped=True, seconds=time.perf_counter() - start,
+                step=step,
+                loss=terms.pop("loss", float("nan")),
+                terms=terms,
+                lr=lr,
+                grad_norm=float("nan"),
+                skipped=True,
+                seconds=time.perf_counter() - start,
                 tokens=self.train_cfg.global_batch_size * self.seq_length,
             )
         ok, grad_norm, _ = self.optimizer.step()
@@ -549,13 +572,24 @@ class DistillationRuntime:
 
     def layout(self) -> ckpt.Layout:
         c = self.ctx
-        return ckpt.Layout(tp=c.tp, pp=c.pp, dp=c.dp, tp_rank=c.tp_rank, pp_rank=c.pp_rank, dp_rank=c.dp_rank)
+        return ckpt.Layout(
+            tp=c.tp, pp=c.pp, dp=c.dp, tp_rank=c.tp_rank, pp_rank=c.pp_rank, dp_rank=c.dp_rank
+        )
 
     def save(
-        self, root: Path, *, step: int, meta: dict, config_yaml: str, keep_last: int, extra_files: dict | None = None
+        self,
+        root: Path,
+        *,
+        step: int,
+        meta: dict,
+        config_yaml: str,
+        keep_last: int,
+        extra_files: dict | None = None,
     ) -> Path:
         meta = {
-            **meta, "arch": vars(self.student_arch), "precision": self.precision.name,
+            **meta,
+            "arch": vars(self.student_arch),
+            "precision": self.precision.name,
             "skipped_steps": getattr(self, "skipped_steps", 0),
         }
         return ckpt.save(
@@ -574,7 +608,11 @@ class DistillationRuntime:
 
     def load(self, folder: Path) -> dict:
         meta = ckpt.load_training_state(
-            folder, model=self.stage.module, optimizer=self.optimizer, scheduler=self.scheduler, layout=self.layout(),
+            folder,
+            model=self.stage.module,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            layout=self.layout(),
             method_modules=self._modules_for_checkpoint(),
         )
         self.skipped_steps = int(meta.get("skipped_steps", 0))  # the skip budget spans resumes
@@ -585,7 +623,9 @@ class DistillationRuntime:
         if not any(isinstance(e.method, HasModules) for e in self.entries):
             return None
         return ckpt.ExtraShardedState(
-            sharded_state_dict=lambda: self.method_modules.sharded_state_dict(METHODS_PREFIX, tp=self.ctx.tp),
+            sharded_state_dict=lambda: self.method_modules.sharded_state_dict(
+                METHODS_PREFIX, tp=self.ctx.tp
+            ),
             load=lambda loaded: self.method_modules.load_loaded(loaded, METHODS_PREFIX),
         )
 

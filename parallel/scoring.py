@@ -115,14 +115,18 @@ def plan_rows(requests: Sequence[Request], *, seq_length: int, share_context: bo
     ``context + option[:chunk start]``.
     """
     if seq_length < 2:
-        raise ValueError(f"seq_length must be >= 2 (one context and one option token), got {seq_length}")
+        raise ValueError(
+            f"seq_length must be >= 2 (one context and one option token), got {seq_length}"
+        )
     rows: list[PackedRow] = []
     truncated = dropped = split = 0
     for number, (context, options) in enumerate(requests):
         if not options:
             raise ValueError(f"request {number} has no options")
         if not context:
-            raise ValueError(f"request {number} has an empty context; the first option token needs one to condition on")
+            raise ValueError(
+                f"request {number} has an empty context; the first option token needs one to condition on"
+            )
         for index, option in enumerate(options):
             if not option:
                 raise ValueError(f"request {number}, option {index} has no tokens")
@@ -147,7 +151,9 @@ def plan_rows(requests: Sequence[Request], *, seq_length: int, share_context: bo
                     groups.append([index])
                     used = len(kept) + prefix + length
             for group in groups:
-                rows.append(_pack(number, kept, [(index, options[index]) for index in group], prefix=prefix))
+                rows.append(
+                    _pack(number, kept, [(index, options[index]) for index in group], prefix=prefix)
+                )
         for index, option in enumerate(options):
             if len(option) <= seq_length - 1:
                 continue
@@ -157,7 +163,9 @@ def plan_rows(requests: Sequence[Request], *, seq_length: int, share_context: bo
                 piece = list(option[begin : begin + chunk])
                 window = (context + [int(t) for t in option[:begin]])[-(seq_length - len(piece)) :]
                 rows.append(_pack(number, window, [(index, piece)]))
-    return Plan(rows=rows, truncated_requests=truncated, dropped_context_tokens=dropped, split_options=split)
+    return Plan(
+        rows=rows, truncated_requests=truncated, dropped_context_tokens=dropped, split_options=split
+    )
 
 
 def _common_prefix(options: Sequence[Sequence[int]]) -> int:
@@ -172,7 +180,11 @@ def _common_prefix(options: Sequence[Sequence[int]]) -> int:
 
 
 def _pack(
-    number: int, context: list[int], options: Sequence[tuple[int, Sequence[int]]], *, prefix: int = 0
+    number: int,
+    context: list[int],
+    options: Sequence[tuple[int, Sequence[int]]],
+    *,
+    prefix: int = 0,
 ) -> PackedRow:
     """A row: ``context``, the options' first ``prefix`` tokens (common to all of them, run once
     as part of the shared context), then each ``(option index, tokens)``'s remaining tokens."""
@@ -194,10 +206,14 @@ def _pack(
         tokens.extend(int(t) for t in rest)
         positions.extend(range(length, length + len(rest)))
         segments.extend([index] * len(rest))
-    return PackedRow(request=number, tokens=tokens, positions=positions, segments=segments, targets=targets)
+    return PackedRow(
+        request=number, tokens=tokens, positions=positions, segments=segments, targets=targets
+    )
 
 
-def batch_tensors(rows: Sequence[PackedRow], *, seq_length: int, num_rows: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+def batch_tensors(
+    rows: Sequence[PackedRow], *, seq_length: int, num_rows: int, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
     """Model inputs for ``rows`` padded to ``num_rows`` x ``seq_length``.
 
     Returns ``input_ids`` and ``position_ids`` ``[b, s]`` int64, ``attention_mask`` ``[b, 1, s, s]``
@@ -264,17 +280,28 @@ class Scorer:
         """The resolved checkpoint folder (None for :meth:`for_model`)."""
         saved = meta.get("arch")
         if saved is not None:
-            mismatched = {k: (saved[k], v) for k, v in vars(arch).items() if k in saved and saved[k] != v}
+            mismatched = {
+                k: (saved[k], v) for k, v in vars(arch).items() if k in saved and saved[k] != v
+            }
             if mismatched:
-                details = ", ".join(f"{k}: checkpoint {a!r} vs given {b!r}" for k, (a, b) in mismatched.items())
-                raise ckpt.CheckpointError(f"checkpoint {folder} has another architecture ({details})")
+                details = ", ".join(
+                    f"{k}: checkpoint {a!r} vs given {b!r}" for k, (a, b) in mismatched.items()
+                )
+                raise ckpt.CheckpointError(
+                    f"checkpoint {folder} has another architecture ({details})"
+                )
         arch.check_parallel(ctx.tp, ctx.pp, where="model")
         ckpt.verify_manifest(folder, checksums=False)
         model = build_gpt(arch, params_dtype=params_dtype, use_te=False)
         ckpt.load_model_weights(folder, model)
         self._setup(
-            ctx, arch, model, micro_batch_size=micro_batch_size, seq_length=seq_length,
-            share_context=share_context, excluded_token_ids=excluded_token_ids,
+            ctx,
+            arch,
+            model,
+            micro_batch_size=micro_batch_size,
+            seq_length=seq_length,
+            share_context=share_context,
+            excluded_token_ids=excluded_token_ids,
             microbatches_per_step=microbatches_per_step,
         )
 
@@ -296,8 +323,13 @@ class Scorer:
         scorer = cls.__new__(cls)
         scorer.checkpoint = None
         scorer._setup(
-            ctx, arch, model, micro_batch_size=micro_batch_size, seq_length=seq_length,
-            share_context=share_context, excluded_token_ids=excluded_token_ids,
+            ctx,
+            arch,
+            model,
+            micro_batch_size=micro_batch_size,
+            seq_length=seq_length,
+            share_context=share_context,
+            excluded_token_ids=excluded_token_ids,
             microbatches_per_step=microbatches_per_step,
         )
         return scorer
@@ -331,8 +363,13 @@ class Scorer:
         self.share_context = share_context
         self.microbatches_per_step = microbatches_per_step or (1 if ctx.pp == 1 else 2 * ctx.pp)
         self.stats = {
-            "rows": 0, "tokens": 0, "padded_tokens": 0, "unshared_tokens": 0, "targets": 0,
-            "truncated_requests": 0, "split_options": 0,
+            "rows": 0,
+            "tokens": 0,
+            "padded_tokens": 0,
+            "unshared_tokens": 0,
+            "targets": 0,
+            "truncated_requests": 0,
+            "split_options": 0,
         }
         """Running totals over calls: packed rows, real tokens run, tokens run including padding,
         tokens ``context + option`` per option would have run, scored tokens, requests whose
@@ -389,9 +426,7 @@ class Scorer:
         The count is that of the option's tokens as given (truncation only ever shortens the
         context)."""
         per_token = self.token_logprobs(requests)
-        return [
-            [(float(sum(values)), len(values)) for values in options] for options in per_token
-        ]
+        return [[(float(sum(values)), len(values)) for values in options] for options in per_token]
 
     @torch.no_grad()
     def token_logprobs(self, requests: list[Request]) -> list[list[list[float]]]:
@@ -400,12 +435,17 @@ class Scorer:
         if plan.truncated_requests:
             log.warning(
                 "%d of %d requests did not fit %d tokens: %d context tokens cut from the left",
-                plan.truncated_requests, len(requests), self.seq_length, plan.dropped_context_tokens,
+                plan.truncated_requests,
+                len(requests),
+                self.seq_length,
+                plan.dropped_context_tokens,
             )
         if plan.split_options:
             log.warning(
                 "%d options are longer than the %d-token window: scored in chunks of %d tokens",
-                plan.split_options, self.seq_length, self.seq_length // 2,
+                plan.split_options,
+                self.seq_length,
+                self.seq_length // 2,
             )
         rows = plan.rows
         offsets, total = [], 0
@@ -415,7 +455,10 @@ class Scorer:
         values = torch.zeros(total, dtype=torch.float64, device=self.ctx.device)
 
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), i))
-        microbatches = [order[i : i + self.micro_batch_size] for i in range(0, len(order), self.micro_batch_size)]
+        microbatches = [
+            order[i : i + self.micro_batch_size]
+            for i in range(0, len(order), self.micro_batch_size)
+        ]
         mine = microbatches[self.ctx.dp_rank :: self.ctx.dp]
         owner = self.ctx.is_last_stage and self.ctx.tp_rank == 0
         for start in range(0, len(mine), self.microbatches_per_step):
@@ -423,9 +466,9 @@ class Scorer:
             outputs = self._run_group([[rows[i] for i in mb] for mb in group])
             if owner:
                 for mb, logprobs in zip(group, outputs, strict=True):
-                    index = torch.cat([
-                        torch.arange(offsets[i], offsets[i] + len(rows[i].targets)) for i in mb
-                    ]).to(self.ctx.device)
+                    index = torch.cat(
+                        [torch.arange(offsets[i], offsets[i] + len(rows[i].targets)) for i in mb]
+                    ).to(self.ctx.device)
                     values[index] = logprobs.to(torch.float64)
         if self.ctx.world_size > 1:
             dist.all_reduce(values)

@@ -62,7 +62,9 @@ class TermTracker:
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
 
-    def add(self, terms: dict[str, torch.Tensor], total: torch.Tensor | None, weight: float) -> None:
+    def add(
+        self, terms: dict[str, torch.Tensor], total: torch.Tensor | None, weight: float
+    ) -> None:
         for name, value in terms.items():
             self.sums[name] += float(value) * weight
         if total is not None:
@@ -102,7 +104,8 @@ class DistillationStage(torch.nn.Module):
         self.context_fn = context_fn
         self.student_taps = TapRecorder(student, taps, role=Role.STUDENT)
         self.teacher_taps = [
-            TapRecorder(t, taps, role=Role.TEACHER, teacher_index=i) for i, t in enumerate(self._teachers)
+            TapRecorder(t, taps, role=Role.TEACHER, teacher_index=i)
+            for i, t in enumerate(self._teachers)
         ]
         self.tracker = TermTracker()
         self.memory = PeakTracker()
@@ -165,7 +168,9 @@ class DistillationStage(torch.nn.Module):
         index = self.microbatch_index
         if self.embedding_mode == "record":
             if output.requires_grad:
-                output.register_hook(lambda grad: self.embedding_grads.__setitem__(index, grad.detach()))
+                output.register_hook(
+                    lambda grad: self.embedding_grads.__setitem__(index, grad.detach())
+                )
             return None
         grad = self.embedding_grads.get(index)
         if grad is None:
@@ -185,7 +190,9 @@ class DistillationStage(torch.nn.Module):
         student_ids = batch.get("student_input_ids", input_ids)
         position_ids = batch["position_ids"]
         if self.doubled:
-            input_ids, student_ids, position_ids = (torch.cat([x, x]) for x in (input_ids, student_ids, position_ids))
+            input_ids, student_ids, position_ids = (
+                torch.cat([x, x]) for x in (input_ids, student_ids, position_ids)
+            )
         inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=None)
         teacher_outputs = []
         with torch.no_grad():
@@ -206,7 +213,9 @@ class DistillationStage(torch.nn.Module):
                 features[tap] = transform(features[tap])
         ctx = self.context_fn(batch)
         if self.doubled:
-            features, ctx.extras["counterfactual"] = split_doubled(features, batch["input_ids"].shape[0])
+            features, ctx.extras["counterfactual"] = split_doubled(
+                features, batch["input_ids"].shape[0]
+            )
         total, terms = self.compute_fn(features, ctx)
         self.memory.sample()
         del features

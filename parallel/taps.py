@@ -26,7 +26,13 @@ import torch
 from methods.base import FeatureKind, Role, Tap
 
 ATTENTION_KINDS = frozenset(
-    {FeatureKind.ATTENTION_SCORES, FeatureKind.ATTENTION_PROBS, FeatureKind.QUERY, FeatureKind.KEY, FeatureKind.VALUE}
+    {
+        FeatureKind.ATTENTION_SCORES,
+        FeatureKind.ATTENTION_PROBS,
+        FeatureKind.QUERY,
+        FeatureKind.KEY,
+        FeatureKind.VALUE,
+    }
 )
 
 
@@ -72,7 +78,9 @@ def gather_sequence(value: torch.Tensor) -> torch.Tensor:
 class TapRecorder:
     """Hooks for ``taps`` (those of ``role``/``teacher_index``) on ``model``'s modules on this stage."""
 
-    def __init__(self, model: torch.nn.Module, taps: Iterable[Tap], *, role: Role, teacher_index: int = 0):
+    def __init__(
+        self, model: torch.nn.Module, taps: Iterable[Tap], *, role: Role, teacher_index: int = 0
+    ):
         self.role = role
         self.captured: dict[Tap, torch.Tensor] = {}
         self._handles: list = []
@@ -89,7 +97,9 @@ class TapRecorder:
 
     def add(self, tap: Tap) -> None:
         """Start capturing ``tap`` (ignored when it belongs to another model or is present)."""
-        mine = tap.role is self.role and (self.role is Role.STUDENT or tap.teacher_index == self.teacher_index)
+        mine = tap.role is self.role and (
+            self.role is Role.STUDENT or tap.teacher_index == self.teacher_index
+        )
         if mine and tap not in self.taps:
             self.taps.add(tap)
             self._register(self._model, self._decoder, self._layers, tap)
@@ -111,7 +121,9 @@ class TapRecorder:
         sequence = gather_sequence if _sequence_parallel(model) else None
         if kind is FeatureKind.EMBEDDING:
             if getattr(model, "pre_process", False):
-                self._handles.append(model.embedding.register_forward_hook(self._output_hook(tap, sequence)))
+                self._handles.append(
+                    model.embedding.register_forward_hook(self._output_hook(tap, sequence))
+                )
             return
         if kind is FeatureKind.FINAL_NORM:
             norm = getattr(decoder, "final_layernorm", None) if decoder is not None else None
@@ -121,7 +133,9 @@ class TapRecorder:
         if kind is FeatureKind.LOGITS:
             if getattr(model, "post_process", False):
                 flatten = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731  [s, b, V/tp] -> [s*b, V/tp]
-                self._handles.append(model.output_layer.register_forward_hook(self._output_hook(tap, flatten)))
+                self._handles.append(
+                    model.output_layer.register_forward_hook(self._output_hook(tap, flatten))
+                )
             return
         layer = layers.get(tap.layer)
         if layer is None:

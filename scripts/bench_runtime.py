@@ -24,8 +24,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TEACHER = dict(num_layers=8, hidden_size=256, num_attention_heads=8, vocab_size=8000, max_seq_len=256)
-STUDENT = dict(num_layers=4, hidden_size=128, num_attention_heads=4, vocab_size=8000, max_seq_len=256)
+TEACHER = dict(
+    num_layers=8, hidden_size=256, num_attention_heads=8, vocab_size=8000, max_seq_len=256
+)
+STUDENT = dict(
+    num_layers=4, hidden_size=128, num_attention_heads=4, vocab_size=8000, max_seq_len=256
+)
 SEQ, MICRO, GLOBAL = 256, 2, 8
 
 
@@ -36,13 +40,17 @@ def _runtime(tp: int, pp: int, steps: int = 10, teacher_style: str = "gpt2"):
     from parallel.runtime import DistillationRuntime, TeacherSpec
 
     ctx = initialize(ParallelConfig(tp=tp, pp=pp, dp=1), seed=1)
-    pipeline = MethodPipeline.from_config([{"name": "glmd", "temperature": 2.0}, {"name": "lm", "weight": 0.1}])
+    pipeline = MethodPipeline.from_config(
+        [{"name": "glmd", "temperature": 2.0}, {"name": "lm", "weight": 0.1}]
+    )
     runtime = DistillationRuntime(
         ctx=ctx,
         student=ModelArch.gpt2(**STUDENT),
         teachers=[TeacherSpec(getattr(ModelArch, teacher_style)(**TEACHER))],
         pipeline=pipeline,
-        train=TrainConfig(steps=steps, global_batch_size=GLOBAL, micro_batch_size=MICRO, warmup_steps=0),
+        train=TrainConfig(
+            steps=steps, global_batch_size=GLOBAL, micro_batch_size=MICRO, warmup_steps=0
+        ),
         seq_length=SEQ,
     )
     return ctx, runtime, pipeline
@@ -51,7 +59,9 @@ def _runtime(tp: int, pp: int, steps: int = 10, teacher_style: str = "gpt2"):
 def worker_params(out: Path) -> None:
     import torch.distributed as dist
 
-    _, runtime, _ = _runtime(int(os.environ["TP"]), int(os.environ["PP"]), teacher_style=os.environ["STYLE"])
+    _, runtime, _ = _runtime(
+        int(os.environ["TP"]), int(os.environ["PP"]), teacher_style=os.environ["STYLE"]
+    )
     mine = runtime.parameter_bytes()["teacher"]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
@@ -66,7 +76,10 @@ def worker_overhead(out: Path, repeats: int) -> None:
 
     ctx, runtime, pipeline = _runtime(1, 1, steps=3 * repeats + 4)
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, STUDENT["vocab_size"], (MICRO, SEQ + 1), generator=gen) for _ in range(GLOBAL // MICRO)]
+    batches = [
+        torch.randint(0, STUDENT["vocab_size"], (MICRO, SEQ + 1), generator=gen)
+        for _ in range(GLOBAL // MICRO)
+    ]
     teacher, student = runtime.teachers[0], runtime.student
     t_tap, s_tap = Tap(Role.TEACHER, FeatureKind.LOGITS), Tap(Role.STUDENT, FeatureKind.LOGITS)
 
@@ -115,9 +128,22 @@ def worker_overhead(out: Path, repeats: int) -> None:
 
 
 def _torchrun(nproc: int, args: list[str], env: dict) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), __file__, *args]
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env},
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        __file__,
+        *args,
+    ]
+    subprocess.run(
+        cmd,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def main() -> None:
@@ -135,14 +161,30 @@ def main() -> None:
         tmp = Path(tmp)
         ratios = {}
         for style in ("llama", "gpt2"):
-            _torchrun(1, ["--worker", "params", "--out", str(tmp / "p1.json")], {"TP": "1", "PP": "1", "STYLE": style})
-            _torchrun(4, ["--worker", "params", "--out", str(tmp / "p4.json")], {"TP": "2", "PP": "2", "STYLE": style})
+            _torchrun(
+                1,
+                ["--worker", "params", "--out", str(tmp / "p1.json")],
+                {"TP": "1", "PP": "1", "STYLE": style},
+            )
+            _torchrun(
+                4,
+                ["--worker", "params", "--out", str(tmp / "p4.json")],
+                {"TP": "2", "PP": "2", "STYLE": style},
+            )
             one = json.loads((tmp / "p1.json").read_text())["per_rank"][0]
             four = max(json.loads((tmp / "p4.json").read_text())["per_rank"])
             ratios[style] = (four, one)
-        _torchrun(1, ["--worker", "overhead", "--out", str(tmp / "o.json"), "--repeats", str(args.repeats)], {})
+        _torchrun(
+            1,
+            ["--worker", "overhead", "--out", str(tmp / "o.json"), "--repeats", str(args.repeats)],
+            {},
+        )
         overhead = json.loads((tmp / "o.json").read_text())
-    alone = overhead["teacher_forward"] + overhead["student_forward_backward"] + overhead["optimizer_step"]
+    alone = (
+        overhead["teacher_forward"]
+        + overhead["student_forward_backward"]
+        + overhead["optimizer_step"]
+    )
     lines = [
         "## Runtime",
         "",

@@ -84,7 +84,7 @@ def check_not_binary(path: str | os.PathLike, head: bytes) -> None:
         first = next(i for i, b in enumerate(head) if b in CONTROL_BYTES)
         raise ValueError(
             f"corpus file {path} looks binary, not text: {count} of its first {len(head)} bytes "
-            f"are control characters (the first, {head[first:first + 1]!r}, at byte offset "
+            f"are control characters (the first, {head[first : first + 1]!r}, at byte offset "
             f"{first}); list text files (UTF-8 plain text or JSON lines) only"
         )
 
@@ -174,8 +174,14 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 yield text
 
 
-_JSON_TYPES = {dict: "an object", list: "a list", int: "a number", float: "a number",
-               bool: "a boolean", type(None): "null"}
+_JSON_TYPES = {
+    dict: "an object",
+    list: "a list",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 def _field_problem(path: Path, line_number: int, record: object, text_field: str) -> str:
@@ -223,7 +229,9 @@ def check_format(
             if not line.strip():
                 continue
             if concrete == "jsonl":
-                _jsonl_text(path, line_number, line, text_field, hint=" (plain text? set data.format: text)")
+                _jsonl_text(
+                    path, line_number, line, text_field, hint=" (plain text? set data.format: text)"
+                )
                 continue
             stripped = line.strip()
             if not (stripped.startswith("{") and stripped.endswith("}")):

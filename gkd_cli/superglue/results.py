@@ -98,7 +98,12 @@ def results_to_json(
         )
         for result in results
     }
-    document = {"format": RESULTS_FORMAT, "model": model, "average": _average(tasks), "tasks": tasks}
+    document = {
+        "format": RESULTS_FORMAT,
+        "model": model,
+        "average": _average(tasks),
+        "tasks": tasks,
+    }
     if settings is not None:
         document["settings"] = dict(settings)
     return document

@@ -63,7 +63,11 @@ def _llama_tensors(sd: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, to
         if arch.add_bias_linear or arch.add_qkv_bias:
             qb, kb, vb = _split_qkv(sd[m + "self_attention.linear_qkv.bias"], arch)
             out.update(
-                {p + "self_attn.q_proj.bias": qb, p + "self_attn.k_proj.bias": kb, p + "self_attn.v_proj.bias": vb}
+                {
+                    p + "self_attn.q_proj.bias": qb,
+                    p + "self_attn.k_proj.bias": kb,
+                    p + "self_attn.v_proj.bias": vb,
+                }
             )
         if arch.add_bias_linear:
             gate_b, up_b = sd[m + "mlp.linear_fc1.bias"].chunk(2, dim=0)
@@ -135,7 +139,10 @@ def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     result = {}
     for name, tensor in tensors.items():
         pointer = tensor.untyped_storage().data_ptr()
-        if pointer in seen or tensor.numel() != tensor.untyped_storage().nbytes() // tensor.element_size():
+        if (
+            pointer in seen
+            or tensor.numel() != tensor.untyped_storage().nbytes() // tensor.element_size()
+        ):
             tensor = tensor.clone()
         seen.add(tensor.untyped_storage().data_ptr())
         result[name] = tensor
@@ -180,7 +187,10 @@ def load_for_export(folder: Path, arch: ModelArch):
         )
     if not ps.model_parallel_is_initialized():
         initialize(ParallelConfig(dp=dist.get_world_size()), seed=0)
-    if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
+    if (
+        ps.get_tensor_model_parallel_world_size() != 1
+        or ps.get_pipeline_model_parallel_world_size() != 1
+    ):
         raise HFConversionError("export loads the whole model on each rank: run it at TP1 x PP1")
     model = build_empty_gpt(arch, params_dtype=torch.float32)
     load_model_weights(folder, model)
@@ -228,7 +238,9 @@ def read_arch(folder: Path) -> tuple[ModelArch, dict]:
     try:
         return ModelArch(**meta["arch"]), meta
     except TypeError as err:
-        raise HFConversionError(f"{folder}/meta.json 'arch' is not readable by this gkd ({err})") from None
+        raise HFConversionError(
+            f"{folder}/meta.json 'arch' is not readable by this gkd ({err})"
+        ) from None
 
 
 def export_hf(
@@ -261,7 +273,9 @@ def export_hf(
     folder = resolve(checkpoint)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise HFConversionError(f"{out_dir} exists and is not empty; pass --overwrite or another --out")
+        raise HFConversionError(
+            f"{out_dir} exists and is not empty; pass --overwrite or another --out"
+        )
     verify_manifest(folder, checksums=False)
     arch, meta = read_arch(folder)
     hf_meta = meta.get("hf") or {}
@@ -269,7 +283,10 @@ def export_hf(
     torch_dtype = _export_dtype(dtype, meta)
     dtype_name = next(k for k, v in EXPORT_DTYPES.items() if v == torch_dtype)
     config = hf_config_for(
-        arch, mlp_activation=hf_meta.get("mlp_activation"), dtype=dtype_name, base=hf_meta.get("config")
+        arch,
+        mlp_activation=hf_meta.get("mlp_activation"),
+        dtype=dtype_name,
+        base=hf_meta.get("config"),
     )
     config.update(extra_config or {})
 
@@ -281,8 +298,12 @@ def export_hf(
         if owned:
             shutdown()
     if owned or dist.get_rank() == 0:
-        tensors = _own_storage({k: v.detach().to(torch_dtype).contiguous() for k, v in tensors.items()})
-        source = folder / TOKENIZER_DIR if tokenizer is None else Path(tokenizer) if tokenizer else None
+        tensors = _own_storage(
+            {k: v.detach().to(torch_dtype).contiguous() for k, v in tensors.items()}
+        )
+        source = (
+            folder / TOKENIZER_DIR if tokenizer is None else Path(tokenizer) if tokenizer else None
+        )
         _write_folder(out_dir, tensors, config, source, extra_files or {})
         log.info("exported %s (%s) to %s", folder, config["architectures"][0], out_dir)
     if not owned:

@@ -135,9 +135,7 @@ def weight_files(hf_dir: Path) -> list[str]:
             f"{hf_dir} holds PyTorch pickle weights only; gkd reads safetensors: re-save the model "
             "with transformers' save_pretrained(..., safe_serialization=True)"
         )
-    raise HFConversionError(
-        f"{hf_dir} has no weights ({SAFETENSORS_FILE} or {SAFETENSORS_INDEX})"
-    )
+    raise HFConversionError(f"{hf_dir} has no weights ({SAFETENSORS_FILE} or {SAFETENSORS_INDEX})")
 
 
 def tokenizer_vocab_size(path: Path) -> int | None:

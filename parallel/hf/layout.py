@@ -234,14 +234,25 @@ def _gpt2_layer(
     # c_attn's output columns are [q (all heads) | k | v]; megatron wants [q_i, k_i, v_i] per head.
     for part in range(3):
         span = (part * h + cols[0], part * h + cols[1])
-        qkv_w.append(Piece(n["qkv"] + "weight", cols=span, transpose=True, offset=part * d, chunk=d, stride=3 * d))
+        qkv_w.append(
+            Piece(
+                n["qkv"] + "weight",
+                cols=span,
+                transpose=True,
+                offset=part * d,
+                chunk=d,
+                stride=3 * d,
+            )
+        )
         qkv_b.append(Piece(n["qkv"] + "bias", rows=span, offset=part * d, chunk=d, stride=3 * d))
     return {
         "input_layernorm.weight": [Piece(n["ln1"] + "weight")],
         "input_layernorm.bias": [Piece(n["ln1"] + "bias")],
         "self_attention.linear_qkv.weight": qkv_w,
         "self_attention.linear_qkv.bias": qkv_b,
-        "self_attention.linear_proj.weight": [Piece(n["proj"] + "weight", rows=cols, transpose=True)],
+        "self_attention.linear_proj.weight": [
+            Piece(n["proj"] + "weight", rows=cols, transpose=True)
+        ],
         "self_attention.linear_proj.bias": [Piece(n["proj"] + "bias")],
         "pre_mlp_layernorm.weight": [Piece(n["ln2"] + "weight")],
         "pre_mlp_layernorm.bias": [Piece(n["ln2"] + "bias")],

@@ -87,7 +87,9 @@ class SafetensorsReader:
                 _place(dest, block, piece, first_row=start, columns=None)
 
 
-def _place(dest: torch.Tensor, block: torch.Tensor, piece: Piece, *, first_row: int, columns) -> None:
+def _place(
+    dest: torch.Tensor, block: torch.Tensor, piece: Piece, *, first_row: int, columns
+) -> None:
     """Write ``block``, rows ``first_row ..`` of the piece's block, to their destination rows
     (``first_row`` is a multiple of ``piece.chunk``)."""
     chunk = piece.chunk or block.shape[0]
@@ -215,9 +217,13 @@ def check_arch(arch: ModelArch, expected: ModelArch, hf_dir: Path) -> None:
     (``max_seq_len`` may differ for rotary models: it only bounds the sequence length)."""
     mine, theirs = _effective(arch), _effective(expected)
     ignored = {"max_seq_len"} if expected.position_embedding == "rope" else set()
-    different = {k: (mine.get(k), v) for k, v in theirs.items() if k not in ignored and mine.get(k) != v}
+    different = {
+        k: (mine.get(k), v) for k, v in theirs.items() if k not in ignored and mine.get(k) != v
+    }
     if different:
-        details = ", ".join(f"{k}: {a!r} here vs {b!r} in {hf_dir}" for k, (a, b) in different.items())
+        details = ", ".join(
+            f"{k}: {a!r} here vs {b!r} in {hf_dir}" for k, (a, b) in different.items()
+        )
         raise HFConversionError(
             f"the model architecture differs from the Hugging Face model ({details}); use the "
             "model's values (parallel.hf.arch_from_hf reads them from config.json)"
@@ -260,7 +266,9 @@ def resolve_dtype(dtype: str, checkpoint: HFCheckpoint) -> torch.dtype:
     return DTYPES[name]
 
 
-def build_from_hf(hf_dir: str | Path, *, dtype: str = "auto") -> tuple[torch.nn.Module, HFCheckpoint]:
+def build_from_hf(
+    hf_dir: str | Path, *, dtype: str = "auto"
+) -> tuple[torch.nn.Module, HFCheckpoint]:
     """Collective-free: check ``hf_dir`` and build this rank's shard from it (current megatron
     parallel state). The MLP activation is set exactly (see :func:`apply_mlp_activation`)."""
     from megatron.core import parallel_state as ps
@@ -269,7 +277,11 @@ def build_from_hf(hf_dir: str | Path, *, dtype: str = "auto") -> tuple[torch.nn.
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     check_layout(
-        checkpoint.spec.arch, tp, pp, where=str(Path(hf_dir) / "config.json"), family=checkpoint.spec.family
+        checkpoint.spec.arch,
+        tp,
+        pp,
+        where=str(Path(hf_dir) / "config.json"),
+        family=checkpoint.spec.family,
     )
     model = build_empty_gpt(checkpoint.spec.arch, params_dtype=resolve_dtype(dtype, checkpoint))
     load_into(model, checkpoint, tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
@@ -295,7 +307,9 @@ def import_meta(checkpoint: HFCheckpoint, dtype: torch.dtype) -> dict:
     }
 
 
-def copy_tokenizer_files(source: Path, target: Path, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
+def copy_tokenizer_files(
+    source: Path, target: Path, names: Iterable[str] = TOKENIZER_FILES
+) -> list[str]:
     """Copy the tokenizer files of ``source`` that exist into ``target``; returns their names."""
     copied = []
     for name in names:

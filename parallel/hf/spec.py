@@ -299,7 +299,11 @@ def arch_activation(activation: MlpActivation) -> str:
 def spec_from_config(config: dict[str, Any], *, where: str = CONFIG_FILE) -> HFModelSpec:
     """The model described by a parsed ``config.json`` (``where`` names it in errors)."""
     name = architecture_of(config, where)
-    spec = _llama_spec(config, name, where) if name in LLAMA_FAMILY else _gpt2_spec(config, name, where)
+    spec = (
+        _llama_spec(config, name, where)
+        if name in LLAMA_FAMILY
+        else _gpt2_spec(config, name, where)
+    )
     if spec.arch.hidden_size % spec.arch.num_attention_heads and spec.arch.kv_channels is None:
         raise HFConversionError(f"{where}: hidden size is not divisible by the head count")
     if spec.arch.num_attention_heads % spec.arch.query_groups:
@@ -348,7 +352,9 @@ def valid_tp_sizes(arch: ModelArch) -> list[int]:
     return [
         tp
         for tp in range(1, arch.num_attention_heads + 1)
-        if not arch.num_attention_heads % tp and not arch.query_groups % tp and not arch.ffn_size % tp
+        if not arch.num_attention_heads % tp
+        and not arch.query_groups % tp
+        and not arch.ffn_size % tp
     ]
 
 
@@ -510,4 +516,3 @@ def hf_config_for(
     if name == "LlamaForCausalLM":
         config["mlp_bias"] = arch.add_bias_linear
     return config
-

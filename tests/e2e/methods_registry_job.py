@@ -55,13 +55,20 @@ def run_case(case: dict, ctx) -> list[dict]:
 
     pipeline = MethodPipeline.from_config(case["methods"], stage=case["stage"])
     train = TrainConfig(
-        steps=2, global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO, lr=1e-3, min_lr=1e-4, seed=11,
+        steps=2,
+        global_batch_size=GLOBAL_BATCH,
+        micro_batch_size=MICRO,
+        lr=1e-3,
+        min_lr=1e-4,
+        seed=11,
         stage=case["stage"],
     )
     runtime = DistillationRuntime(
         ctx=ctx,
         student=ModelArch(**case["student"]),
-        teachers=[TeacherSpec(ModelArch(**t), seed=100 + i) for i, t in enumerate(case["teachers"])],
+        teachers=[
+            TeacherSpec(ModelArch(**t), seed=100 + i) for i, t in enumerate(case["teachers"])
+        ],
         pipeline=pipeline,
         train=train,
         seq_length=SEQ,
@@ -71,8 +78,14 @@ def run_case(case: dict, ctx) -> list[dict]:
     try:
         for step in range(2):
             result = runtime.train_step(step, batches(step, ctx.dp_rank, ctx.dp))
-            records.append({"step": step + 1, "loss": result.loss, "terms": result.terms,
-                            "grad_norm": result.grad_norm})
+            records.append(
+                {
+                    "step": step + 1,
+                    "loss": result.loss,
+                    "terms": result.terms,
+                    "grad_norm": result.grad_norm,
+                }
+            )
     finally:
         del runtime
         gc.collect()
@@ -90,10 +103,19 @@ def main(spec_path: str) -> None:
             if dist.get_rank() == 0:
                 print(f"case {case['name']} (pp={pp})", file=sys.stderr, flush=True)
             try:
-                results[case["name"]] = {"records": run_case(case, ctx), "error": None, "pp": pp, "dp": ctx.dp}
+                results[case["name"]] = {
+                    "records": run_case(case, ctx),
+                    "error": None,
+                    "pp": pp,
+                    "dp": ctx.dp,
+                }
             except Exception:  # recorded per case; the same on every rank (raised at build time)
                 error = traceback.format_exc()
-                print(f"rank {dist.get_rank()}: case {case['name']} failed:\n{error}", file=sys.stderr, flush=True)
+                print(
+                    f"rank {dist.get_rank()}: case {case['name']} failed:\n{error}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 results[case["name"]] = {"records": [], "error": error[-3000:], "pp": pp}
             dist.barrier()
     if dist.get_rank() == 0:

@@ -26,9 +26,19 @@ def tokenizer(tmp_path_factory) -> Path:
     return path
 
 
-TEACHER = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, vocab_size=1024,
-               max_seq_len=64, normalization="RMSNorm", activation="swiglu", position_embedding="rope",
-               tie_embeddings=False, add_bias_linear=False)
+TEACHER = dict(
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=1024,
+    max_seq_len=64,
+    normalization="RMSNorm",
+    activation="swiglu",
+    position_embedding="rope",
+    tie_embeddings=False,
+    add_bias_linear=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +49,19 @@ def teacher(tmp_path_factory, tokenizer) -> Path:
         "student": TEACHER,
         "methods": [{"name": "lm"}],
         "parallel": {"tp": 2, "pp": 1, "dp": 1},
-        "data": {"train_files": [str(ASSETS / "demo_corpus.txt")], "tokenizer": str(tokenizer), "seq_length": 32},
-        "train": {"steps": 40, "global_batch_size": 8, "micro_batch_size": 4, "lr": 5e-3, "min_lr": 5e-4,
-                  "warmup_steps": 2},
+        "data": {
+            "train_files": [str(ASSETS / "demo_corpus.txt")],
+            "tokenizer": str(tokenizer),
+            "seq_length": 32,
+        },
+        "train": {
+            "steps": 40,
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "lr": 5e-3,
+            "min_lr": 5e-4,
+            "warmup_steps": 2,
+        },
         "output": {"dir": str(out / "run"), "save_every": 0},
     }
     (out / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -53,13 +73,29 @@ def teacher(tmp_path_factory, tokenizer) -> Path:
 def _config(tmp_path: Path, tokenizer: Path, teacher: Path, **train) -> Path:
     cfg = {
         "teacher": {**TEACHER, "checkpoint": str(teacher)},
-        "student": dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=1024, max_seq_len=64),
-        "methods": [{"name": "glmd", "weight": 1.0, "temperature": 2.0}, {"name": "lm", "weight": 0.1}],
+        "student": dict(
+            num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=1024, max_seq_len=64
+        ),
+        "methods": [
+            {"name": "glmd", "weight": 1.0, "temperature": 2.0},
+            {"name": "lm", "weight": 0.1},
+        ],
         "parallel": {"tp": 2, "pp": 2, "dp": 1},
-        "data": {"train_files": [str(ASSETS / "demo_corpus.txt")], "valid_files": [str(ASSETS / "demo_valid.txt")],
-                 "tokenizer": str(tokenizer), "seq_length": 32},
-        "train": {"steps": 24, "global_batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "min_lr": 3e-4,
-                  "warmup_steps": 2, **train},
+        "data": {
+            "train_files": [str(ASSETS / "demo_corpus.txt")],
+            "valid_files": [str(ASSETS / "demo_valid.txt")],
+            "tokenizer": str(tokenizer),
+            "seq_length": 32,
+        },
+        "train": {
+            "steps": 24,
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 2,
+            **train,
+        },
         "output": {"dir": str(tmp_path / "run"), "save_every": 12, "keep_last": 2},
     }
     path = tmp_path / "cfg.yaml"
@@ -69,8 +105,14 @@ def _config(tmp_path: Path, tokenizer: Path, teacher: Path, **train) -> Path:
 
 def _gkd(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "gkd_cli.app", *args], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "gkd_cli.app", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
 
 
 def test_distill_tp2pp2_writes_metrics_checkpoints_and_resumes(tmp_path, tokenizer, teacher):
@@ -86,10 +128,15 @@ def test_distill_tp2pp2_writes_metrics_checkpoints_and_resumes(tmp_path, tokeniz
     for record in lines:
         assert set(record["terms"]) == {"glmd/kl", "lm/ce"}
         assert record["loss"] > 0 and record["tokens_per_s"] > 0 and record["peak_mem_bytes"] > 0
+
     def mean(rows, key):
         return sum(key(r) for r in rows) / len(rows)
 
-    for key in (lambda r: r["loss"], lambda r: r["terms"]["glmd/kl"], lambda r: r["terms"]["lm/ce"]):
+    for key in (
+        lambda r: r["loss"],
+        lambda r: r["terms"]["glmd/kl"],
+        lambda r: r["terms"]["lm/ce"],
+    ):
         early, late = mean(lines[:4], key), mean(lines[-4:], key)
         assert late < 0.95 * early, (early, late)
     ckpts = run / "checkpoints"

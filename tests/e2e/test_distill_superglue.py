@@ -24,20 +24,34 @@ def test_task_stage_runs_on_superglue_examples(tmp_path):
 
     tokenizer = tmp_path / "tokenizer.json"
     train_bpe([REPO / "gkd_cli" / "assets" / "demo_valid.txt"], 512, tokenizer)
-    model = dict(num_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=512, max_seq_len=64)
+    model = dict(
+        num_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=512, max_seq_len=64
+    )
     cfg = {
         "teacher": {**model, "num_layers": 4, "init": "random"},
         "student": model,
         "methods": [{"name": "glmd"}],
-        "data": {"source": "superglue", "superglue_dir": str(SUPERGLUE), "superglue_tasks": ["CB", "COPA"],
-                 "superglue_split": "train", "tokenizer": str(tokenizer), "seq_length": 64},
+        "data": {
+            "source": "superglue",
+            "superglue_dir": str(SUPERGLUE),
+            "superglue_tasks": ["CB", "COPA"],
+            "superglue_split": "train",
+            "tokenizer": str(tokenizer),
+            "seq_length": 64,
+        },
         "train": {"steps": 2, "global_batch_size": 2, "micro_batch_size": 1, "stage": "task"},
         "output": {"dir": str(tmp_path / "run"), "save_every": 0},
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([sys.executable, "-m", "gkd_cli.app", "distill", str(path)], capture_output=True,
-                            text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "gkd_cli.app", "distill", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     texts = list((tmp_path / "run" / "cache").glob("superglue-train-CB-COPA.jsonl"))
     assert texts, "the task texts were not written"

@@ -40,8 +40,14 @@ def _eval_command() -> list[str]:
 def gkd_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "160"}
     env.pop("GKD_SUPERGLUE_DIR", None)
-    return subprocess.run([sys.executable, *_eval_command(), "superglue", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, *_eval_command(), "superglue", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +60,21 @@ def checkpoint(tmp_path_factory) -> Path:
 def test_eval_all_tasks_at_tp2_writes_results_and_compares(checkpoint, tmp_path):
     out = tmp_path / "student.json"
     start = time.perf_counter()
-    result = gkd_eval(str(checkpoint), "--data", str(SUPERGLUE), "--tasks", "all", "--limit", "3",
-                      "--tp", "2", "--out", str(out), "--predictions", cwd=tmp_path)
+    result = gkd_eval(
+        str(checkpoint),
+        "--data",
+        str(SUPERGLUE),
+        "--tasks",
+        "all",
+        "--limit",
+        "3",
+        "--tp",
+        "2",
+        "--out",
+        str(out),
+        "--predictions",
+        cwd=tmp_path,
+    )
     print(f"gkd eval superglue, 8 tasks x 3 examples, tp=2: {time.perf_counter() - start:.1f} s")
     assert result.returncode == 0, result.stdout + result.stderr
     document = json.loads(out.read_text())
@@ -89,4 +108,6 @@ def test_eval_all_tasks_at_tp2_writes_results_and_compares(checkpoint, tmp_path)
 def test_missing_checkpoint_is_one_red_line(tmp_path):
     result = gkd_eval(str(tmp_path / "nope"), "--data", str(SUPERGLUE), cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'nope'} does not exist"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: checkpoint {tmp_path / 'nope'} does not exist"
+    ]

@@ -43,8 +43,14 @@ pytestmark = [
 def gkd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     env.pop("GKD_SUPERGLUE_DIR", None)
-    result = subprocess.run([sys.executable, "-m", "gkd_cli.app", *args], capture_output=True, text=True,
-                            env=env, cwd=cwd, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "gkd_cli.app", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -64,21 +70,39 @@ def build_llama(folder: Path) -> None:
     )
     folder.mkdir(parents=True)
     hf.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|endoftext|>",
-        "pad_token": "<pad>", "unk_token": "<unk>",
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
     config = transformers.LlamaConfig(
-        vocab_size=bos + 1, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=bos, eos_token_id=0,
+        vocab_size=bos + 1,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=0,
     )
     model = transformers.LlamaForCausalLM(config)
     _randomize(model, seed=3)
     model.save_pretrained(folder)
 
 
-def reference_logprobs(model, tokenizer, prompt: str, option: str, special: bool) -> tuple[float, int]:
+def reference_logprobs(
+    model, tokenizer, prompt: str, option: str, special: bool
+) -> tuple[float, int]:
     """transformers' log-likelihood of ``option`` after ``prompt`` (float64) and its token count."""
     context = tokenizer(prompt, add_special_tokens=special)["input_ids"]
     whole = tokenizer(prompt + option, add_special_tokens=special)["input_ids"]
@@ -101,8 +125,22 @@ def runs(tmp_path_factory):
     for name, flags in (("default", ()), ("no-bos", ("--no-add-bos",))):
         out = root / f"{name}.json"
         start = time.perf_counter()
-        result = gkd("eval", "superglue", str(root / "ckpt"), "--data", str(SUPERGLUE), "--tasks", TASKS,
-                     "--limit", "2", "--predictions", "--out", str(out), *flags, cwd=root)
+        result = gkd(
+            "eval",
+            "superglue",
+            str(root / "ckpt"),
+            "--data",
+            str(SUPERGLUE),
+            "--tasks",
+            TASKS,
+            "--limit",
+            "2",
+            "--predictions",
+            "--out",
+            str(out),
+            *flags,
+            cwd=root,
+        )
         seconds[f"eval {name}"] = time.perf_counter() - start
         outputs[name] = (json.loads(out.read_text()), result.stdout)
     print("wall seconds:", {k: round(v, 1) for k, v in seconds.items()})
@@ -129,14 +167,21 @@ def test_option_logprobs_equal_transformers_on_the_same_strings(runs, name):
     for task, entry in document["tasks"].items():
         assert entry["predictions"], task
         for prediction in entry["predictions"]:
-            reference = [reference_logprobs(model, tokenizer, prediction["prompt"], option, special)
-                         for option in prediction["options"]]
+            reference = [
+                reference_logprobs(model, tokenizer, prediction["prompt"], option, special)
+                for option in prediction["options"]
+            ]
             assert prediction["tokens"] == [count for _, count in reference], task
             for got, (want, _) in zip(prediction["logprobs"], reference, strict=True):
                 worst = max(worst, abs(got - want))
                 scored += 1
-            best = max(range(len(reference)), key=lambda i: (reference[i][0] / (
-                reference[i][1] if entry["normalize"] else 1), -i))
+            best = max(
+                range(len(reference)),
+                key=lambda i: (
+                    reference[i][0] / (reference[i][1] if entry["normalize"] else 1),
+                    -i,
+                ),
+            )
             assert prediction["pred"] == best, task
     print(f"{name}: {scored} options, max |gkd - transformers| = {worst:.2e}")
     assert scored > 30 and worst < ATOL

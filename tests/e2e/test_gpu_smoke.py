@@ -26,20 +26,42 @@ def test_distill_on_gpu_bf16(tmp_path):
     train_bpe([ASSETS / "demo_valid.txt"], 1024, tokenizer)
     nproc = min(torch.cuda.device_count(), 2)
     cfg = {
-        "teacher": dict(num_layers=4, hidden_size=256, num_attention_heads=4, vocab_size=1024, max_seq_len=128,
-                        init="random", normalization="RMSNorm", activation="swiglu", position_embedding="rope",
-                        tie_embeddings=False, add_bias_linear=False),
-        "student": dict(num_layers=2, hidden_size=128, num_attention_heads=4, vocab_size=1024, max_seq_len=128),
+        "teacher": dict(
+            num_layers=4,
+            hidden_size=256,
+            num_attention_heads=4,
+            vocab_size=1024,
+            max_seq_len=128,
+            init="random",
+            normalization="RMSNorm",
+            activation="swiglu",
+            position_embedding="rope",
+            tie_embeddings=False,
+            add_bias_linear=False,
+        ),
+        "student": dict(
+            num_layers=2, hidden_size=128, num_attention_heads=4, vocab_size=1024, max_seq_len=128
+        ),
         "methods": [{"name": "glmd", "temperature": 2.0}, {"name": "lm", "weight": 0.1}],
         "parallel": {"tp": nproc, "pp": 1, "dp": 1},
-        "data": {"train_files": [str(ASSETS / "demo_valid.txt")], "tokenizer": str(tokenizer), "seq_length": 128},
+        "data": {
+            "train_files": [str(ASSETS / "demo_valid.txt")],
+            "tokenizer": str(tokenizer),
+            "seq_length": 128,
+        },
         "train": {"steps": 4, "global_batch_size": 8, "micro_batch_size": 2, "precision": "bf16"},
         "output": {"dir": str(tmp_path / "run"), "save_every": 2},
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([sys.executable, "-m", "gkd_cli.app", "distill", str(path)], capture_output=True,
-                            text=True, cwd=REPO, env=dict(os.environ), timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "gkd_cli.app", "distill", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ),
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all(r["loss"] == r["loss"] for r in lines)

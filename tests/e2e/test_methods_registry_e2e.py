@@ -31,15 +31,27 @@ REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "gkd_cli" / "assets"
 VOCAB = 256
 
-TEACHER = dict(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, max_seq_len=32)
-SMALL_TEACHER = dict(num_layers=4, hidden_size=48, num_attention_heads=4, vocab_size=VOCAB, max_seq_len=32)
-SAME_WIDTH_TEACHER = dict(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB, max_seq_len=32)
-STUDENT = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB, max_seq_len=32)
+TEACHER = dict(
+    num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, max_seq_len=32
+)
+SMALL_TEACHER = dict(
+    num_layers=4, hidden_size=48, num_attention_heads=4, vocab_size=VOCAB, max_seq_len=32
+)
+SAME_WIDTH_TEACHER = dict(
+    num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB, max_seq_len=32
+)
+STUDENT = dict(
+    num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB, max_seq_len=32
+)
 
 SHAPES = [(TEACHER, STUDENT), (SAME_WIDTH_TEACHER, STUDENT)]
 """Model shapes tried in order; a method gets the first its taps accept (theseus, diito and other
 methods comparing equal widths get the second)."""
-PARAMS: dict[str, dict] = {"lrc_bert": {"epsilon": 0.1}, "minilmv2": {"relation_heads": 8}, "mgskd": {"relation_heads": 8}}
+PARAMS: dict[str, dict] = {
+    "lrc_bert": {"epsilon": 0.1},
+    "minilmv2": {"relation_heads": 8},
+    "mgskd": {"relation_heads": 8},
+}
 """Per-method parameters for the run (defaults otherwise)."""
 
 
@@ -67,8 +79,15 @@ def _case(name: str) -> dict:
             pp, refusal = 2, None
         except ValueError as err:
             pp, refusal = 1, str(err)
-        return {"name": name, "methods": [{"name": name, **PARAMS.get(name, {})}], "stage": stage.value,
-                "pp": pp, "teachers": teachers, "student": student, "refusal": refusal}
+        return {
+            "name": name,
+            "methods": [{"name": name, **PARAMS.get(name, {})}],
+            "stage": stage.value,
+            "pp": pp,
+            "teachers": teachers,
+            "student": student,
+            "refusal": refusal,
+        }
     raise AssertionError(f"no model shape in SHAPES suits {name}: {errors}")
 
 
@@ -79,7 +98,10 @@ def registry_run(tmp_path_factory) -> dict:
     spec = {"result": str(tmp / "result.json"), "cases": cases}
     (tmp / "spec.json").write_text(json.dumps(spec))
     torchrun(REPO / "tests/e2e/methods_registry_job.py", 4, str(tmp / "spec.json"), timeout=1200)
-    return {"cases": {c["name"]: c for c in cases}, "results": json.loads((tmp / "result.json").read_text())}
+    return {
+        "cases": {c["name"]: c for c in cases},
+        "results": json.loads((tmp / "result.json").read_text()),
+    }
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -101,9 +123,17 @@ def _config(tmp: Path, case: dict, pp: int) -> dict:
         "student": case["student"],
         "methods": case["methods"],
         "parallel": {"tp": 2, "pp": pp, "dp": 1},
-        "data": {"train_files": [str(ASSETS / "demo_corpus.txt")], "tokenizer": str(tmp / "tokenizer.json"),
-                 "seq_length": 16},
-        "train": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "stage": case["stage"]},
+        "data": {
+            "train_files": [str(ASSETS / "demo_corpus.txt")],
+            "tokenizer": str(tmp / "tokenizer.json"),
+            "seq_length": 16,
+        },
+        "train": {
+            "steps": 2,
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "stage": case["stage"],
+        },
         "output": {"dir": str(tmp / "run")},
     }
     if len(teachers) == 1:
@@ -133,8 +163,14 @@ def test_config_check_accepts_the_layout_or_refuses_pp2_saying_why(tmp_path, nam
 
 def _gkd(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "gkd_cli.app", *args], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "gkd_cli.app", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,16 +187,25 @@ def test_gkd_distill_runs_a_mix_of_tinybert_and_glmd_at_tp2pp2(tmp_path, tokeniz
     cfg = {
         "teacher": dict(TEACHER, vocab_size=512, init="random"),
         "student": dict(STUDENT, vocab_size=512),
-        "methods": [{"name": "tinybert", "weight": 1.0}, {"name": "glmd", "weight": 1.0, "temperature": 2.0}],
+        "methods": [
+            {"name": "tinybert", "weight": 1.0},
+            {"name": "glmd", "weight": 1.0, "temperature": 2.0},
+        ],
         "parallel": {"tp": 2, "pp": 2, "dp": 1},
-        "data": {"train_files": [str(ASSETS / "demo_corpus.txt")], "tokenizer": str(tokenizer), "seq_length": 16},
+        "data": {
+            "train_files": [str(ASSETS / "demo_corpus.txt")],
+            "tokenizer": str(tokenizer),
+            "seq_length": 16,
+        },
         "train": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
         "output": {"dir": str(tmp_path / "run"), "save_every": 0},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     result = _gkd("distill", str(tmp_path / "cfg.yaml"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in lines] == [1, 2]
     for record in lines:
         terms = set(record["terms"])

@@ -21,7 +21,10 @@ from gkd_cli.config import load_config
 from gkd_cli.plan import _estimate_stage
 from parallel.memory import allocated_bytes
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(allocated_bytes() is None, reason="needs glibc mallinfo2")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(allocated_bytes() is None, reason="needs glibc mallinfo2"),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "gkd_cli" / "assets"
@@ -44,20 +47,47 @@ def tokenizer(tmp_path_factory) -> Path:
 )
 def test_estimate_within_20_percent_of_measured(tmp_path, tokenizer, parallel, micro):
     config = {
-        "teacher": dict(num_layers=4, hidden_size=512, num_attention_heads=8, vocab_size=1024, max_seq_len=128, init="random"),
-        "student": dict(num_layers=4, hidden_size=384, num_attention_heads=6, vocab_size=1024, max_seq_len=128),
+        "teacher": dict(
+            num_layers=4,
+            hidden_size=512,
+            num_attention_heads=8,
+            vocab_size=1024,
+            max_seq_len=128,
+            init="random",
+        ),
+        "student": dict(
+            num_layers=4, hidden_size=384, num_attention_heads=6, vocab_size=1024, max_seq_len=128
+        ),
         "methods": [{"name": "glmd", "temperature": 2.0}, {"name": "lm", "weight": 0.1}],
         "parallel": parallel,
-        "data": {"train_files": [str(ASSETS / "demo_valid.txt")], "tokenizer": str(tokenizer), "seq_length": 128},
-        "train": {"steps": 3, "global_batch_size": 8, "micro_batch_size": micro, "lr": 1e-3, "min_lr": 1e-4},
+        "data": {
+            "train_files": [str(ASSETS / "demo_valid.txt")],
+            "tokenizer": str(tokenizer),
+            "seq_length": 128,
+        },
+        "train": {
+            "steps": 3,
+            "global_batch_size": 8,
+            "micro_batch_size": micro,
+            "lr": 1e-3,
+            "min_lr": 1e-4,
+        },
         "output": {"dir": str(tmp_path / "run"), "save_every": 0},
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "gkd_cli.app", "distill", str(path)], capture_output=True,
-                            text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "gkd_cli.app", "distill", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    last = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ][-1]
     measured = last["peak_allocated_bytes"] - last["baseline_allocated_bytes"]
     # metrics come from global rank 0, which holds pipeline stage 0.
     estimated = _estimate_stage(load_config(path, check_paths=False), "cpu", 0, False).total_bytes

@@ -31,10 +31,16 @@ def tokenizer(tmp_path_factory) -> Path:
 
 def _cfg(tmp_path: Path, tokenizer: Path, **data) -> dict:
     return {
-        "teacher": {**TEACHER, "init": "random"}, "student": dict(STUDENT), "methods": [{"name": "lm"}],
+        "teacher": {**TEACHER, "init": "random"},
+        "student": dict(STUDENT),
+        "methods": [{"name": "lm"}],
         "parallel": {"tp": 1, "pp": 1, "dp": 1},
-        "data": {"train_files": [str(ASSETS / "demo_valid.txt")], "tokenizer": str(tokenizer), "seq_length": 32,
-                 **data},
+        "data": {
+            "train_files": [str(ASSETS / "demo_valid.txt")],
+            "tokenizer": str(tokenizer),
+            "seq_length": 32,
+            **data,
+        },
         "train": {"steps": 2, "global_batch_size": 2, "micro_batch_size": 1},
         "output": {"dir": str(tmp_path / "out")},
     }
@@ -96,13 +102,23 @@ def test_wrong_type_and_unknown_key(tmp_path, tokenizer):
 
 @pytest.mark.parametrize(
     "content, needle",
-    [(b"", "is empty"), (b"caf\xe9 au lait\n", "not valid UTF-8"), (b"two words\n", "fewer than one sequence")],
+    [
+        (b"", "is empty"),
+        (b"caf\xe9 au lait\n", "not valid UTF-8"),
+        (b"two words\n", "fewer than one sequence"),
+    ],
     ids=["empty", "latin1", "short"],
 )
 def test_bad_corpus(tmp_path, tokenizer, content, needle):
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(content)
-    _refused(tmp_path, _cfg(tmp_path, tokenizer, train_files=[str(corpus)]), "data.train_files", needle, str(corpus))
+    _refused(
+        tmp_path,
+        _cfg(tmp_path, tokenizer, train_files=[str(corpus)]),
+        "data.train_files",
+        needle,
+        str(corpus),
+    )
 
 
 def test_tokenizer_larger_than_model_vocabulary(tmp_path, tokenizer):
@@ -151,7 +167,13 @@ def test_teacher_checkpoint_of_other_architecture(tmp_path, tokenizer):
     _fake_checkpoint(tmp_path, tokenizer, hidden_size=128)
     cfg = _cfg(tmp_path, tokenizer)
     cfg["teacher"].update(checkpoint=str(tmp_path / "teacher_ckpt"), init="checkpoint")
-    _refused(tmp_path, cfg, "teacher.checkpoint", "another architecture", "hidden_size: checkpoint 128 vs config 64")
+    _refused(
+        tmp_path,
+        cfg,
+        "teacher.checkpoint",
+        "another architecture",
+        "hidden_size: checkpoint 128 vs config 64",
+    )
 
 
 def test_output_dir_of_another_run_is_refused(tmp_path, tokenizer):
@@ -180,18 +202,31 @@ def test_output_dir_of_another_run_is_refused(tmp_path, tokenizer):
         ({"name": "glmd", "temperature": 0}, ["methods.0", "glmd.temperature=0.0", "must be > 0"]),
         ({"name": "kd", "temperature": -2.0}, ["methods.0", "kd.temperature=-2.0", "must be > 0"]),
         # a schedule is checked at every value it takes (its ends)
-        ({"name": "forward_kl", "temperature": {"type": "linear", "start": 2.0, "end": 0.0}},
-         ["forward_kl.temperature", "must be > 0"]),
+        (
+            {"name": "forward_kl", "temperature": {"type": "linear", "start": 2.0, "end": 0.0}},
+            ["forward_kl.temperature", "must be > 0"],
+        ),
         ({"name": "kd", "hard_weight": -1}, ["kd.hard_weight=-1.0", "must be >= 0"]),
         ({"name": "jsd", "beta": 1.5}, ["jsd.beta=1.5", "must be in [0, 1]"]),  # an interpolation
         ({"name": "skew_kl", "alpha": -0.1}, ["skew_kl.alpha=-0.1", "must be in [0, 1]"]),
         ({"name": "topk_kd", "k": 0}, ["topk_kd.k=0", "must be >= 1"]),
         ({"name": "pkd", "alpha": 2.0}, ["pkd.alpha=2.0", "must be in [0, 1]"]),
-        ({"name": "lm", "weight": {"type": "step", "boundaries": [1], "values": [1.0, -0.5]}},
-         ["methods.0.weight", "must be >= 0"]),
+        (
+            {"name": "lm", "weight": {"type": "step", "boundaries": [1], "values": [1.0, -0.5]}},
+            ["methods.0.weight", "must be >= 0"],
+        ),
     ],
-    ids=["glmd-T0", "kd-Tneg", "T-schedule-to-0", "neg-weight", "jsd-beta", "skew-alpha", "topk-k0",
-         "pkd-alpha", "neg-weight-schedule"],
+    ids=[
+        "glmd-T0",
+        "kd-Tneg",
+        "T-schedule-to-0",
+        "neg-weight",
+        "jsd-beta",
+        "skew-alpha",
+        "topk-k0",
+        "pkd-alpha",
+        "neg-weight-schedule",
+    ],
 )
 def test_method_parameter_out_of_range(tmp_path, tokenizer, no_launch, method, needles):
     cfg = _cfg(tmp_path, tokenizer)
@@ -204,15 +239,23 @@ def test_jsonl_text_field_not_a_string(tmp_path, tokenizer, no_launch):
     good = json.dumps({"text": (ASSETS / "demo_valid.txt").read_text()[:4000]})
     corpus.write_text(f"{good}\n{json.dumps({'text': 42})}\n")
     cfg = _cfg(tmp_path, tokenizer, train_files=[str(corpus)], format="jsonl")
-    _refused(tmp_path, cfg, "data.train_files", f"{corpus}:2", "'text' is a number (42), not a string",
-             dry_run=False)
+    _refused(
+        tmp_path,
+        cfg,
+        "data.train_files",
+        f"{corpus}:2",
+        "'text' is a number (42), not a string",
+        dry_run=False,
+    )
 
 
 def test_jsonl_text_field_missing_names_the_keys(tmp_path, tokenizer, no_launch):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"body": "some words", "id": 3}) + "\n")
     cfg = _cfg(tmp_path, tokenizer, train_files=[str(corpus)], format="jsonl")
-    _refused(tmp_path, cfg, f"{corpus}:1", "no field 'text'", "'body'", "data.text_field", dry_run=False)
+    _refused(
+        tmp_path, cfg, f"{corpus}:1", "no field 'text'", "'body'", "data.text_field", dry_run=False
+    )
 
 
 def test_jsonl_bad_line_beyond_the_preflight_scan_is_named_by_the_tokenizer(tmp_path, tokenizer):
@@ -229,7 +272,9 @@ def test_jsonl_bad_line_beyond_the_preflight_scan_is_named_by_the_tokenizer(tmp_
     with pytest.raises(ValueError, match=rf"{corpus}:2001: field 'text' is a list"):
         check_format(corpus, "jsonl", "text", limit_bytes=1 << 20)
     with pytest.raises(ValueError, match=rf"{corpus}:2001: field 'text' is a list .*not a string"):
-        build_token_stream([corpus], load_tokenizer(str(tokenizer)), tmp_path / "cache", fmt="jsonl")
+        build_token_stream(
+            [corpus], load_tokenizer(str(tokenizer)), tmp_path / "cache", fmt="jsonl"
+        )
     assert not list((tmp_path / "cache").glob("tokens-*")), "a failed build left a cache"
 
 
@@ -237,9 +282,14 @@ def test_jsonl_bad_line_beyond_the_preflight_scan_is_named_by_the_tokenizer(tmp_
 def test_output_dir_that_cannot_be_created(tmp_path, tokenizer, no_launch, where):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    out = {"proc": "/proc/gkd-run", "under_file": str(blocker / "run"), "is_file": str(blocker)}[where]
-    needle = {"proc": "/proc does not accept new folders", "under_file": f"{blocker} is a file",
-              "is_file": "is a file, not a folder"}[where]
+    out = {"proc": "/proc/gkd-run", "under_file": str(blocker / "run"), "is_file": str(blocker)}[
+        where
+    ]
+    needle = {
+        "proc": "/proc does not accept new folders",
+        "under_file": f"{blocker} is a file",
+        "is_file": "is a file, not a folder",
+    }[where]
     cfg = _cfg(tmp_path, tokenizer)
     cfg["output"]["dir"] = out
     _refused(tmp_path, cfg, "output.dir", needle, dry_run=False)
@@ -263,23 +313,48 @@ def test_yaml_duplicate_keys(tmp_path, tokenizer, no_launch, duplicate):
 def test_text_format_on_json_lines(tmp_path, tokenizer, no_launch):
     corpus = tmp_path / "c.jsonl"
     words = (ASSETS / "demo_valid.txt").read_text().split()
-    corpus.write_text("".join(json.dumps({"text": " ".join(words[i:i + 50])}) + "\n" for i in range(0, 2000, 50)))
+    corpus.write_text(
+        "".join(
+            json.dumps({"text": " ".join(words[i : i + 50])}) + "\n" for i in range(0, 2000, 50)
+        )
+    )
     cfg = _cfg(tmp_path, tokenizer, train_files=[str(corpus)])  # format defaults to text
-    _refused(tmp_path, cfg, "data.train_files", str(corpus), "is JSON lines", "data.format: jsonl", dry_run=False)
+    _refused(
+        tmp_path,
+        cfg,
+        "data.train_files",
+        str(corpus),
+        "is JSON lines",
+        "data.format: jsonl",
+        dry_run=False,
+    )
 
 
 def test_corpus_of_control_bytes(tmp_path, tokenizer, no_launch):
     corpus = tmp_path / "garbage.txt"
     corpus.write_bytes(bytes(i % 32 for i in range(50_000)))  # valid UTF-8, but not text
-    _refused(tmp_path, _cfg(tmp_path, tokenizer, train_files=[str(corpus)]), "data.train_files",
-             str(corpus), "looks binary", "control characters", dry_run=False)
+    _refused(
+        tmp_path,
+        _cfg(tmp_path, tokenizer, train_files=[str(corpus)]),
+        "data.train_files",
+        str(corpus),
+        "looks binary",
+        "control characters",
+        dry_run=False,
+    )
 
 
 def test_utf16_corpus_says_reencode(tmp_path, tokenizer, no_launch):
     corpus = tmp_path / "c.txt"
     corpus.write_bytes((ASSETS / "demo_valid.txt").read_text().encode("utf-16"))  # with its BOM
-    _refused(tmp_path, _cfg(tmp_path, tokenizer, train_files=[str(corpus)]), "data.train_files",
-             "is UTF-16", "iconv -f utf-16 -t utf-8", dry_run=False)
+    _refused(
+        tmp_path,
+        _cfg(tmp_path, tokenizer, train_files=[str(corpus)]),
+        "data.train_files",
+        "is UTF-16",
+        "iconv -f utf-16 -t utf-8",
+        dry_run=False,
+    )
 
 
 def test_gzip_corpus_says_decompress(tmp_path, tokenizer, no_launch):
@@ -287,8 +362,14 @@ def test_gzip_corpus_says_decompress(tmp_path, tokenizer, no_launch):
 
     corpus = tmp_path / "c.txt.gz"
     corpus.write_bytes(gzip.compress((ASSETS / "demo_valid.txt").read_bytes()))
-    text = _refused(tmp_path, _cfg(tmp_path, tokenizer, train_files=[str(corpus)]), "data.train_files",
-                    "gzip-compressed", f"gunzip -k {corpus}", dry_run=False)
+    text = _refused(
+        tmp_path,
+        _cfg(tmp_path, tokenizer, train_files=[str(corpus)]),
+        "data.train_files",
+        "gzip-compressed",
+        f"gunzip -k {corpus}",
+        dry_run=False,
+    )
     assert "iconv" not in text
 
 
@@ -297,8 +378,15 @@ def test_teacher_checkpoint_that_is_a_file(tmp_path, tokenizer, no_launch):
     weights.write_bytes(b"\0" * 64)
     cfg = _cfg(tmp_path, tokenizer)
     cfg["teacher"].update(checkpoint=str(weights), init="checkpoint")
-    text = _refused(tmp_path, cfg, "teacher.checkpoint", f"{weights} is a file", "expected a folder",
-                    "config.json", dry_run=False)
+    text = _refused(
+        tmp_path,
+        cfg,
+        "teacher.checkpoint",
+        f"{weights} is a file",
+        "expected a folder",
+        "config.json",
+        dry_run=False,
+    )
     assert "does not exist" not in text
 
 
@@ -312,8 +400,13 @@ def test_sequence_parallel_refuses_forward_changing_methods(tmp_path, tokenizer,
     cfg = _cfg(tmp_path, tokenizer)
     cfg["parallel"] = {"tp": 2, "pp": 1, "dp": 1, "sequence_parallel": True}
     cfg["methods"] = [{"name": "lrc_bert"}]
-    _refused(tmp_path, cfg, "methods.0 (lrc_bert) changes the forward pass",
-             "parallel.sequence_parallel=false", dry_run=False)
+    _refused(
+        tmp_path,
+        cfg,
+        "methods.0 (lrc_bert) changes the forward pass",
+        "parallel.sequence_parallel=false",
+        dry_run=False,
+    )
 
 
 def test_refusal_through_the_installed_command(tmp_path, tokenizer):
@@ -326,7 +419,9 @@ def test_refusal_through_the_installed_command(tmp_path, tokenizer):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     gkd = Path(sys.executable).with_name("gkd")
-    result = subprocess.run([str(gkd), "distill", str(path)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(gkd), "distill", str(path)], capture_output=True, text=True, timeout=300
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output and "glmd.temperature=0.0 must be > 0" in output, output

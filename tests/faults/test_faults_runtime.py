@@ -27,17 +27,33 @@ SPEC = dict(tp=1, pp=1, dp=2, steps=STEPS, save_every=2)
 
 def _start(tmp_path: Path, name: str, **spec) -> tuple[subprocess.Popen, Path]:
     """Start torchrun with ``spec``; ``proc.marker`` tags every process of the run (see _procs)."""
-    spec = {**SPEC, "out_dir": str(tmp_path / "run"), "result": str(tmp_path / f"{name}.json"), **spec}
+    spec = {
+        **SPEC,
+        "out_dir": str(tmp_path / "run"),
+        "result": str(tmp_path / f"{name}.json"),
+        **spec,
+    }
     path = tmp_path / f"{name}.spec.json"
     path.write_text(json.dumps(spec))
     nproc = spec["tp"] * spec["pp"] * spec["dp"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(free_port()), str(REPO / "tests/dist/runtime_job.py"), str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        str(REPO / "tests/dist/runtime_job.py"),
+        str(path),
+    ]
     log = tmp_path / f"{name}.log"
     marker = new_marker()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **marker}
     with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
     proc.marker = marker
     return proc, log
 
@@ -53,17 +69,28 @@ def _wait_for(predicate, what: str, timeout: float = 150) -> None:
 
 def _metric_steps(out: Path) -> list[int]:
     path = out / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+    return (
+        [json.loads(line)["step"] for line in path.read_text().splitlines()]
+        if path.exists()
+        else []
+    )
 
 
 def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "runtime_job.py" in " ".join(p.cmdline())]
+    return [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "runtime_job.py" in " ".join(p.cmdline())
+    ]
 
 
 def _last_losses(out: Path) -> dict[int, float]:
     """Loss per step from metrics.jsonl, the last line of each step winning (a resumed run repeats
     the steps after the checkpoint it resumed from)."""
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    return {
+        r["step"]: r["loss"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +130,9 @@ def test_kill9_rank_then_launcher_resumes_with_same_losses(reference, tmp_path):
     gone, alive = psutil.wait_procs(workers, timeout=90)
     assert not alive, f"orphaned workers still running: {alive}"
     assert_none_left(proc.marker)
-    assert gone  # (not our children: their exit codes are not ours to read; the save below shows it)
+    assert (
+        gone
+    )  # (not our children: their exit codes are not ours to read; the save below shows it)
     text = log.read_text()
     assert "removing incomplete checkpoint" in text and ".tmp-step_0000004" in text
     assert not (root / ".tmp-step_0000004").exists()
@@ -155,7 +184,9 @@ def test_sigterm_while_saving_then_while_loading_exits_zero(tmp_path):
 
 def test_nan_gradient_skipped_within_budget_then_nan_loss_stops_run(tmp_path):
     out = tmp_path / "run"
-    proc, log = _start(tmp_path, "nan", steps=4, save_every=1, nan_grad_at=2, nan_loss_at=3, max_skipped_steps=1)
+    proc, log = _start(
+        tmp_path, "nan", steps=4, save_every=1, nan_grad_at=2, nan_loss_at=3, max_skipped_steps=1
+    )
     assert proc.wait(timeout=240) != 0
     text = log.read_text()
     assert "step 2: non-finite gradient on rank(s) [0, 1]" in text and "skipping this step" in text

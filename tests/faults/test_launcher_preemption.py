@@ -42,13 +42,19 @@ STEPS = 12
 
 
 def _config(tmp: Path, tokenizer: Path, out: Path) -> Path:
-    model = dict(num_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=512, max_seq_len=32)
+    model = dict(
+        num_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=512, max_seq_len=32
+    )
     cfg = {
         "teacher": {**model, "init": "random"},
         "student": model,
         "methods": [{"name": "glmd"}],
         "parallel": {"tp": 2, "pp": 1, "dp": 1},
-        "data": {"train_files": [str(ASSETS / "demo_valid.txt")], "tokenizer": str(tokenizer), "seq_length": 32},
+        "data": {
+            "train_files": [str(ASSETS / "demo_valid.txt")],
+            "tokenizer": str(tokenizer),
+            "seq_length": 32,
+        },
         "train": {"steps": STEPS, "global_batch_size": 2, "micro_batch_size": 1},
         "output": {"dir": str(out), "save_every": 0},
     }
@@ -59,8 +65,14 @@ def _config(tmp: Path, tokenizer: Path, out: Path) -> Path:
 
 def _launch(config: Path, marker: dict[str, str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **marker}
-    return subprocess.Popen([sys.executable, "-m", "gkd_cli.app", "distill", str(config)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gkd_cli.app", "distill", str(config)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _records(out: Path) -> list[dict]:
@@ -97,8 +109,15 @@ def _latest(out: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def _preempt(config: Path, out: Path, sig: signal.Signals, after: int, marker: dict[str, str], *,
-             freeze: float) -> dict:
+def _preempt(
+    config: Path,
+    out: Path,
+    sig: signal.Signals,
+    after: int,
+    marker: dict[str, str],
+    *,
+    freeze: float,
+) -> dict:
     """Launch, let ``after`` steps pass, freeze the workers, signal the launcher, check it waits
     ``freeze`` seconds, thaw the workers; return what happened."""
     proc = _launch(config, marker)
@@ -113,7 +132,9 @@ def _preempt(config: Path, out: Path, sig: signal.Signals, after: int, marker: d
         time.sleep(freeze)
         waited = proc.poll() is None  # the launcher must wait for the workers' save
         for w in workers.values():
-            with contextlib.suppress(psutil.NoSuchProcess):  # (killed meanwhile: the test fails below)
+            with contextlib.suppress(
+                psutil.NoSuchProcess
+            ):  # (killed meanwhile: the test fails below)
                 w.send_signal(signal.SIGCONT)
         output, _ = proc.communicate(timeout=300)
     finally:
@@ -121,10 +142,17 @@ def _preempt(config: Path, out: Path, sig: signal.Signals, after: int, marker: d
             proc.kill()
     assert_none_left(marker)
     latest = _latest(out)
-    return {"returncode": proc.returncode, "output": output, "logged": logged, "waited": waited,
-            "latest": latest, "last_step": _max_step(out),
-            "complete": latest is not None and (out / "checkpoints" / latest / "manifest.json").is_file(),
-            "tmp_left": sorted(p.name for p in (out / "checkpoints").glob(".tmp-*"))}
+    return {
+        "returncode": proc.returncode,
+        "output": output,
+        "logged": logged,
+        "waited": waited,
+        "latest": latest,
+        "last_step": _max_step(out),
+        "complete": latest is not None
+        and (out / "checkpoints" / latest / "manifest.json").is_file(),
+        "tmp_left": sorted(p.name for p in (out / "checkpoints").glob(".tmp-*")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +175,9 @@ def runs(tmp_path_factory):
     # A save that takes longer than torch elastic's 30-second shutdown deadline (a real model's)
     # is what used to be cut off by SIGKILL: the workers stay frozen for 35 s after the SIGTERM.
     result["SIGTERM"] = _preempt(config, out, signal.SIGTERM, 2, marker, freeze=35)
-    result["SIGUSR1"] = _preempt(config, out, signal.SIGUSR1, result["SIGTERM"]["last_step"] + 2, marker,
-                                 freeze=3)
+    result["SIGUSR1"] = _preempt(
+        config, out, signal.SIGUSR1, result["SIGTERM"]["last_step"] + 2, marker, freeze=3
+    )
     # kill -9 of rank 1 in the third attempt.
     proc = _launch(config, marker)
     _wait_for_step(proc, out, result["SIGUSR1"]["last_step"] + 1)
@@ -177,7 +206,9 @@ def test_signal_to_launcher_saves_the_step_in_flight_and_exits_zero(runs, sig):
     assert step in (run["logged"], run["logged"] + 1), (step, run["logged"])
     assert run["latest"] == f"step_{step:07d}"
     assert run["complete"] and not run["tmp_left"], run
-    assert f"preempted ({sig}): the workers saved step {step} " in run["output"], run["output"][-3000:]
+    assert f"preempted ({sig}): the workers saved step {step} " in run["output"], run["output"][
+        -3000:
+    ]
     assert "done:" not in run["output"]
 
 
@@ -185,7 +216,9 @@ def test_kill9_of_rank1_blames_rank1_and_keeps_each_attempts_logs(runs):
     run = runs["kill9"]
     assert run["returncode"] == 1, run["output"][-3000:]
     text = " ".join(run["output"].split())  # Rich may wrap long lines
-    assert "rank 1 failed (exit code -9): killed by signal 9 (SIGKILL)" in text, run["output"][-3000:]
+    assert "rank 1 failed (exit code -9): killed by signal 9 (SIGKILL)" in text, run["output"][
+        -3000:
+    ]
     assert "also failed (probably as a consequence): ranks 0" in text
     logs = runs["out"] / "logs"
     attempts = sorted(p.name for p in logs.iterdir() if re.fullmatch(r"attempt_\d+", p.name))
@@ -222,11 +255,21 @@ def test_blame_goes_to_the_first_failure_by_time(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     paths = {r: rank_log_paths(logs, r) for r in (0, 1, 2)}
-    paths[0]["error"].write_text(json.dumps({"message": {"message": "RuntimeError: Connection reset by peer",
-                                                         "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "1000"}}}))
+    paths[0]["error"].write_text(
+        json.dumps(
+            {
+                "message": {
+                    "message": "RuntimeError: Connection reset by peer",
+                    "extraInfo": {"py_callstack": "Traceback ...", "timestamp": "1000"},
+                }
+            }
+        )
+    )
     paths[0]["failed_at"].write_text("1000.250")
-    failures = {0: SimpleNamespace(exitcode=1, timestamp=1000, error_file=str(paths[0]["error"])),
-                1: SimpleNamespace(exitcode=-9, timestamp=1001, error_file=str(paths[1]["error"]))}
+    failures = {
+        0: SimpleNamespace(exitcode=1, timestamp=1000, error_file=str(paths[0]["error"])),
+        1: SimpleNamespace(exitcode=-9, timestamp=1001, error_file=str(paths[1]["error"])),
+    }
     # Rank 1 was kill -9'd; rank 0 raised on the dropped connection 50 ms before the launcher saw
     # rank 1 gone (what happens under load).
     err = worker_failure(failures, str(logs), {0: 1000.9, 1: 1000.3})

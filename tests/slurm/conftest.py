@@ -26,7 +26,11 @@ def _slurm_nodes() -> int:
         return 0
     if proc.returncode != 0:
         return 0
-    return sum(1 for line in proc.stdout.splitlines() if line.split()[-1:] in (["idle"], ["mix"], ["alloc"]))
+    return sum(
+        1
+        for line in proc.stdout.splitlines()
+        if line.split()[-1:] in (["idle"], ["mix"], ["alloc"])
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -39,7 +39,11 @@ def _env() -> dict[str, str]:
 def _gkd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "gkd_cli.app", *args],
-        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=timeout,
     )
 
 
@@ -49,10 +53,20 @@ def _write_config(root: Path, name: str, tokenizer: Path, nnodes: int = 1) -> Pa
         "student": MODEL,
         "methods": [{"name": "glmd", "temperature": 2.0}, {"name": "lm", "weight": 0.1}],
         "parallel": {"tp": 1, "pp": 1, "dp": 2, "nnodes": nnodes},
-        "data": {"train_files": [str(ASSETS / "demo_corpus.txt")], "tokenizer": str(tokenizer),
-                 "seq_length": 64},
-        "train": {"steps": STEPS, "global_batch_size": 8, "micro_batch_size": 2, "lr": 3e-3,
-                  "min_lr": 3e-4, "warmup_steps": 2, "log_every": 1},
+        "data": {
+            "train_files": [str(ASSETS / "demo_corpus.txt")],
+            "tokenizer": str(tokenizer),
+            "seq_length": 64,
+        },
+        "train": {
+            "steps": STEPS,
+            "global_batch_size": 8,
+            "micro_batch_size": 2,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 2,
+            "log_every": 1,
+        },
         "output": {"dir": str(root / name), "save_every": 0},
     }
     path = root / f"{name}.yaml"
@@ -102,13 +116,30 @@ def runs(tmp_path_factory) -> Runs:
     r.reference = r.root / "reference"
     started = time.monotonic()
     reference = subprocess.Popen(
-        [sys.executable, "-m", "gkd_cli.app", "distill", str(_write_config(r.root, "reference", tokenizer))],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "gkd_cli.app",
+            "distill",
+            str(_write_config(r.root, "reference", tokenizer)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        cwd=REPO,
     )
 
     # 2-node job, submitted the way a user does it, into a fresh output dir.
     r.job_dir = r.root / "job"
-    submitted = _gkd("distill", str(_write_config(r.root, "job", tokenizer)), "--slurm", "--submit", "--nodes", "2")
+    submitted = _gkd(
+        "distill",
+        str(_write_config(r.root, "job", tokenizer)),
+        "--slurm",
+        "--submit",
+        "--nodes",
+        "2",
+    )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     r.submit_output = submitted.stdout
     r.job_id = re.search(r"submitted Slurm job (\d+)", submitted.stdout).group(1)
@@ -126,7 +157,14 @@ def runs(tmp_path_factory) -> Runs:
             subprocess.run(["scancel", "-b", "--signal=USR1", r.job_id], check=True)
             signalled = True
             r.seconds["preempted_after"] = time.monotonic() - started
-        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+        if info.get("JobState") in (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+        ):
             break
         time.sleep(0.3)
     r.final = _job(r.job_id)
@@ -137,9 +175,23 @@ def runs(tmp_path_factory) -> Runs:
     srun_config = _write_config(r.root, "srun", tokenizer, nnodes=2)
     begun = time.monotonic()
     r.srun = subprocess.run(
-        ["salloc", "-N2", "--ntasks-per-node=1", "srun", "--ntasks-per-node=1",
-         sys.executable, "-m", "gkd_cli.app", "distill", str(srun_config)],
-        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=420,
+        [
+            "salloc",
+            "-N2",
+            "--ntasks-per-node=1",
+            "srun",
+            "--ntasks-per-node=1",
+            sys.executable,
+            "-m",
+            "gkd_cli.app",
+            "distill",
+            str(srun_config),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=420,
     )
     r.seconds["srun"] = time.monotonic() - begun
 
@@ -173,7 +225,10 @@ def test_submitted_job_preempted_requeues_itself_and_matches_uninterrupted_run(r
     assert runs.final.get("Restarts") == "1", runs.states  # requeued exactly once, by its script
     assert runs.final.get("ExitCode") == "0:0"
     # after the requeue the same job ran again (PENDING in between, then RUNNING)
-    assert any(s.startswith("PENDING/restarts=1") or s.startswith("RUNNING/restarts=1") for s in runs.states)
+    assert any(
+        s.startswith("PENDING/restarts=1") or s.startswith("RUNNING/restarts=1")
+        for s in runs.states
+    )
 
     log = (runs.job_dir / "logs" / f"slurm-{runs.job_id}.out").read_text()
     # --open-mode=append: both attempts in one output file
@@ -184,7 +239,9 @@ def test_submitted_job_preempted_requeues_itself_and_matches_uninterrupted_run(r
     assert re.search(rf"^step {STEPS}/{STEPS} ", log, re.M)
 
     worst = _assert_same_losses(runs.job_dir, runs.reference)
-    print(f"preempted 2-node job vs uninterrupted local run: max |diff| {worst:.3g} over {STEPS} steps")
+    print(
+        f"preempted 2-node job vs uninterrupted local run: max |diff| {worst:.3g} over {STEPS} steps"
+    )
     assert f"squeue -j {runs.job_id}" in runs.submit_output
     assert f"tail -f {runs.job_dir / 'logs' / f'slurm-{runs.job_id}.out'}" in runs.submit_output
 
@@ -203,7 +260,11 @@ def test_plain_salloc_shell_is_refused(runs, tmp_path):
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run(
         ["salloc", "-N2", sys.executable, "-m", "gkd_cli.app", "distill", str(path)],
-        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=300,
     )
     assert result.returncode != 0
     assert "srun --ntasks-per-node=1 gkd distill" in result.stderr
@@ -214,7 +275,10 @@ def test_plain_salloc_shell_is_refused(runs, tmp_path):
     "args, message",
     [
         (["--partition", "gpu-nope"], "no such Slurm partition (sinfo lists: cpu)"),
-        (["--nodes", "3", "parallel.dp=3", "train.global_batch_size=6"], "partition cpu has only 2 node(s)"),
+        (
+            ["--nodes", "3", "parallel.dp=3", "train.global_batch_size=6"],
+            "partition cpu has only 2 node(s)",
+        ),
         (["--time", "25h"], "is not a Slurm time"),
     ],
 )

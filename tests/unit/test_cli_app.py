@@ -29,7 +29,12 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
     for key in list(os.environ):
-        if key.startswith("SLURM_") or key in ("WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if key.startswith("SLURM_") or key in (
+            "WORLD_SIZE",
+            "NODE_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ):
             monkeypatch.delenv(key, raising=False)
     # The host's Slurm (if any) must not answer: sinfo/scontrol stubs that fail, like no cluster.
     stubs = tmp_path / "no-slurm"
@@ -52,7 +57,10 @@ def cpu_cluster(tmp_path, monkeypatch):
     bin_dir = tmp_path / "cluster-bin"
     bin_dir.mkdir()
     lines = ["c1|cpu*|8|(null)", "c2|cpu*|8|(null)", "g1|gpu|32|gpu:4"]
-    _exe(bin_dir / "sinfo", "#!/bin/bash\nprintf '%s\\n' " + " ".join(f"'{line}'" for line in lines) + "\n")
+    _exe(
+        bin_dir / "sinfo",
+        "#!/bin/bash\nprintf '%s\\n' " + " ".join(f"'{line}'" for line in lines) + "\n",
+    )
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
 
 
@@ -189,7 +197,10 @@ def test_worker_failure_names_rank_and_log(tmp_path, monkeypatch):
     assert result.exit_code == 1
     lines = result.stderr.splitlines()
     assert lines[0] == "error: rank 3 failed (exit code 1): RuntimeError: out of memory"
-    assert f"log of rank 3: {tmp_path / 'run' / 'logs' / 'attempt_1' / 'rank3.stderr.log'}" in result.stderr
+    assert (
+        f"log of rank 3: {tmp_path / 'run' / 'logs' / 'attempt_1' / 'rank3.stderr.log'}"
+        in result.stderr
+    )
 
 
 def test_inside_slurm_allocation_uses_slurm_plan(tmp_path, launched, monkeypatch):
@@ -280,8 +291,19 @@ def test_slurm_cpu_partition_gets_no_gpu_request_and_the_node_cpus(tmp_path, cpu
 def test_slurm_gpus_per_node_zero_is_kept(tmp_path):
     """Explicit --gpus-per-node 0 (CPU workers): no GPU line, never replaced by the world size."""
     config = write_yaml(tmp_path, base_config(tmp_path))
-    result = run("distill", config, "--slurm", "--gpus-per-node", "0", "--cpus-per-task", "3",
-                 "--python", "/opt/py/bin/python3", "--signal-seconds", "120")
+    result = run(
+        "distill",
+        config,
+        "--slurm",
+        "--gpus-per-node",
+        "0",
+        "--cpus-per-task",
+        "3",
+        "--python",
+        "/opt/py/bin/python3",
+        "--signal-seconds",
+        "120",
+    )
     assert result.exit_code == 0, result.output
     script = (tmp_path / "run" / "gkd.sbatch").read_text()
     assert "--gpus" not in script and "#SBATCH --cpus-per-task=3\n" in script
@@ -294,7 +316,10 @@ def test_slurm_gpus_per_node_zero_is_kept(tmp_path):
     [
         (["--time", "12h"], "--time '12h' is not a Slurm time"),
         (["--partition", "gpux"], "no such Slurm partition (sinfo lists: cpu, gpu)"),
-        (["--nodes", "3", "parallel.dp=3", "parallel.tp=1", "train.global_batch_size=6"], "partition cpu has only 2 node(s)"),
+        (
+            ["--nodes", "3", "parallel.dp=3", "parallel.tp=1", "train.global_batch_size=6"],
+            "partition cpu has only 2 node(s)",
+        ),
         (["--partition", "cpu", "--gpus-per-node", "2"], "partition cpu have 0 GPU(s)"),
     ],
 )
@@ -346,24 +371,38 @@ def test_salloc_shell_is_refused_or_warned(tmp_path, launched, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NODELIST", "n1")
     result = run("distill", config)
     assert result.exit_code == 0, result.output
-    assert "warning: inside Slurm allocation 55 but not in a job step" in " ".join(result.stderr.split())
+    assert "warning: inside Slurm allocation 55 but not in a job step" in " ".join(
+        result.stderr.split()
+    )
     assert len(launched) == 1
 
 
 def test_multi_node_batch_script_without_srun_is_refused(tmp_path, launched, monkeypatch):
-    for key, value in {"SLURM_JOB_ID": "56", "SLURM_JOB_NODELIST": "n[1-2]",
-                       "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "0"}.items():
+    for key, value in {
+        "SLURM_JOB_ID": "56",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "0",
+    }.items():
         monkeypatch.setenv(key, value)
     result = run("distill", write_yaml(tmp_path, base_config(tmp_path)), "parallel.nnodes=2")
     assert result.exit_code == 1 and "first node only" in result.stderr
     assert launched == []
 
 
-def test_other_nodes_wait_for_node_0_before_touching_the_output_dir(tmp_path, launched, monkeypatch):
+def test_other_nodes_wait_for_node_0_before_touching_the_output_dir(
+    tmp_path, launched, monkeypatch
+):
     """Node 1 of a fresh 2-node run: nothing written before node 0's marker for this launch
     appears (it used to create logs/ first, and node 0 then refused the directory)."""
-    env = {"SLURM_JOB_ID": "57", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2",
-           "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_RESTART_COUNT": "1"}
+    env = {
+        "SLURM_JOB_ID": "57",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_RESTART_COUNT": "1",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     config = write_yaml(tmp_path, base_config(tmp_path))

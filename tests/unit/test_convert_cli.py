@@ -19,9 +19,15 @@ runner = CliRunner()
 def _tiny_llama_config(folder: Path, **overrides) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
-        "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 300, **overrides,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        **overrides,
     }
     (folder / "config.json").write_text(json.dumps(config))
     return folder
@@ -36,7 +42,9 @@ def _assert_one_red_line(result, *words):
 
 
 def test_import_of_a_missing_folder(tmp_path):
-    result = runner.invoke(convert_app, ["import-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        convert_app, ["import-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+    )
     _assert_one_red_line(result, "is not a folder")
 
 
@@ -61,17 +69,29 @@ def test_import_with_a_layout_that_does_not_divide_the_heads(tmp_path):
 
     folder = _tiny_llama_config(tmp_path / "hf")
     shapes = expected_shapes(read_spec(folder))
-    save_file({n: np.zeros(s, dtype=np.float32) for n, s in shapes.items()}, str(folder / "model.safetensors"))
-    result = runner.invoke(convert_app, ["import-hf", str(folder), "--out", str(tmp_path / "o"), "--tp", "4"])
+    save_file(
+        {n: np.zeros(s, dtype=np.float32) for n, s in shapes.items()},
+        str(folder / "model.safetensors"),
+    )
+    result = runner.invoke(
+        convert_app, ["import-hf", str(folder), "--out", str(tmp_path / "o"), "--tp", "4"]
+    )
     # config.json's own keys (not gkd's num_query_groups/num_layers) and the sizes that work:
     # 4 heads, 2 key/value heads, intermediate 48 -> tp 1 or 2; 2 layers -> pp 1 or 2
     _assert_one_red_line(
-        result, "num_key_value_heads=2", "not divisible by --tp=4", "valid --tp values for this model: 1, 2;",
+        result,
+        "num_key_value_heads=2",
+        "not divisible by --tp=4",
+        "valid --tp values for this model: 1, 2;",
         "valid --pp values: 1, 2",
     )
     assert "num_query_groups" not in result.output
-    result = runner.invoke(convert_app, ["import-hf", str(folder), "--out", str(tmp_path / "o"), "--pp", "3"])
-    _assert_one_red_line(result, "num_hidden_layers=2", "not divisible by --pp=3", "valid --pp values: 1, 2")
+    result = runner.invoke(
+        convert_app, ["import-hf", str(folder), "--out", str(tmp_path / "o"), "--pp", "3"]
+    )
+    _assert_one_red_line(
+        result, "num_hidden_layers=2", "not divisible by --pp=3", "valid --pp values: 1, 2"
+    )
     assert "num_layers" not in result.output
     assert not (tmp_path / "o").exists()
     existing = tmp_path / "o2"
@@ -79,7 +99,9 @@ def test_import_with_a_layout_that_does_not_divide_the_heads(tmp_path):
     (existing / "x").write_text("keep me")
     result = runner.invoke(convert_app, ["import-hf", str(folder), "--out", str(existing)])
     _assert_one_red_line(result, "exists and is not empty", "--overwrite")
-    result = runner.invoke(convert_app, ["import-hf", str(folder), "--out", str(tmp_path / "o"), "--dtype", "int8"])
+    result = runner.invoke(
+        convert_app, ["import-hf", str(folder), "--out", str(tmp_path / "o"), "--dtype", "int8"]
+    )
     _assert_one_red_line(result, "--dtype")
 
 
@@ -93,7 +115,13 @@ def test_export_of_an_arch_without_hugging_face_counterpart(tmp_path):
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    arch = ModelArch.llama(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300, normalization="LayerNorm")
+    arch = ModelArch.llama(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        vocab_size=300,
+        normalization="LayerNorm",
+    )
     (folder / "meta.json").write_text(json.dumps({"arch": vars(arch)}))
     result = runner.invoke(convert_app, ["export-hf", str(folder), "--out", str(tmp_path / "o")])
     _assert_one_red_line(result, "no supported Hugging Face architecture", "RMSNorm")
@@ -115,12 +143,22 @@ def test_export_refuses_a_non_empty_out(tmp_path):
 
 
 def test_import_plan_launches_the_worker_on_tp_x_pp_ranks(tmp_path):
-    plan = import_plan(tmp_path / "hf", tmp_path / "out", tp=2, pp=2, dtype="bfloat16", log_dir=tmp_path / "logs")
+    plan = import_plan(
+        tmp_path / "hf", tmp_path / "out", tp=2, pp=2, dtype="bfloat16", log_dir=tmp_path / "logs"
+    )
     assert plan.nproc_per_node == 4 and plan.nnodes == 1
     assert plan.entry_module == "parallel.hf.worker"
     assert plan.args == [
-        "--hf-dir", str((tmp_path / "hf").resolve()), "--out", str((tmp_path / "out").resolve()),
-        "--tp", "2", "--pp", "2", "--dtype", "bfloat16",
+        "--hf-dir",
+        str((tmp_path / "hf").resolve()),
+        "--out",
+        str((tmp_path / "out").resolve()),
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--dtype",
+        "bfloat16",
     ]
     from parallel.hf.worker import parse_args
 
@@ -138,6 +176,9 @@ def test_vocab_mapping_is_found_in_checkpoint_run_dir_or_config(tmp_path):
     elsewhere.write_bytes(b"x")
     assert find_vocab_mapping(step, {"data": {"vocab_mapping": str(elsewhere)}}) == elsewhere
     (run / "vocab_mapping.safetensors").write_bytes(b"x")
-    assert find_vocab_mapping(step, {"data": {"vocab_mapping": str(elsewhere)}}) == run / "vocab_mapping.safetensors"
+    assert (
+        find_vocab_mapping(step, {"data": {"vocab_mapping": str(elsewhere)}})
+        == run / "vocab_mapping.safetensors"
+    )
     (step / "vocab_mapping.safetensors").write_bytes(b"x")
     assert find_vocab_mapping(step, {}) == step / "vocab_mapping.safetensors"

@@ -24,36 +24,83 @@ pytestmark = pytest.mark.unit
 
 # Public config.json files of well-known models (abridged to the fields that matter).
 LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "rope_scaling": None, "hidden_act": "silu",
-    "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "torch_dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "rope_scaling": None,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "torch_dtype": "bfloat16",
 }
 MISTRAL_7B_V01 = {
-    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "hidden_act": "silu",
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "hidden_act": "silu",
     "tie_word_embeddings": False,
 }
 QWEN2_05B = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
-    "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-    "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
-    "use_sliding_window": False, "tie_word_embeddings": True, "hidden_act": "silu",
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "use_sliding_window": False,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
 }
 QWEN3_06B = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
-    "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
-    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
-    "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "rope_theta": 1000000,
-    "attention_bias": False, "tie_word_embeddings": True, "hidden_act": "silu",
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000,
+    "attention_bias": False,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
 }
 GPT2 = {
-    "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 768, "n_layer": 12,
-    "n_head": 12, "n_positions": 1024, "vocab_size": 50257, "layer_norm_epsilon": 1e-05,
+    "architectures": ["GPT2LMHeadModel"],
+    "model_type": "gpt2",
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_positions": 1024,
+    "vocab_size": 50257,
+    "layer_norm_epsilon": 1e-05,
     "activation_function": "gelu_new",
 }
 
@@ -107,9 +154,15 @@ def test_gpt2_maps_to_learned_positions_and_tanh_gelu():
 @pytest.mark.parametrize(
     "config, words",
     [
-        (dict(LLAMA3_8B, architectures=["FalconForCausalLM"]), ["FalconForCausalLM", *SUPPORTED_ARCHITECTURES]),
+        (
+            dict(LLAMA3_8B, architectures=["FalconForCausalLM"]),
+            ["FalconForCausalLM", *SUPPORTED_ARCHITECTURES],
+        ),
         ({k: v for k, v in LLAMA3_8B.items() if k != "architectures"}, ["architectures"]),
-        (dict(LLAMA3_8B, rope_scaling={"rope_type": "llama3", "factor": 8.0}), ["rope_type", "llama3"]),
+        (
+            dict(LLAMA3_8B, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+            ["rope_type", "llama3"],
+        ),
         (dict(LLAMA3_8B, attention_bias=True), ["biases", "q/k/v and o_proj"]),
         (dict(LLAMA3_8B, hidden_act="gelu"), ["hidden_act"]),
         (dict(GPT2, scale_attn_by_inverse_layer_idx=True), ["scale_attn_by_inverse_layer_idx"]),
@@ -127,15 +180,54 @@ def test_unsupported_configs_fail_clearly(config, words):
 @pytest.mark.parametrize(
     "arch, expected",
     [
-        (ModelArch.gpt2(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=500), "GPT2LMHeadModel"),
-        (ModelArch.llama(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                         vocab_size=500, rotary_base=500000), "LlamaForCausalLM"),
-        (ModelArch.llama(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=500,
-                         add_qkv_bias=True, tie_embeddings=True), "Qwen2ForCausalLM"),
-        (ModelArch.llama(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=500,
-                         qk_layernorm=True, kv_channels=32, ffn_hidden_size=96), "Qwen3ForCausalLM"),
-        (ModelArch.llama(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=500,
-                         add_bias_linear=True), "LlamaForCausalLM"),
+        (
+            ModelArch.gpt2(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=500),
+            "GPT2LMHeadModel",
+        ),
+        (
+            ModelArch.llama(
+                num_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                num_query_groups=2,
+                vocab_size=500,
+                rotary_base=500000,
+            ),
+            "LlamaForCausalLM",
+        ),
+        (
+            ModelArch.llama(
+                num_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                vocab_size=500,
+                add_qkv_bias=True,
+                tie_embeddings=True,
+            ),
+            "Qwen2ForCausalLM",
+        ),
+        (
+            ModelArch.llama(
+                num_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                vocab_size=500,
+                qk_layernorm=True,
+                kv_channels=32,
+                ffn_hidden_size=96,
+            ),
+            "Qwen3ForCausalLM",
+        ),
+        (
+            ModelArch.llama(
+                num_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                vocab_size=500,
+                add_bias_linear=True,
+            ),
+            "LlamaForCausalLM",
+        ),
     ],
 )
 def test_exported_config_reads_back_as_the_same_arch(arch, expected):
@@ -146,10 +238,22 @@ def test_exported_config_reads_back_as_the_same_arch(arch, expected):
         if field == "activation" and arch.activation == "gelu":
             assert config["activation_function"] == "gelu"  # exact GeLU, not GPT-2's tanh default
             continue
-        mine = getattr(arch, {"num_query_groups": "query_groups", "kv_channels": "head_dim",
-                              "ffn_hidden_size": "ffn_size"}.get(field, field))
-        theirs = getattr(back, {"num_query_groups": "query_groups", "kv_channels": "head_dim",
-                                "ffn_hidden_size": "ffn_size"}.get(field, field))
+        mine = getattr(
+            arch,
+            {
+                "num_query_groups": "query_groups",
+                "kv_channels": "head_dim",
+                "ffn_hidden_size": "ffn_size",
+            }.get(field, field),
+        )
+        theirs = getattr(
+            back,
+            {
+                "num_query_groups": "query_groups",
+                "kv_channels": "head_dim",
+                "ffn_hidden_size": "ffn_size",
+            }.get(field, field),
+        )
         assert mine == theirs, field
 
 
@@ -160,20 +264,41 @@ def test_transformers_builds_exactly_the_tensors_of_an_exported_config(tmp_path)
     from parallel.hf.layout import expected_shapes
 
     archs = [
-        ModelArch.gpt2(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300, max_seq_len=16),
-        ModelArch.llama(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=300),
-        ModelArch.llama(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300, add_qkv_bias=True),
-        ModelArch.llama(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300, qk_layernorm=True,
-                        kv_channels=16, num_query_groups=2),
-        ModelArch.llama(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300, add_bias_linear=True,
-                        tie_embeddings=True),
+        ModelArch.gpt2(
+            num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300, max_seq_len=16
+        ),
+        ModelArch.llama(
+            num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=300
+        ),
+        ModelArch.llama(
+            num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300, add_qkv_bias=True
+        ),
+        ModelArch.llama(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            vocab_size=300,
+            qk_layernorm=True,
+            kv_channels=16,
+            num_query_groups=2,
+        ),
+        ModelArch.llama(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            vocab_size=300,
+            add_bias_linear=True,
+            tie_embeddings=True,
+        ),
     ]
     for i, arch in enumerate(archs):
         folder = tmp_path / str(i)
         folder.mkdir()
         config = hf_config_for(arch)
         (folder / "config.json").write_text(json.dumps(config))
-        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(folder))
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(folder)
+        )
         assert type(model).__name__ == config["architectures"][0]
         built = {n: tuple(p.shape) for n, p in model.named_parameters()}  # tied lm_head not listed
         spec = spec_from_config(config)
@@ -182,7 +307,13 @@ def test_transformers_builds_exactly_the_tensors_of_an_exported_config(tmp_path)
 
 
 def test_export_of_unrepresentable_arch_names_the_problem():
-    arch = ModelArch.llama(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=500, normalization="LayerNorm")
+    arch = ModelArch.llama(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=500,
+        normalization="LayerNorm",
+    )
     with pytest.raises(HFConversionError, match="RMSNorm"):
         hf_architecture_for(arch)
 
@@ -197,8 +328,12 @@ def llama_dirs(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("bad_inputs")
     config = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(root / "single")
@@ -272,12 +407,19 @@ def test_truncated_file_is_detected(llama_dirs, tmp_path):
 def test_tokenizer_larger_than_vocabulary_is_rejected(llama_dirs, tmp_path):
     folder = _copy(llama_dirs / "single", tmp_path / "k")
     vocab = {f"t{i}": i for i in range(310)}
-    (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab}, "added_tokens": []}))
+    (folder / "tokenizer.json").write_text(
+        json.dumps({"model": {"type": "BPE", "vocab": vocab}, "added_tokens": []})
+    )
     with pytest.raises(HFConversionError, match="310 ids but config.json vocab_size=300"):
         inspect_hf_dir(folder)
     small = {f"t{i}": i for i in range(250)}  # a smaller tokenizer is common (padded embeddings)
     (folder / "tokenizer.json").write_text(
-        json.dumps({"model": {"type": "BPE", "vocab": small}, "added_tokens": [{"id": 299, "content": "<x>"}]})
+        json.dumps(
+            {
+                "model": {"type": "BPE", "vocab": small},
+                "added_tokens": [{"id": 299, "content": "<x>"}],
+            }
+        )
     )
     assert inspect_hf_dir(folder).tokenizer_vocab_size == 300
 
@@ -293,7 +435,9 @@ def test_pickle_only_weights_are_explained(llama_dirs, tmp_path):
 
 def test_unsupported_architecture_fails_before_reading_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
-    with pytest.raises(HFConversionError, match="BertForMaskedLM is not supported; supported: LlamaForCausalLM"):
+    with pytest.raises(
+        HFConversionError, match="BertForMaskedLM is not supported; supported: LlamaForCausalLM"
+    ):
         inspect_hf_dir(tmp_path)  # no weight file exists: the architecture is checked first
 
 
@@ -304,12 +448,20 @@ def test_architecture_check_of_the_teacher_route():
 
     hf = spec_from_config(LLAMA3_8B).arch
     same = ModelArch.llama(
-        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8, vocab_size=128256,
-        ffn_hidden_size=14336, rotary_base=500000, max_seq_len=2048,
+        num_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_query_groups=8,
+        vocab_size=128256,
+        ffn_hidden_size=14336,
+        rotary_base=500000,
+        max_seq_len=2048,
     )
     check_arch(same, hf, Path("llama3"))
     other = ModelArch(**{**vars(same), "num_layers": 16, "rotary_base": 10000})
-    with pytest.raises(HFConversionError, match="num_layers: 16 here vs 32.*rotary_base: 10000 here vs 500000"):
+    with pytest.raises(
+        HFConversionError, match="num_layers: 16 here vs 32.*rotary_base: 10000 here vs 500000"
+    ):
         check_arch(other, hf, Path("llama3"))
     gpt2 = spec_from_config(GPT2).arch
     with pytest.raises(HFConversionError, match="max_seq_len"):

@@ -26,17 +26,40 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_layout")
     common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
     t = transformers
-    _save(t.LlamaForCausalLM(t.LlamaConfig(vocab_size=200, num_key_value_heads=2, **common)), root / "llama")
-    _save(t.Qwen2ForCausalLM(t.Qwen2Config(vocab_size=200, num_key_value_heads=2, **common)), root / "qwen2")
     _save(
-        t.Qwen3ForCausalLM(t.Qwen3Config(vocab_size=100, num_key_value_heads=4, head_dim=16, **common)),
+        t.LlamaForCausalLM(t.LlamaConfig(vocab_size=200, num_key_value_heads=2, **common)),
+        root / "llama",
+    )
+    _save(
+        t.Qwen2ForCausalLM(t.Qwen2Config(vocab_size=200, num_key_value_heads=2, **common)),
+        root / "qwen2",
+    )
+    _save(
+        t.Qwen3ForCausalLM(
+            t.Qwen3Config(vocab_size=100, num_key_value_heads=4, head_dim=16, **common)
+        ),
         root / "qwen3",
     )
     _save(
-        t.LlamaForCausalLM(t.LlamaConfig(vocab_size=200, attention_bias=True, mlp_bias=True, **common)),
+        t.LlamaForCausalLM(
+            t.LlamaConfig(vocab_size=200, attention_bias=True, mlp_bias=True, **common)
+        ),
         root / "llama_bias",
     )
-    _save(t.GPT2LMHeadModel(t.GPT2Config(vocab_size=200, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0, eos_token_id=0)), root / "gpt2")
+    _save(
+        t.GPT2LMHeadModel(
+            t.GPT2Config(
+                vocab_size=200,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=16,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        ),
+        root / "gpt2",
+    )
     return root
 
 
@@ -62,10 +85,20 @@ def reference_full(hf: dict[str, torch.Tensor], spec) -> dict[str, torch.Tensor]
             q, k, v = w.split(a.hidden_size)
             qb, kb, vb = b.split(a.hidden_size)
             out[m + "self_attention.linear_qkv.weight"] = torch.cat(
-                [torch.cat([q[j * d : (j + 1) * d], k[j * d : (j + 1) * d], v[j * d : (j + 1) * d]]) for j in range(heads)]
+                [
+                    torch.cat(
+                        [q[j * d : (j + 1) * d], k[j * d : (j + 1) * d], v[j * d : (j + 1) * d]]
+                    )
+                    for j in range(heads)
+                ]
             )
             out[m + "self_attention.linear_qkv.bias"] = torch.cat(
-                [torch.cat([qb[j * d : (j + 1) * d], kb[j * d : (j + 1) * d], vb[j * d : (j + 1) * d]]) for j in range(heads)]
+                [
+                    torch.cat(
+                        [qb[j * d : (j + 1) * d], kb[j * d : (j + 1) * d], vb[j * d : (j + 1) * d]]
+                    )
+                    for j in range(heads)
+                ]
             )
             out[m + "self_attention.linear_proj.weight"] = hf[p + "attn.c_proj.weight"].t()
             out[m + "self_attention.linear_proj.bias"] = hf[p + "attn.c_proj.bias"]
@@ -89,7 +122,13 @@ def reference_full(hf: dict[str, torch.Tensor], spec) -> dict[str, torch.Tensor]
             q, k, v = (hf[p + f"self_attn.{x}_proj." + kind] for x in "qkv")
             out[m + "self_attention.linear_qkv." + kind] = torch.cat(
                 [
-                    torch.cat([q[j * per * d : (j + 1) * per * d], k[j * d : (j + 1) * d], v[j * d : (j + 1) * d]])
+                    torch.cat(
+                        [
+                            q[j * per * d : (j + 1) * per * d],
+                            k[j * d : (j + 1) * d],
+                            v[j * d : (j + 1) * d],
+                        ]
+                    )
                     for j in range(g)
                 ]
             )
@@ -117,7 +156,9 @@ def reference_local(full, hf, spec, tp_rank, tp):
     for name, tensor in full.items():
         if name.endswith(("word_embeddings.weight", "output_layer.weight")):
             tensor = _pad_rows(tensor, a.padded_vocab(tp))
-        if name.endswith(COLUMN) or (spec.family == "gpt2" and name.endswith(("linear_fc1.weight", "linear_fc1.bias"))):
+        if name.endswith(COLUMN) or (
+            spec.family == "gpt2" and name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
+        ):
             local[name] = tensor.chunk(tp, dim=0)[tp_rank]
         elif name.endswith(ROW):
             local[name] = tensor.chunk(tp, dim=1)[tp_rank]
@@ -155,7 +196,12 @@ def test_shard_plan_matches_megatron_split(folders, name, tp, block_bytes):
     for rank in range(tp):
         expected = reference_local(full, hf, spec, rank, tp)
         plan = shard_plan(
-            spec, tp_rank=rank, tp_size=tp, layers=layers, pre_process=True, post_process=True,
+            spec,
+            tp_rank=rank,
+            tp_size=tp,
+            layers=layers,
+            pre_process=True,
+            post_process=True,
             prefix=checkpoint.prefix,
         )
         assert set(plan) == set(expected)
@@ -171,15 +217,27 @@ def test_pipeline_stages_get_their_layers_and_tied_output(folders):
 
     checkpoint = inspect_hf_dir(folders / "gpt2")  # tied embeddings
     last = shard_plan(
-        checkpoint.spec, tp_rank=0, tp_size=1, layers=[(0, 1)], pre_process=False, post_process=True,
+        checkpoint.spec,
+        tp_rank=0,
+        tp_size=1,
+        layers=[(0, 1)],
+        pre_process=False,
+        post_process=True,
         prefix=checkpoint.prefix,
     )
     # The last stage's local layer 0 is global layer 1; its output layer is a copy of wte.
-    assert last["decoder.layers.0.input_layernorm.weight"][0].source == "transformer.h.1.ln_1.weight"
+    assert (
+        last["decoder.layers.0.input_layernorm.weight"][0].source == "transformer.h.1.ln_1.weight"
+    )
     assert [p.source for p in last["output_layer.weight"]] == ["transformer.wte.weight"]
     assert "embedding.word_embeddings.weight" not in last
     first = shard_plan(
-        checkpoint.spec, tp_rank=0, tp_size=1, layers=[(0, 0)], pre_process=True, post_process=False,
+        checkpoint.spec,
+        tp_rank=0,
+        tp_size=1,
+        layers=[(0, 0)],
+        pre_process=True,
+        post_process=False,
         prefix=checkpoint.prefix,
     )
     assert "output_layer.weight" not in first and "decoder.final_layernorm.weight" not in first
@@ -192,7 +250,12 @@ def test_vocab_shard_of_only_padding_is_zero(folders):
 
     checkpoint = inspect_hf_dir(folders / "qwen3")  # vocab 100: padded to 256 at tp=2
     plan = shard_plan(
-        checkpoint.spec, tp_rank=1, tp_size=2, layers=[], pre_process=True, post_process=True,
+        checkpoint.spec,
+        tp_rank=1,
+        tp_size=2,
+        layers=[],
+        pre_process=True,
+        post_process=True,
     )
     assert plan["embedding.word_embeddings.weight"] == []
     dest = torch.full((128, 32), float("nan"))

@@ -51,7 +51,9 @@ def fake_checkpoint(folder: Path, **meta) -> Path:
 
 @pytest.fixture
 def checkpoint(tmp_path, tokenizer) -> Path:
-    return fake_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000004", tokenizer=str(tokenizer))
+    return fake_checkpoint(
+        tmp_path / "run" / "checkpoints" / "step_0000004", tokenizer=str(tokenizer)
+    )
 
 
 @pytest.fixture
@@ -67,8 +69,13 @@ def launched(monkeypatch):
 
         tok = load_tokenizer(job.tokenizer)
         results = evaluate_tasks(
-            job.data_dir, job.tasks, ScriptedModel.always(0), make_tokenize(tok, None),
-            split=job.split, shots=job.shots, limit=job.limit,
+            job.data_dir,
+            job.tasks,
+            ScriptedModel.always(0),
+            make_tokenize(tok, None),
+            split=job.split,
+            shots=job.shots,
+            limit=job.limit,
         )
         save_results(job.out, results, model=job.model_name, include_predictions=job.predictions)
 
@@ -81,13 +88,28 @@ def invoke(*args: str, env: dict | None = None):
     return runner.invoke(eval_cli.eval_app, ["superglue", *args], env=env)
 
 
-def test_evaluates_a_checkpoint_with_its_tokenizer_and_writes_results(launched, checkpoint, tokenizer, data, tmp_path):
+def test_evaluates_a_checkpoint_with_its_tokenizer_and_writes_results(
+    launched, checkpoint, tokenizer, data, tmp_path
+):
     out = tmp_path / "res" / "sg.json"
-    result = invoke(str(checkpoint.parent.parent), "--tasks", "cb,COPA", "--tp", "2", "--limit", "3",
-                    "--out", str(out), "--predictions", env={eval_cli.DATA_ENV: str(data)})
+    result = invoke(
+        str(checkpoint.parent.parent),
+        "--tasks",
+        "cb,COPA",
+        "--tp",
+        "2",
+        "--limit",
+        "3",
+        "--out",
+        str(out),
+        "--predictions",
+        env={eval_cli.DATA_ENV: str(data)},
+    )
     assert result.exit_code == 0, result.output
     (plan,) = launched
-    assert plan.entry_module == "gkd_cli.eval_worker" and plan.nproc_per_node == 2 and plan.nnodes == 1
+    assert (
+        plan.entry_module == "gkd_cli.eval_worker" and plan.nproc_per_node == 2 and plan.nnodes == 1
+    )
     assert Path(plan.log_dir) == out.parent / "sg.logs"
     job = EvalJob.load(Path(plan.log_dir) / "job.json")
     assert job.checkpoint == str(checkpoint.resolve())  # the newest checkpoint of the run
@@ -128,8 +150,17 @@ def test_compare_a_checkpoint_with_a_results_file(launched, checkpoint, data, tm
     results = evaluate_tasks(data, ["CB"], ScriptedModel.always(1), tokenize)
     save_results(tmp_path / "b.json", results, model="b")
     out = tmp_path / "cmp.json"
-    result = invoke("--compare", str(checkpoint), str(tmp_path / "b.json"), "--tasks", "cb",
-                    "--data", str(data), "--out", str(out))
+    result = invoke(
+        "--compare",
+        str(checkpoint),
+        str(tmp_path / "b.json"),
+        "--tasks",
+        "cb",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+    )
     assert result.exit_code == 0, result.output
     assert len(launched) == 1 and (tmp_path / "cmp.a.json").is_file()
     assert "vs b" in result.output
@@ -152,8 +183,15 @@ def test_compare_a_checkpoint_with_a_results_file(launched, checkpoint, data, tm
         (["{tmp}", "--data", "{data}"], "no complete gkd checkpoint"),
     ],
 )
-def test_bad_input_is_one_red_line_and_exit_code_2(launched, checkpoint, data, tmp_path, args, message):
-    values = {"ckpt": str(checkpoint), "data": str(data), "missing": str(tmp_path / "nope"), "tmp": str(tmp_path)}
+def test_bad_input_is_one_red_line_and_exit_code_2(
+    launched, checkpoint, data, tmp_path, args, message
+):
+    values = {
+        "ckpt": str(checkpoint),
+        "data": str(data),
+        "missing": str(tmp_path / "nope"),
+        "tmp": str(tmp_path),
+    }
     result = invoke(*(a.format(**values) for a in args))
     assert result.exit_code == 2, result.output
     assert message in result.output
@@ -164,9 +202,13 @@ def test_tokenizer_falls_back_to_the_run_config(launched, tmp_path, tokenizer, d
     run = tmp_path / "run"
     folder = fake_checkpoint(run / "checkpoints" / "step_0000002")
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"tokenizer": str(tokenizer)}}))
-    result = invoke(str(run), "--tasks", "cb", "--data", str(data), "--out", str(tmp_path / "o.json"))
+    result = invoke(
+        str(run), "--tasks", "cb", "--data", str(data), "--out", str(tmp_path / "o.json")
+    )
     assert result.exit_code == 0, result.output
-    assert EvalJob.load(Path(launched[0].log_dir) / "job.json").tokenizer == str(tokenizer.resolve())
+    assert EvalJob.load(Path(launched[0].log_dir) / "job.json").tokenizer == str(
+        tokenizer.resolve()
+    )
     (run / "config.yaml").unlink()
     result = invoke(str(folder), "--tasks", "cb", "--data", str(data))
     assert result.exit_code == 2 and "pass --tokenizer" in result.output
@@ -220,7 +262,9 @@ def test_compressed_vocabulary_remaps_ids_and_excludes_padding_slots(tmp_path, t
     assert make_tokenize(tok, None)(text) == raw[1:]
 
 
-def _hf_folder(folder: Path, source: Path, *, bos_post_processor: bool, tokenizer_class: str) -> Path:
+def _hf_folder(
+    folder: Path, source: Path, *, bos_post_processor: bool, tokenizer_class: str
+) -> Path:
     """``source`` plus a ``<s>`` token, with or without a post-processor putting it first."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import processors
@@ -234,18 +278,29 @@ def _hf_folder(folder: Path, source: Path, *, bos_post_processor: bool, tokenize
         )
     folder.mkdir(parents=True)
     hf.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": tokenizer_class, "bos_token": "<s>", "eos_token": "<|endoftext|>",
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": tokenizer_class,
+                "bos_token": "<s>",
+                "eos_token": "<|endoftext|>",
+            }
+        )
+    )
     return folder
 
 
 @pytest.mark.parametrize(
     ("bos_post_processor", "tokenizer_class"),
-    [(True, "PreTrainedTokenizerFast"), (False, "PreTrainedTokenizerFast"), (False, "GPT2TokenizerFast")],
+    [
+        (True, "PreTrainedTokenizerFast"),
+        (False, "PreTrainedTokenizerFast"),
+        (False, "GPT2TokenizerFast"),
+    ],
 )
-def test_prompts_are_tokenized_as_transformers_tokenizes_them(tmp_path, tokenizer, bos_post_processor,
-                                                              tokenizer_class):
+def test_prompts_are_tokenized_as_transformers_tokenizes_them(
+    tmp_path, tokenizer, bos_post_processor, tokenizer_class
+):
     """The default prefix is the tokenizer's own: the ids equal transformers' ``tokenizer(text)``
     (what lm-evaluation-harness's hf model encodes). Before 2026-12 every prompt got the
     end-of-document token instead."""
@@ -254,8 +309,12 @@ def test_prompts_are_tokenized_as_transformers_tokenizes_them(tmp_path, tokenize
     from gkd_cli.data import load_tokenizer
     from gkd_cli.eval_worker import prompt_prefix
 
-    folder = _hf_folder(tmp_path / "hf", tokenizer, bos_post_processor=bos_post_processor,
-                        tokenizer_class=tokenizer_class)
+    folder = _hf_folder(
+        tmp_path / "hf",
+        tokenizer,
+        bos_post_processor=bos_post_processor,
+        tokenizer_class=tokenizer_class,
+    )
     tok = load_tokenizer(folder)
     reference = AutoTokenizer.from_pretrained(folder)
     prefix = prompt_prefix(tok, None)
@@ -294,9 +353,18 @@ def test_sentencepiece_convention_is_its_bos_piece_unless_the_config_says_otherw
     from gkd_cli.eval_worker import prompt_prefix
 
     buffer = io.BytesIO()
-    text = (Path(eval_cli.__file__).parent / "assets" / "demo_corpus.txt").read_text().splitlines()[:500]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buffer, vocab_size=150,
-                                   model_type="bpe", minloglevel=2)
+    text = (
+        (Path(eval_cli.__file__).parent / "assets" / "demo_corpus.txt")
+        .read_text()
+        .splitlines()[:500]
+    )
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text),
+        model_writer=buffer,
+        vocab_size=150,
+        model_type="bpe",
+        minloglevel=2,
+    )
     (tmp_path / "tokenizer.model").write_bytes(buffer.getvalue())
     processor = spm.SentencePieceProcessor(model_proto=buffer.getvalue())
     tok = load_tokenizer(tmp_path / "tokenizer.model")

@@ -21,7 +21,9 @@ def _request(draw):
     common prefix), like ReCoRD's filled-in queries."""
     context = draw(token_lists)
     prefix = draw(st.lists(st.integers(0, 3), max_size=4))
-    endings = draw(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=5), min_size=1, max_size=5))
+    endings = draw(
+        st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=5), min_size=1, max_size=5)
+    )
     return context, [prefix + ending for ending in endings]
 
 
@@ -32,7 +34,9 @@ def _seen(batch, row: int, query: int) -> list[tuple[int, int]]:
     """(position id, token) of every key that ``query`` attends to, in position order."""
     visible = ~batch["attention_mask"][row, 0, query]
     keys = torch.nonzero(visible).flatten().tolist()
-    return sorted((int(batch["position_ids"][row, k]), int(batch["input_ids"][row, k])) for k in keys)
+    return sorted(
+        (int(batch["position_ids"][row, k]), int(batch["input_ids"][row, k])) for k in keys
+    )
 
 
 def _expected_window(context, options, option, offset, seq_length):
@@ -67,15 +71,22 @@ def test_every_scored_token_sees_exactly_its_window(requests, seq_length, share)
             # The model sees exactly that window, at positions 0..len-1, as if it ran alone.
             assert _seen(batch, b, predicting) == list(enumerate(window))
             assert token == options[option][j]
-            assert int(batch["target_rows"][n]) == b and int(batch["target_positions"][n]) == predicting
+            assert (
+                int(batch["target_rows"][n]) == b
+                and int(batch["target_positions"][n]) == predicting
+            )
             assert int(batch["target_ids"][n]) == token
             scored[(row.request, option)].append(token)
             n += 1
     assert n == len(batch["target_ids"])
     # Every option of every request is scored once, whole, in order.
-    expected = {(r, k): list(o) for r, (_, options) in enumerate(requests) for k, o in enumerate(options)}
+    expected = {
+        (r, k): list(o) for r, (_, options) in enumerate(requests) for k, o in enumerate(options)
+    }
     assert scored == expected
-    assert plan.split_options == sum(len(o) > seq_length - 1 for _, options in requests for o in options)
+    assert plan.split_options == sum(
+        len(o) > seq_length - 1 for _, options in requests for o in options
+    )
 
 
 def test_shared_context_packs_all_options_after_one_context():
@@ -95,7 +106,16 @@ def test_leading_tokens_common_to_all_options_are_run_once():
     assert row.tokens == [1, 2, 4, 5, 6, 5, 7, 5]
     assert row.segments == [CONTEXT_SEGMENT] * 3 + [0, 0, 1, 1, 2]
     assert row.positions == [0, 1, 2, 3, 4, 3, 4, 3]
-    assert row.targets == [(1, 4, 0), (2, 5, 0), (3, 6, 0), (1, 4, 1), (2, 5, 1), (5, 7, 1), (1, 4, 2), (2, 5, 2)]
+    assert row.targets == [
+        (1, 4, 0),
+        (2, 5, 0),
+        (3, 6, 0),
+        (1, 4, 1),
+        (2, 5, 1),
+        (5, 7, 1),
+        (1, 4, 2),
+        (2, 5, 2),
+    ]
 
 
 def test_naive_layout_has_one_row_per_option():

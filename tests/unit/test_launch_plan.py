@@ -169,8 +169,14 @@ def test_slurm_context():
 
 
 def test_srun_on_part_of_the_allocation_uses_the_step_nodes():
-    env = {**SLURM_ENV, "SLURM_STEP_ID": "3", "SLURM_STEP_NODELIST": "gpu08",
-           "SLURM_STEP_NUM_NODES": "1", "SLURM_NODEID": "0", "SLURM_STEP_NUM_TASKS": "1"}
+    env = {
+        **SLURM_ENV,
+        "SLURM_STEP_ID": "3",
+        "SLURM_STEP_NODELIST": "gpu08",
+        "SLURM_STEP_NUM_NODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_STEP_NUM_TASKS": "1",
+    }
     plan = plan_from_slurm_env(tiny(tp=4, dp=1, nnodes=1), env)
     assert (plan.nnodes, plan.nproc_per_node, plan.master_addr) == (1, 4, "gpu08")
 
@@ -181,7 +187,9 @@ def test_srun_with_several_tasks_per_node_is_refused():
         plan_from_slurm_env(tiny(tp=4, dp=2, nnodes=2), env)
 
 
-@pytest.mark.parametrize("value", ["30", "30:00", "24:00:00", "2-00", "2-12:30", "1-00:00:00", "UNLIMITED"])
+@pytest.mark.parametrize(
+    "value", ["30", "30:00", "24:00:00", "2-00", "2-12:30", "1-00:00:00", "UNLIMITED"]
+)
 def test_slurm_time_formats(value):
     check_slurm_time(value)
 
@@ -198,11 +206,18 @@ def test_slurm_time_rejects(value):
 def test_partitions_from_sinfo(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    lines = ["n1|cpu*|2|(null)", "n2|cpu*|4|(null)", "g1|gpu|64|gpu:a100:4(S:0-1)",
-             "g2|gpu|64|gpu:a100:8,tmpdisk:100", "n1|debug|2|(null)"]
+    lines = [
+        "n1|cpu*|2|(null)",
+        "n2|cpu*|4|(null)",
+        "g1|gpu|64|gpu:a100:4(S:0-1)",
+        "g2|gpu|64|gpu:a100:8,tmpdisk:100",
+        "n1|debug|2|(null)",
+    ]
     _stub(bin_dir, "sinfo", "printf '%s\\n' " + " ".join(f"'{line}'" for line in lines) + "\n")
     parts = slurm_partitions({"PATH": str(bin_dir)})
-    assert parts["cpu"] == PartitionInfo(name="cpu", nodes=2, cpus_per_node=2, gpus_per_node=0, default=True)
+    assert parts["cpu"] == PartitionInfo(
+        name="cpu", nodes=2, cpus_per_node=2, gpus_per_node=0, default=True
+    )
     assert parts["gpu"] == PartitionInfo(name="gpu", nodes=2, cpus_per_node=64, gpus_per_node=4)
     assert parts["debug"].nodes == 1
     assert check_partition(parts, None, 2).name == "cpu"  # the default partition
@@ -310,7 +325,9 @@ def _script(tmp_path: Path, **options) -> tuple[Path, Path]:
     out = tmp_path / "run"
     cfg = tiny(tp=4, dp=2, nnodes=2, out=str(out))
     script = tmp_path / "job.sbatch"
-    opts = SlurmOptions(nodes=2, gpus_per_node=4, cpus_per_task=6, python=str(tmp_path / "bin" / "fakepy"))
+    opts = SlurmOptions(
+        nodes=2, gpus_per_node=4, cpus_per_task=6, python=str(tmp_path / "bin" / "fakepy")
+    )
     for key, value in options.items():
         setattr(opts, key, value)
     script.write_text(render_sbatch(cfg, opts, out / "config.yaml"))
@@ -323,7 +340,9 @@ def test_rendered_script_runs_one_gkd_per_node_with_this_python(tmp_path):
     finished is not requeued."""
     env, calls = _batch_env(tmp_path, "exit 0\n", finished_exit=0)
     script, out = _script(tmp_path)
-    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = calls.read_text().splitlines()
     py = str(tmp_path / "bin" / "fakepy")
@@ -371,7 +390,9 @@ def test_rendered_script_does_not_requeue_failures(tmp_path, finished_exit, srun
     (FAILED), never requeued in a loop."""
     env, calls = _batch_env(tmp_path, f"exit {srun_exit}\n", finished_exit=finished_exit)
     script, _ = _script(tmp_path)
-    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == expect
     assert "scontrol" not in calls.read_text()
 

@@ -28,7 +28,9 @@ def _params():
 
 
 def test_every_numeric_parameter_has_a_declared_range():
-    missing = [f"{name}.{f.name}" for name, spec, f, _ in _params() if spec.range_of(f.name) is None]
+    missing = [
+        f"{name}.{f.name}" for name, spec, f, _ in _params() if spec.range_of(f.name) is None
+    ]
     assert not missing, f"declare ranges in methods/registry.py for {missing}"
 
 
@@ -44,14 +46,29 @@ def test_defaults_lie_in_their_ranges():
 # rate, DGKD's survival, RL-KD's warmup are probabilities or fractions of training; top-k's k, head
 # counts and windows are counts.
 OUTSIDE = {
-    ("glmd", "temperature"): 0.0, ("kd", "temperature"): -1.0, ("kd", "soft_weight"): -0.5,
-    ("jsd", "beta"): 1.01, ("skew_kl", "alpha"): -0.01, ("skew_rkl", "alpha"): 1.5,
-    ("topk_kd", "k"): 0, ("pkd", "alpha"): 1.2, ("theseus", "replace_rate"): 1.1,
-    ("dgkd", "survival"): 0.0, ("rl_kd", "warmup"): 2.0, ("annealing_kd", "max_temperature"): 0,
-    ("continuation_kd", "margin"): -1.0, ("lrc_bert", "tau"): 0.0, ("lrc_bert", "epsilon"): -0.1,
-    ("mgskd", "span_rate"): 0.0, ("diito", "span"): 1.0, ("ckd", "window"): 0,
-    ("minilmv2", "relation_heads"): 0, ("rail_kd", "projection_size"): 0, ("tinybert", "redraw_every"): 0,
-    ("distilbert", "seed"): -1, ("universal_kd", "projection_size"): -1,
+    ("glmd", "temperature"): 0.0,
+    ("kd", "temperature"): -1.0,
+    ("kd", "soft_weight"): -0.5,
+    ("jsd", "beta"): 1.01,
+    ("skew_kl", "alpha"): -0.01,
+    ("skew_rkl", "alpha"): 1.5,
+    ("topk_kd", "k"): 0,
+    ("pkd", "alpha"): 1.2,
+    ("theseus", "replace_rate"): 1.1,
+    ("dgkd", "survival"): 0.0,
+    ("rl_kd", "warmup"): 2.0,
+    ("annealing_kd", "max_temperature"): 0,
+    ("continuation_kd", "margin"): -1.0,
+    ("lrc_bert", "tau"): 0.0,
+    ("lrc_bert", "epsilon"): -0.1,
+    ("mgskd", "span_rate"): 0.0,
+    ("diito", "span"): 1.0,
+    ("ckd", "window"): 0,
+    ("minilmv2", "relation_heads"): 0,
+    ("rail_kd", "projection_size"): 0,
+    ("tinybert", "redraw_every"): 0,
+    ("distilbert", "seed"): -1,
+    ("universal_kd", "projection_size"): -1,
 }
 
 
@@ -63,13 +80,21 @@ def test_value_outside_the_range_is_refused(method, param):
     assert str(REGISTRY[method].range_of(param)) in str(info.value)
 
 
-@pytest.mark.parametrize("method", sorted(n for n in REGISTRY if "temperature" in
-                                          {f.name for f in dataclasses.fields(REGISTRY[n].params)}))
+@pytest.mark.parametrize(
+    "method",
+    sorted(
+        n
+        for n in REGISTRY
+        if "temperature" in {f.name for f in dataclasses.fields(REGISTRY[n].params)}
+    ),
+)
 def test_every_temperature_must_be_positive(method):
     with pytest.raises(ParamRangeError, match="must be > 0"):
         build_method(method, {"temperature": 0})
     with pytest.raises(ParamRangeError, match="must be > 0"):  # a schedule that reaches 0
-        build_method(method, {"temperature": {"type": "step", "boundaries": [10], "values": [1.0, 0.0]}})
+        build_method(
+            method, {"temperature": {"type": "step", "boundaries": [10], "values": [1.0, 0.0]}}
+        )
 
 
 def test_nested_method_of_a_combiner_is_checked():
@@ -79,7 +104,9 @@ def test_nested_method_of_a_combiner_is_checked():
 
 def test_edges_of_ranges():
     assert Range(0, 1).contains(0) and Range(0, 1).contains(1)
-    assert not Range(0, 1, low_open=True).contains(0) and not Range(0, 1, high_open=True).contains(1)
+    assert not Range(0, 1, low_open=True).contains(0) and not Range(0, 1, high_open=True).contains(
+        1
+    )
     assert str(Range(0, 1, low_open=True)) == "in (0, 1]" and str(Range(0, low_open=True)) == "> 0"
     build_method("jsd", {"beta": 1.0})  # the edges of a closed range are accepted
     build_method("minilm", {"teacher_layer": -3})  # negative layers count from the end
@@ -88,16 +115,26 @@ def test_edges_of_ranges():
 def test_hf_layout_errors_name_config_json_keys_and_valid_sizes():
     from parallel.hf.spec import HFConversionError, check_layout, spec_from_config
 
-    gpt2 = spec_from_config({
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 768, "n_layer": 12,
-        "n_head": 12, "n_positions": 1024, "vocab_size": 50257,
-    })
+    gpt2 = spec_from_config(
+        {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_embd": 768,
+            "n_layer": 12,
+            "n_head": 12,
+            "n_positions": 1024,
+            "vocab_size": 50257,
+        }
+    )
     with pytest.raises(HFConversionError) as info:
         check_layout(gpt2.arch, 5, 1, where="config.json", family=gpt2.family)
     message = str(info.value)
     assert "n_head=12 is not divisible by --tp=5" in message, message
     assert "valid --tp values for this model: 1, 2, 3, 4, 6, 12;" in message, message
-    with pytest.raises(HFConversionError, match=r"n_layer=12 is not divisible by --pp=5.*valid --pp values: 1, 2, 3, 4, 6, 12"):
+    with pytest.raises(
+        HFConversionError,
+        match=r"n_layer=12 is not divisible by --pp=5.*valid --pp values: 1, 2, 3, 4, 6, 12",
+    ):
         check_layout(gpt2.arch, 1, 5, where="config.json", family=gpt2.family)
 
 

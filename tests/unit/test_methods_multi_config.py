@@ -34,9 +34,14 @@ def load(cfg: dict):
 
 
 def test_teachers_list_loads_dumps_and_reloads():
-    cfg = load(config(teacher=None, teachers=[TEACHER, {**TEACHER, "hidden_size": 48}],
-                      methods=[{"name": "tmkd", "method": {"name": "kd", "hard_weight": 0}}],
-                      train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "stage": "task"}))
+    cfg = load(
+        config(
+            teacher=None,
+            teachers=[TEACHER, {**TEACHER, "hidden_size": 48}],
+            methods=[{"name": "tmkd", "method": {"name": "kd", "hard_weight": 0}}],
+            train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "stage": "task"},
+        )
+    )
     assert [t.hidden_size for t in teacher_configs(cfg)] == [64, 48]
     again = load_config_text(dump_config(cfg), check_paths=False)
     assert again == cfg
@@ -53,8 +58,10 @@ def test_teachers_must_share_a_vocabulary():
 
 
 def test_single_stage_method_is_refused_at_pp2_saying_why():
-    cfg = config(methods=[{"name": "alp_kd"}],
-                 train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "stage": "task"})
+    cfg = config(
+        methods=[{"name": "alp_kd"}],
+        train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "stage": "task"},
+    )
     with pytest.raises(ConfigError, match=r"methods\.0 \(alp_kd\).*parallel.pp=1"):
         load(cfg)
     load({**cfg, "parallel": {"tp": 1, "pp": 1}})
@@ -71,19 +78,31 @@ def test_layer_pair_across_stages_is_refused_with_the_nearest_aligned_mapping():
 
 
 def test_combiner_checks_its_inner_method_per_teacher():
-    cfg = config(teacher=None, teachers=[TEACHER, TEACHER],
-                 methods=[{"name": "tmkd", "method": {"name": "tinybert", "layer_map": [3, 3]}}])
+    cfg = config(
+        teacher=None,
+        teachers=[TEACHER, TEACHER],
+        methods=[{"name": "tmkd", "method": {"name": "tinybert", "layer_map": [3, 3]}}],
+    )
     with pytest.raises(ConfigError, match="teacher 0"):
         load(cfg)
 
 
 def test_forward_changing_method_needs_a_teacher():
     with pytest.raises(ConfigError, match="needs a teacher"):
-        load(config(teacher=None, methods=[{"name": "theseus"}],
-                    train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "stage": "task"}))
+        load(
+            config(
+                teacher=None,
+                methods=[{"name": "theseus"}],
+                train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "stage": "task"},
+            )
+        )
 
 
 def test_theseus_needs_equal_widths():
     with pytest.raises(ConfigError, match="hidden_size"):
-        load(config(methods=[{"name": "theseus"}],
-                    train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "stage": "task"}))
+        load(
+            config(
+                methods=[{"name": "theseus"}],
+                train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "stage": "task"},
+            )
+        )

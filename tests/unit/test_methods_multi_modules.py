@@ -25,8 +25,12 @@ class _Method:
         sharded.weight.partition_dim = 0
         sharded.bias.tensor_model_parallel = True
         sharded.bias.partition_dim = 0
-        return {"proj_l0": torch.nn.Linear(4, 6), "proj_l3": torch.nn.Linear(4, 6), "shared": torch.nn.Linear(4, 4),
-                "heads": sharded}
+        return {
+            "proj_l0": torch.nn.Linear(4, 6),
+            "proj_l3": torch.nn.Linear(4, 6),
+            "shared": torch.nn.Linear(4, 4),
+            "heads": sharded,
+        }
 
     def module_layers(self):
         return {"proj_l0": 0, "proj_l3": 3, "heads": -1}
@@ -56,7 +60,10 @@ def test_placed_modules_live_on_their_stage_and_shared_ones_everywhere():
     assert set(last.by_method["m"]) == {"proj_l3", "shared", "heads"}
     assert not any(getattr(p, "shared", False) for p in first.parameters())
     shared_last = {n for n, p in last.named_parameters() if getattr(p, "shared", False)}
-    assert shared_last == {"by_method.m.shared.weight", "by_method.m.shared.bias"}  # counted once in the norm
+    assert shared_last == {
+        "by_method.m.shared.weight",
+        "by_method.m.shared.bias",
+    }  # counted once in the norm
     assert len(last.replicated_parameters()) == 2
 
 
@@ -72,8 +79,11 @@ def test_checkpoint_keys_are_global_and_saved_once():
             sd = _build(pp_rank, tp_rank=tp_rank).sharded_state_dict(tp=2)
             for key, tensor in sd.items():
                 sharded.setdefault(key, []).append(tensor)
-    assert set(sharded) == {f"methods.m.{n}.{p}" for n in ("proj_l0", "proj_l3", "shared", "heads")
-                            for p in ("weight", "bias")}
+    assert set(sharded) == {
+        f"methods.m.{n}.{p}"
+        for n in ("proj_l0", "proj_l3", "shared", "heads")
+        for p in ("weight", "bias")
+    }
     for key, tensors in sharded.items():
         main = [t for t in tensors if all(i == 0 for i in t.replica_id)]
         if ".heads." in key:  # tp-sharded: one main piece per tp rank, global shape 8

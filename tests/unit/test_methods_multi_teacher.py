@@ -31,8 +31,15 @@ TEACHER_WIDTHS = (6, 7)
 
 
 def info(hidden: int, layers: int = 4) -> ModelInfo:
-    return ModelInfo(num_layers=layers, hidden_size=hidden, num_attention_heads=1, num_query_groups=1,
-                     ffn_hidden_size=4 * hidden, vocab_size=V_REAL, padded_vocab_size=V_COLS)
+    return ModelInfo(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=1,
+        num_query_groups=1,
+        ffn_hidden_size=4 * hidden,
+        vocab_size=V_REAL,
+        padded_vocab_size=V_COLS,
+    )
 
 
 STUDENT = info(H, 2)
@@ -43,29 +50,46 @@ def data(seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     d = {
         "student": torch.randn(N, V_COLS, generator=gen, dtype=torch.float64) * 2,
-        "teachers": [torch.randn(N, V_COLS, generator=gen, dtype=torch.float64) * 2 for _ in TEACHERS],
+        "teachers": [
+            torch.randn(N, V_COLS, generator=gen, dtype=torch.float64) * 2 for _ in TEACHERS
+        ],
         "labels": torch.randint(0, V_REAL, (N,), generator=gen),
         "mask": (torch.rand(N, generator=gen) > 0.2).double(),
         "student_hidden": torch.randn(S, B, H, generator=gen, dtype=torch.float64),
-        "teacher_hidden": [torch.randn(S, B, w, generator=gen, dtype=torch.float64) for w in TEACHER_WIDTHS],
+        "teacher_hidden": [
+            torch.randn(S, B, w, generator=gen, dtype=torch.float64) for w in TEACHER_WIDTHS
+        ],
     }
     d["mask"][0] = 1.0
     return d
 
 
 def features(d: dict, student: torch.Tensor, cols: slice = slice(None)) -> dict:
-    out = {Tap(Role.STUDENT, FeatureKind.LOGITS): student,
-           Tap(Role.STUDENT, FeatureKind.FINAL_NORM): d["student_hidden"]}
+    out = {
+        Tap(Role.STUDENT, FeatureKind.LOGITS): student,
+        Tap(Role.STUDENT, FeatureKind.FINAL_NORM): d["student_hidden"],
+    }
     for k, (logits, hidden) in enumerate(zip(d["teachers"], d["teacher_hidden"], strict=True)):
         out[Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=k)] = logits[:, cols]
         out[Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=k)] = hidden
     return out
 
 
-def context(d: dict, step: int = 5, total: int = 10, vocab_start: int = 0, tp_group=None) -> LossContext:
-    return LossContext(step=step, total_steps=total, stage=Stage.PRETRAIN, loss_mask=d["mask"], labels=d["labels"],
-                       vocab_start=vocab_start, vocab_size=V_REAL, tp_group=tp_group, teacher=TEACHERS[0],
-                       student=STUDENT)
+def context(
+    d: dict, step: int = 5, total: int = 10, vocab_start: int = 0, tp_group=None
+) -> LossContext:
+    return LossContext(
+        step=step,
+        total_steps=total,
+        stage=Stage.PRETRAIN,
+        loss_mask=d["mask"],
+        labels=d["labels"],
+        vocab_start=vocab_start,
+        vocab_size=V_REAL,
+        tp_group=tp_group,
+        teacher=TEACHERS[0],
+        student=STUDENT,
+    )
 
 
 def pipeline(method) -> MethodPipeline:
@@ -78,6 +102,7 @@ def pipeline(method) -> MethodPipeline:
 
 
 # ---------------------------------------------------------------------------------------------- references
+
 
 def logp(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return torch.log_softmax(x[:, :V_REAL] / temperature, dim=-1)
@@ -106,6 +131,7 @@ def mean(x, mask):
 
 # ---------------------------------------------------------------------------------------------- tests
 
+
 def run_and_grad(method, d):
     student = d["student"].clone().requires_grad_(True)
     pipe = pipeline(method)
@@ -115,8 +141,11 @@ def run_and_grad(method, d):
 
 
 def check(total, grad, reference_total, student):
-    ref_grad, = torch.autograd.grad(reference_total, student)
-    assert torch.allclose(total, reference_total, rtol=1e-9, atol=1e-12), (float(total), float(reference_total))
+    (ref_grad,) = torch.autograd.grad(reference_total, student)
+    assert torch.allclose(total, reference_total, rtol=1e-9, atol=1e-12), (
+        float(total),
+        float(reference_total),
+    )
     assert torch.allclose(grad, ref_grad, rtol=1e-7, atol=1e-10)
 
 
@@ -133,7 +162,11 @@ def test_tmkd_is_the_average_of_the_teachers_logit_mse_plus_hard():
 
 def test_tmkd_wraps_any_single_teacher_method():
     d = data(2)
-    method = TMKD(build_method("tmkd", {"method": {"name": "kd", "temperature": 3.0, "hard_weight": 0.0}}).params)
+    method = TMKD(
+        build_method(
+            "tmkd", {"method": {"name": "kd", "temperature": 3.0, "hard_weight": 0.0}}
+        ).params
+    )
     total, terms, grad = run_and_grad(method, d)
     s = d["student"].clone().requires_grad_(True)
     soft = [mean(soft_ce(s, t, 3.0), d["mask"]) for t in d["teachers"]]
@@ -156,7 +189,9 @@ def test_mt_bert_weights_each_token_by_the_teachers_own_cross_entropy():
     for k, teacher_hidden in enumerate(d["teacher_hidden"]):
         proj = projections[f"proj_t{k}"]
         projected = d["student_hidden"] @ proj.weight.T + proj.bias
-        hidden = hidden + ((projected - teacher_hidden) ** 2 * mask).sum() / (mask.sum() * teacher_hidden.shape[-1])
+        hidden = hidden + ((projected - teacher_hidden) ** 2 * mask).sum() / (
+            mask.sum() * teacher_hidden.shape[-1]
+        )
     check(total, grad, reference + hidden.detach(), s)
     assert math.isclose(float(terms["mt_bert/hidden"]), float(hidden), rel_tol=1e-9)
     # The projections get the hidden loss's gradient.
@@ -173,7 +208,9 @@ def test_uncertainty_interpolates_teachers_by_size_with_the_students_entropy():
     u = -(p * p.log()).sum(-1) / math.log(V_REAL)
     # teachers ordered by size: teacher 1 (2 layers, width 7) is smaller than teacher 0.
     small, large = d["teachers"][1], d["teachers"][0]
-    reference = (d["mask"] * ((1 - u) * kl(s, small, 1.0) + u * kl(s, large, 1.0))).sum() / d["mask"].sum()
+    reference = (d["mask"] * ((1 - u) * kl(s, small, 1.0) + u * kl(s, large, 1.0))).sum() / d[
+        "mask"
+    ].sum()
     check(total, grad, reference + mean(ce(s, d["labels"]), d["mask"]), s)
 
 
@@ -182,7 +219,9 @@ def test_uncertainty_weights_route_and_interpolate():
     weights = uncertainty_weights(u, 3, "weight")
     assert torch.allclose(weights.sum(0), torch.ones(4, dtype=torch.float64))
     assert torch.allclose(weights[:, 1], torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
-    assert torch.equal(uncertainty_weights(u, 3, "route")[:, 3], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    assert torch.equal(
+        uncertainty_weights(u, 3, "route")[:, 3], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    )
 
 
 def test_dgkd_sums_the_surviving_teachers_drawn_by_step():
@@ -200,7 +239,9 @@ def test_dgkd_sums_the_surviving_teachers_drawn_by_step():
     total, terms = pipe.compute(features(d, student), context(d, step=step))
     total.backward()
     s = d["student"].clone().requires_grad_(True)
-    reference = 16.0 * mean(kl(s, d["teachers"][0], 4.0), d["mask"]) + mean(ce(s, d["labels"]), d["mask"])
+    reference = 16.0 * mean(kl(s, d["teachers"][0], 4.0), d["mask"]) + mean(
+        ce(s, d["labels"]), d["mask"]
+    )
     check(total, student.grad, reference, s)
     assert "dgkd/t1.soft" not in terms
 
@@ -216,15 +257,22 @@ def test_rl_kd_averages_selected_teachers_and_trains_the_policy_by_reinforce():
     actions = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)  # [K, b]
     method.sample = lambda probs, ctx: actions.to(probs.dtype)
     student = d["student"].clone().requires_grad_(True)
-    total, terms = pipe.compute(features(d, student), context(d, step=8, total=10))  # after the warm start
+    total, terms = pipe.compute(
+        features(d, student), context(d, step=8, total=10)
+    )  # after the warm start
     total.backward()
     s = d["student"].clone().requires_grad_(True)
     chosen = actions.clone()
     chosen[:, 1] = 1.0  # no teacher chosen: all of them
     share = chosen / chosen.sum(0)
     tokens = [share[k].repeat(S) for k in range(2)]  # s-major tokens: sample = n % b
-    soft = sum((d["mask"] * tokens[k] * soft_ce(s, t, 1.0)).sum() for k, t in enumerate(d["teachers"])) / d["mask"].sum()
-    check(total - terms["rl_kd/policy"], student.grad, soft + mean(ce(s, d["labels"]), d["mask"]), s)
+    soft = (
+        sum((d["mask"] * tokens[k] * soft_ce(s, t, 1.0)).sum() for k, t in enumerate(d["teachers"]))
+        / d["mask"].sum()
+    )
+    check(
+        total - terms["rl_kd/policy"], student.grad, soft + mean(ce(s, d["labels"]), d["mask"]), s
+    )
     # REINFORCE: reward = -the student's mean CE per sequence, baseline the batch mean.
     seq_mask = d["mask"].view(S, B)
     reward = -(ce(d["student"], d["labels"]).view(S, B) * seq_mask).sum(0) / seq_mask.sum(0)
@@ -232,7 +280,9 @@ def test_rl_kd_averages_selected_teachers_and_trains_the_policy_by_reinforce():
     log_prob = 0.0
     for k in range(2):
         p = torch.sigmoid(policies[f"policy_t{k}"](states[k].double())).squeeze(1)
-        log_prob = log_prob + (reward - reward.mean()) * (actions[k] * p.log() + (1 - actions[k]) * (1 - p).log())
+        log_prob = log_prob + (reward - reward.mean()) * (
+            actions[k] * p.log() + (1 - actions[k]) * (1 - p).log()
+        )
     reference_policy = -log_prob.mean()
     assert math.isclose(float(terms["rl_kd/policy"]), float(reference_policy), rel_tol=1e-5)
     expected = torch.autograd.grad(reference_policy, [policies["policy_t0"].weight])[0]
@@ -251,7 +301,9 @@ def test_rl_kd_uses_every_teacher_during_the_warm_start():
 
 def test_token_stats_match_a_gathered_reference():
     d = data(8)
-    stats = token_stats(d["student"], vocab_start=0, vocab_size=V_REAL, tp_group=None, labels=d["labels"])
+    stats = token_stats(
+        d["student"], vocab_start=0, vocab_size=V_REAL, tp_group=None, labels=d["labels"]
+    )
     p = logp(d["student"]).exp()
     assert torch.allclose(stats.entropy, -(p * p.log()).sum(-1))
     assert torch.allclose(stats.cross_entropy, ce(d["student"], d["labels"]))
@@ -268,6 +320,7 @@ def test_combiners_refuse_nested_combiners_and_forward_modifiers():
 
 
 # ---------------------------------------------------------------------------------------------- TP=2
+
 
 def _reinit(method) -> None:
     for module in method.modules().values() if hasattr(method, "modules") else []:
@@ -296,8 +349,14 @@ def _tp_rank(cases: list[tuple[str, dict]]) -> list[tuple[float, torch.Tensor]]:
     return out
 
 
-TP_CASES = [("tmkd", {}), ("mt_bert", {}), ("uncertainty", {"mode": "route"}), ("uncertainty", {}), ("rl_kd", {}),
-            ("dgkd", {})]
+TP_CASES = [
+    ("tmkd", {}),
+    ("mt_bert", {}),
+    ("uncertainty", {"mode": "route"}),
+    ("uncertainty", {}),
+    ("rl_kd", {}),
+    ("dgkd", {}),
+]
 
 
 @pytest.fixture(scope="module")
@@ -317,4 +376,6 @@ def test_tp2_equals_one_process(tp2_results, case):
     total.backward()
     ranks = [r[case] for r in tp2_results]
     assert math.isclose(ranks[0][0], float(total), rel_tol=1e-9) and ranks[0][0] == ranks[1][0]
-    assert torch.allclose(torch.cat([ranks[0][1], ranks[1][1]], dim=1), student.grad, rtol=1e-8, atol=1e-12)
+    assert torch.allclose(
+        torch.cat([ranks[0][1], ranks[1][1]], dim=1), student.grad, rtol=1e-8, atol=1e-12
+    )

@@ -348,13 +348,25 @@ def test_a_model_that_prefers_the_first_option_scores_the_first_option_rate(task
 
 def _multirc_file(path: Path) -> Path:
     """Two paragraphs, three questions, nine answer options (made up)."""
+
     def question(idx, labels):
-        return {"idx": idx, "question": f"Question {idx}?",
-                "answers": [{"idx": 10 * idx + k, "text": f"answer {k}", "label": label}
-                            for k, label in enumerate(labels)]}
+        return {
+            "idx": idx,
+            "question": f"Question {idx}?",
+            "answers": [
+                {"idx": 10 * idx + k, "text": f"answer {k}", "label": label}
+                for k, label in enumerate(labels)
+            ],
+        }
 
     lines = [
-        {"idx": 0, "passage": {"text": "Paragraph zero.", "questions": [question(0, [1, 0, 1]), question(1, [0, 1])]}},
+        {
+            "idx": 0,
+            "passage": {
+                "text": "Paragraph zero.",
+                "questions": [question(0, [1, 0, 1]), question(1, [0, 1])],
+            },
+        },
         {"idx": 1, "passage": {"text": "Paragraph one.", "questions": [question(2, [1, 1, 0, 0])]}},
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -373,7 +385,9 @@ def test_multirc_f1a_and_em_through_the_evaluator_equal_the_definition(tmp_path)
     # q0: option 1 wrong; q1: right; q2: option 1 and 3 wrong.
     # pooled: tp = 2 (q0) + 1 (q1) + 1 (q2) = 4, fp = 1 (q0) + 1 (q2) = 2, fn = 1 (q2)
     # F1a = 2*4 / (2*4 + 2 + 1) = 8/11; EM = 1/3
-    (result,) = evaluate_tasks(tmp_path, ["MultiRC"], ScriptedModel.from_choices(choices), char_tokenize)
+    (result,) = evaluate_tasks(
+        tmp_path, ["MultiRC"], ScriptedModel.from_choices(choices), char_tokenize
+    )
     assert result.num_examples == 9
     assert result.metrics["f1a"] == pytest.approx(100 * 8 / 11)
     assert result.metrics["em"] == pytest.approx(100 / 3)
@@ -390,7 +404,13 @@ def test_multirc_limit_counts_questions_with_all_their_options(tmp_path):
     model = ScriptedModel.always(1)
     (result,) = evaluate_tasks(tmp_path, ["MultiRC"], model, char_tokenize, limit=2)
     # Questions 0 and 1 whole (3 + 2 options), not the first two answer options.
-    assert [record.example_id for record in result.records] == ["0-0-0", "0-0-1", "0-0-2", "0-1-10", "0-1-11"]
+    assert [record.example_id for record in result.records] == [
+        "0-0-0",
+        "0-0-1",
+        "0-0-2",
+        "0-1-10",
+        "0-1-11",
+    ]
     # always yes: tp 3, fp 2, fn 0 -> F1a 6/8; no question all right -> EM 0
     assert result.metrics == {"f1a": pytest.approx(75.0), "em": 0.0}
     (one,) = evaluate_tasks(tmp_path, ["MultiRC"], model, char_tokenize, limit=1)
@@ -407,12 +427,17 @@ def test_multirc_limit_on_the_real_validation_set():
     assert len(keys) == 20
     # Every kept question has all its answer options, and nothing else was kept.
     assert kept == [example for example in examples if example.question_key in set(keys)]
-    (result,) = evaluate_tasks(DATA_DIR, ["MultiRC"], ScriptedModel.always(1), char_tokenize, limit=20)
+    (result,) = evaluate_tasks(
+        DATA_DIR, ["MultiRC"], ScriptedModel.always(1), char_tokenize, limit=20
+    )
     golds = [example.label for example in kept]
     tp, fp = sum(golds), len(golds) - sum(golds)
     assert result.num_examples == len(kept) > 20
     assert result.metrics["f1a"] == pytest.approx(100 * 2 * tp / (2 * tp + fp))
-    assert result.metrics["em"] == pytest.approx(100 * sum(
-        all(e.label for e in kept if e.question_key == key) for key in keys) / 20)
+    assert result.metrics["em"] == pytest.approx(
+        100 * sum(all(e.label for e in kept if e.question_key == key) for key in keys) / 20
+    )
     # Other tasks: the first N examples.
-    assert limit_examples(read_task(DATA_DIR, "CB", "val"), 5) == read_task(DATA_DIR, "CB", "val")[:5]
+    assert (
+        limit_examples(read_task(DATA_DIR, "CB", "val"), 5) == read_task(DATA_DIR, "CB", "val")[:5]
+    )

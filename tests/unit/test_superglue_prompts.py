@@ -240,7 +240,10 @@ def test_fewshot_prefix_format_and_errors():
 # doc_to_choice (a choice follows the context after target_delimiter " "), verbatim.
 HARNESS_TEMPLATES = {
     "BoolQ": ("{{passage}}\nQuestion: {{question}}?\nAnswer:", ["no", "yes"]),
-    "CB": ("{{premise}}\nQuestion: {{hypothesis}}. True, False, or Neither?\nAnswer:", ["True", "False", "Neither"]),
+    "CB": (
+        "{{premise}}\nQuestion: {{hypothesis}}. True, False, or Neither?\nAnswer:",
+        ["True", "False", "Neither"],
+    ),
     "RTE": ("{{premise}}\nQuestion: {{hypothesis}} True or False?\nAnswer:", ["True", "False"]),
     "WiC": (
         "Sentence 1: {{sentence1}}\nSentence 2: {{sentence2}}\nQuestion: Is the word '{{sentence1[start1:end1]}}' "
@@ -295,7 +298,11 @@ def test_copa_prompts_equal_lm_evaluation_harness_except_for_a_capital_i():
         connector = {"cause": "because", "effect": "therefore"}[doc["question"]]
         assert prompt.context == doc["premise"].strip()[:-1] + f" {connector}"
         for option, choice in zip(prompt.options, (doc["choice1"], doc["choice2"]), strict=True):
-            if choice.split(" ", 1)[0] == "I" or choice.startswith("I'") or choice.split(" ", 1)[0].isupper():
+            if (
+                choice.split(" ", 1)[0] == "I"
+                or choice.startswith("I'")
+                or choice.split(" ", 1)[0].isupper()
+            ):
                 assert option == " " + choice
             else:
                 assert option == " " + choice[0].lower() + choice[1:]
