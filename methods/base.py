@@ -14,7 +14,7 @@ global state, megatron-core is never imported.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -113,6 +113,34 @@ class ModelInfo:
     vocab_size: int
     """Real (unpadded) vocabulary size; logit columns at or beyond it are padding."""
     padded_vocab_size: int
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Everything a method may know when it is built, before any model exists.
+
+    ``gkd distill``'s validation and every worker build the run's methods from the same entries and
+    the same context (``methods.pipeline.build_pipeline``), so validation cannot disagree with the
+    run. A method is never changed after it is built: a method whose behaviour depends on the stage
+    or on the teachers reads them here (a classmethod ``from_context(params, ctx)``, which the
+    registry calls instead of ``cls(**params)`` when the class has one)."""
+
+    stage: Stage
+    teachers: tuple[ModelInfo, ...] = ()
+    """Every teacher's architecture, in config order (``Tap.teacher_index`` indexes them); empty
+    for a run without a teacher."""
+    student: ModelInfo | None = None
+    tp: int = 1
+    pp: int = 1
+    build_inner: Callable[[Any], Method] | None = None
+    """Builds a method from a nested method entry (a mapping ``{name: ..., <params>}`` or a parsed
+    entry) in this same context: how a combiner gets its inner method without importing the
+    registry. Set by the pipeline builder."""
+
+    @property
+    def teacher(self) -> ModelInfo | None:
+        """The first teacher (the teacher of a single-teacher run), or None."""
+        return self.teachers[0] if self.teachers else None
 
 
 @dataclass
