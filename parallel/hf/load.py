@@ -22,6 +22,7 @@ from parallel.config import ModelArch
 from parallel.hf.files import FLOAT_DTYPES, TOKENIZER_FILES, HFCheckpoint, inspect_hf_dir
 from parallel.hf.layout import Piece, shard_plan
 from parallel.hf.spec import HFConversionError, MlpActivation, check_layout
+from parallel.model import gelu_tanh
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +176,6 @@ def _piece_rows(reader: SafetensorsReader, piece: Piece) -> int:
 # ---------------------------------------------------------------------------------------------
 # activation
 # ---------------------------------------------------------------------------------------------
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GeLU with the tanh approximation (GPT-2's ``gelu_new``; Hendrycks & Gimpel 2016, Sec. 2:
-    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``)."""
-    return F.gelu(x, approximate="tanh")
 
 
 def apply_mlp_activation(model, activation: MlpActivation) -> int:
