@@ -180,8 +180,10 @@ def _piece_rows(reader: SafetensorsReader, piece: Piece) -> int:
 
 def apply_mlp_activation(model, activation: MlpActivation) -> int:
     """Give the MLPs of ``model`` the exact activation of the source model; returns how many MLPs
-    were changed. Needed for GPT-2 (tanh-approximated GeLU) while ModelArch's ``activation`` only
-    offers exact GeLU: megatron's non-gated MLP calls ``self.activation_func``."""
+    were changed. ``ModelArch`` now states GPT-2's tanh-approximated GeLU itself
+    (``activation="gelu_tanh"``), so this only changes a model built for an older checkpoint's
+    ``arch`` (exact GeLU) whose source was GPT-2: megatron's non-gated MLP calls
+    ``self.activation_func``."""
     if activation != "gelu_tanh":
         return 0
     changed = 0
