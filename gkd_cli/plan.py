@@ -8,7 +8,8 @@ smallest that fits. Pure arithmetic: no torch, no megatron-core.
 
 Models and formulas:
 
-* Weights and gradients: parameters per rank from the architecture, sharded the way megatron-core
+* Weights and gradients: parameters per rank from the architecture (``ModelArch.stage_parameters``,
+  the one count the model and the methods use too), sharded the way megatron-core
   shards them (column/row-parallel linears and the vocabulary over TP; norms and row-parallel
   biases replicated; layers split evenly over PP; the embedding on the first stage, the output
   layer (or, with tied embeddings and PP > 1, a copy of the embedding) on the last).
@@ -139,44 +140,6 @@ def format_bytes(n: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameters per rank
-# ---------------------------------------------------------------------------------------------
-
-
-def layer_params_per_rank(arch: ModelArch, tp: int) -> int:
-    """Parameters of one transformer layer held by one TP rank: the column/row-parallel linears
-    (and column-parallel biases) split over ``tp``; norms and row-parallel biases replicated."""
-    h, f, d = arch.hidden_size, arch.ffn_size, arch.head_dim
-    q, kv = arch.num_attention_heads * d, arch.query_groups * d
-    mlp_in = f * (2 if arch.activation == "swiglu" else 1)
-    sharded = h * (q + 2 * kv) + q * h + h * mlp_in + f * h
-    norm = h if arch.normalization == "RMSNorm" else 2 * h
-    replicated = 2 * norm + (2 * d if arch.qk_layernorm else 0)
-    if arch.add_bias_linear:
-        sharded += q + 2 * kv + mlp_in
-        replicated += 2 * h  # biases of the two row-parallel linears
-    elif arch.add_qkv_bias:
-        sharded += q + 2 * kv
-    return sharded // tp + replicated
-
-
-def stage_params_per_rank(arch: ModelArch, tp: int, pp: int, stage: int) -> int:
-    """Parameters one rank of pipeline stage ``stage`` holds."""
-    h = arch.hidden_size
-    params = arch.num_layers // pp * layer_params_per_rank(arch, tp)
-    embedding = arch.padded_vocab(tp) * h // tp
-    if stage == 0:
-        params += embedding
-        if arch.position_embedding == "learned":
-            params += arch.max_seq_len * h
-    if stage == pp - 1:
-        params += h if arch.normalization == "RMSNorm" else 2 * h  # final norm
-        if not arch.tie_embeddings or pp > 1:
-            params += embedding  # output layer, or the last stage's copy of the tied embedding
-    return params
-
-
-# ---------------------------------------------------------------------------------------------
 # Activations (Korthikanti et al. 2022)
 # ---------------------------------------------------------------------------------------------
 
@@ -257,7 +220,7 @@ def _estimate_stage(cfg: DistillConfig, device: Device, stage: int, dropout: boo
     items: list[MemoryItem] = []
 
     if teacher is not None:
-        t_params = stage_params_per_rank(teacher, tp, pp, stage)
+        t_params = teacher.stage_parameters(tp, pp, stage)
         items.append(
             MemoryItem(
                 name="teacher weights",
@@ -266,7 +229,7 @@ def _estimate_stage(cfg: DistillConfig, device: Device, stage: int, dropout: boo
                 f"{teacher.num_parameters(tp) / 1e9:.2f}B total / (tp {tp} x pp {pp})",
             )
         )
-    s_params = stage_params_per_rank(student, tp, pp, stage)
+    s_params = student.stage_parameters(tp, pp, stage)
     items.append(
         MemoryItem(
             name="student weights",

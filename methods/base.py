@@ -113,6 +113,9 @@ class ModelInfo:
     vocab_size: int
     """Real (unpadded) vocabulary size; logit columns at or beyond it are padding."""
     padded_vocab_size: int
+    num_parameters: int = 0
+    """Parameters of the whole model (``parallel.config.ModelArch.num_parameters``: the one count
+    the planner and ``gkd convert`` use); 0 when unknown."""
 
 
 @dataclass(frozen=True)

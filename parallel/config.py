@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 VOCAB_PAD_MULTIPLE = 128
 
@@ -61,20 +61,19 @@ class ModelArch:
     """Norm on queries and keys per head (Qwen3)."""
 
     @classmethod
-    def gpt2(cls, **overrides) -> ModelArch:
+    def gpt2(cls, **overrides: Any) -> ModelArch:
         return cls(**overrides)
 
     @classmethod
-    def llama(cls, **overrides) -> ModelArch:
-        defaults = dict(
-            normalization="RMSNorm",
-            activation="swiglu",
-            position_embedding="rope",
-            tie_embeddings=False,
-            add_bias_linear=False,
-        )
-        defaults.update(overrides)
-        return cls(**defaults)
+    def llama(cls, **overrides: Any) -> ModelArch:
+        defaults: dict[str, Any] = {
+            "normalization": "RMSNorm",
+            "activation": "swiglu",
+            "position_embedding": "rope",
+            "tie_embeddings": False,
+            "add_bias_linear": False,
+        }
+        return cls(**(defaults | overrides))
 
     @property
     def query_groups(self) -> int:
@@ -95,24 +94,67 @@ class ModelArch:
     def padded_vocab(self, tp_size: int) -> int:
         return padded_vocab_size(self.vocab_size, tp_size)
 
-    def num_parameters(self, tp_size: int = 1) -> int:
-        """Total parameter count (the padded vocabulary counted), all shards together."""
+    # --- parameter count: the one count of the planner, the model and the methods --------------
+
+    def _norm_parameters(self, width: int) -> int:
+        """Parameters of one norm over ``width`` features (LayerNorm has a bias, RMSNorm not)."""
+        return width if self.normalization == "RMSNorm" else 2 * width
+
+    def _layer_parameter_split(self) -> tuple[int, int]:
+        """``(sharded, replicated)`` parameters of one transformer layer, as megatron-core shards
+        it over tensor parallelism: the column/row-parallel linears and the column-parallel
+        biases are split; the norms (q/k norms included) and the row-parallel biases replicated."""
         h, f, d = self.hidden_size, self.ffn_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.query_groups * d
-        bias = self.add_bias_linear
-        attn = h * (q + 2 * kv) + q * h
-        if bias:
-            attn += q + 2 * kv + h
+        mlp_in = f * (2 if self.activation == "swiglu" else 1)  # SwiGLU: [gate; up]
+        sharded = h * (q + 2 * kv) + q * h + h * mlp_in + f * h
+        replicated = 2 * self._norm_parameters(h)
+        if self.qk_layernorm:
+            replicated += 2 * self._norm_parameters(d)
+        if self.add_bias_linear:
+            sharded += q + 2 * kv + mlp_in
+            replicated += 2 * h  # biases of linear_proj and linear_fc2 (row parallel)
         elif self.add_qkv_bias:
-            attn += q + 2 * kv
-        mlp_in = f * (2 if self.activation == "swiglu" else 1)
-        mlp = h * mlp_in + f * h + ((mlp_in + h) if bias else 0)
-        norm = h if self.normalization == "RMSNorm" else 2 * h
-        layer = attn + mlp + 2 * norm + (2 * d if self.qk_layernorm else 0)
-        vocab = self.padded_vocab(tp_size) * h
-        total = self.num_layers * layer + norm + vocab * (1 if self.tie_embeddings else 2)
+            sharded += q + 2 * kv
+        return sharded, replicated
+
+    def layer_parameters(self, tp_size: int = 1) -> int:
+        """Parameters of one transformer layer held by one of ``tp_size`` tensor ranks."""
+        sharded, replicated = self._layer_parameter_split()
+        return sharded // tp_size + replicated
+
+    def embedding_parameters(self, tp_size: int = 1) -> int:
+        """Parameters of the token embedding (or the output layer) on one of ``tp_size`` tensor
+        ranks: its share of the padded vocabulary."""
+        return self.padded_vocab(tp_size) * self.hidden_size // tp_size
+
+    def stage_parameters(self, tp_size: int = 1, pp_size: int = 1, stage: int = 0) -> int:
+        """Parameters one rank of pipeline stage ``stage`` holds at ``tp_size`` x ``pp_size``:
+        its layers; on the first stage the embedding (and learned positions); on the last the
+        final norm and the output layer, or, with tied embeddings and ``pp_size > 1``, its own
+        copy of the embedding."""
+        params = self.num_layers // pp_size * self.layer_parameters(tp_size)
+        embedding = self.embedding_parameters(tp_size)
+        if stage == 0:
+            params += embedding
+            if self.position_embedding == "learned":
+                params += self.max_seq_len * self.hidden_size
+        if stage == pp_size - 1:
+            params += self._norm_parameters(self.hidden_size)  # final norm
+            if not self.tie_embeddings or pp_size > 1:
+                params += embedding
+        return params
+
+    def num_parameters(self, tp_size: int = 1) -> int:
+        """Parameters of the whole model, each counted once (the vocabulary padded for
+        ``tp_size``; the last stage's copy of a tied embedding not counted): what a TP1 x PP1
+        model at that padding holds, ``stage_parameters(1, 1)`` with the vocabulary of
+        ``tp_size``."""
+        sharded, replicated = self._layer_parameter_split()
+        total = self.num_layers * (sharded + replicated) + self._norm_parameters(self.hidden_size)
+        total += self.padded_vocab(tp_size) * self.hidden_size * (1 if self.tie_embeddings else 2)
         if self.position_embedding == "learned":
-            total += self.max_seq_len * h
+            total += self.max_seq_len * self.hidden_size
         return total
 
     def check_parallel(self, tp_size: int, pp_size: int, *, where: str) -> None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from methods.base import ModelInfo
 from parallel.config import ModelArch
+from parallel.families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def model_info(arch: ModelArch, tp_size: int) -> ModelInfo:
         ffn_hidden_size=arch.ffn_size,
         vocab_size=arch.vocab_size,
         padded_vocab_size=arch.padded_vocab(tp_size),
+        num_parameters=arch.num_parameters(tp_size),
     )
 
 
@@ -137,13 +139,9 @@ def transformer_config(
 
 
 def layer_spec(arch: ModelArch, *, use_te: bool):
-    from megatron.core.models.gpt import gpt_layer_specs as specs
-
-    if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(
-        qk_layernorm=arch.qk_layernorm, normalization=arch.normalization
-    )
+    """The megatron-core layer spec of ``arch``: its model family's choice
+    (:meth:`parallel.families.base.ModelFamily.layer_spec`)."""
+    return family_of(arch).layer_spec(arch, use_te=use_te)
 
 
 class SequenceParallelTorchNorm:

@@ -14,7 +14,8 @@ Heavy ones (import torch and megatron-core when called):
   ``python -m parallel.hf.worker`` runs it under torchrun.
 * :func:`export_hf` ``(checkpoint, out_dir)`` writes ``config.json`` + ``model.safetensors``.
 
-Supported: :data:`SUPPORTED_ARCHITECTURES`.
+Supported: :data:`SUPPORTED_ARCHITECTURES`, one model family module each in :mod:`parallel.families`
+(this package holds what every family shares).
 """
 
 from __future__ import annotations

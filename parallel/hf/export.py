@@ -1,9 +1,9 @@
 """Write a gkd checkpoint as a Hugging Face model folder (``gkd convert export-hf``).
 
 The checkpoint is loaded in one process at TP1 x PP1 (megatron's dist checkpoints reshard from any
-layout), converted to Hugging Face tensors with full-tensor reshapes (the inverse of
-:mod:`parallel.hf.layout`, written independently), the vocabulary padding is stripped, and
-``config.json`` + ``model.safetensors`` are written so that
+layout), converted to Hugging Face tensors with full-tensor reshapes (the inverse of the import
+plan, written independently: each family's ``export_layer``), the vocabulary padding is stripped,
+and ``config.json`` + ``model.safetensors`` are written so that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads them. Checkpoint entries that do not
 belong to the GPT model (auxiliary method modules, optimizer state) are not read.
 """
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from parallel.config import ModelArch
+from parallel.families import family_of
 from parallel.hf.spec import HFConversionError, hf_architecture_for, hf_config_for
 
 log = logging.getLogger(__name__)
@@ -30,106 +31,21 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 _PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _split_qkv(weight: torch.Tensor, arch: ModelArch) -> tuple[torch.Tensor, ...]:
-    """megatron's grouped ``[q_1..q_{h/g}, k, v]`` rows (per group) -> full q, k, v."""
-    d, groups = arch.head_dim, arch.query_groups
-    per_group = arch.num_attention_heads // groups
-    grouped = weight.reshape(groups, per_group + 2, d, *weight.shape[1:])
-    q = grouped[:, :per_group].reshape(groups * per_group * d, *weight.shape[1:])
-    k = grouped[:, per_group].reshape(groups * d, *weight.shape[1:])
-    v = grouped[:, per_group + 1].reshape(groups * d, *weight.shape[1:])
-    return q, k, v
-
-
-def _llama_tensors(sd: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][: arch.vocab_size]}
-    for i in range(arch.num_layers):
-        m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = _split_qkv(sd[m + "self_attention.linear_qkv.weight"], arch)
-        gate, up = sd[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out.update(
-            {
-                p + "input_layernorm.weight": sd[m + "input_layernorm.weight"],
-                p + "self_attn.q_proj.weight": q,
-                p + "self_attn.k_proj.weight": k,
-                p + "self_attn.v_proj.weight": v,
-                p + "self_attn.o_proj.weight": sd[m + "self_attention.linear_proj.weight"],
-                p + "post_attention_layernorm.weight": sd[m + "pre_mlp_layernorm.weight"],
-                p + "mlp.gate_proj.weight": gate,
-                p + "mlp.up_proj.weight": up,
-                p + "mlp.down_proj.weight": sd[m + "mlp.linear_fc2.weight"],
-            }
-        )
-        if arch.add_bias_linear or arch.add_qkv_bias:
-            qb, kb, vb = _split_qkv(sd[m + "self_attention.linear_qkv.bias"], arch)
-            out.update(
-                {
-                    p + "self_attn.q_proj.bias": qb,
-                    p + "self_attn.k_proj.bias": kb,
-                    p + "self_attn.v_proj.bias": vb,
-                }
-            )
-        if arch.add_bias_linear:
-            gate_b, up_b = sd[m + "mlp.linear_fc1.bias"].chunk(2, dim=0)
-            out.update(
-                {
-                    p + "self_attn.o_proj.bias": sd[m + "self_attention.linear_proj.bias"],
-                    p + "mlp.gate_proj.bias": gate_b,
-                    p + "mlp.up_proj.bias": up_b,
-                    p + "mlp.down_proj.bias": sd[m + "mlp.linear_fc2.bias"],
-                }
-            )
-        if arch.qk_layernorm:
-            out[p + "self_attn.q_norm.weight"] = sd[m + "self_attention.q_layernorm.weight"]
-            out[p + "self_attn.k_norm.weight"] = sd[m + "self_attention.k_layernorm.weight"]
-    out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
-    if not arch.tie_embeddings:
-        out["lm_head.weight"] = sd["output_layer.weight"][: arch.vocab_size]
-    return out
-
-
-def _gpt2_tensors(sd: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, torch.Tensor]:
-    out = {
-        "transformer.wte.weight": sd["embedding.word_embeddings.weight"][: arch.vocab_size],
-        "transformer.wpe.weight": sd["embedding.position_embeddings.weight"],
-    }
-    heads, d = arch.num_attention_heads, arch.head_dim
-    for i in range(arch.num_layers):
-        m, p = f"decoder.layers.{i}.", f"transformer.h.{i}."
-        # Per-head [q_i, k_i, v_i] rows -> [q | k | v] (GPT-2's c_attn output order), then the
-        # Conv1D [in, out] storage.
-        qkv_w = sd[m + "self_attention.linear_qkv.weight"].reshape(heads, 3, d, -1)
-        qkv_b = sd[m + "self_attention.linear_qkv.bias"].reshape(heads, 3, d)
-        out.update(
-            {
-                p + "ln_1.weight": sd[m + "input_layernorm.weight"],
-                p + "ln_1.bias": sd[m + "input_layernorm.bias"],
-                p + "attn.c_attn.weight": qkv_w.transpose(0, 1).reshape(3 * heads * d, -1).t(),
-                p + "attn.c_attn.bias": qkv_b.transpose(0, 1).reshape(-1),
-                p + "attn.c_proj.weight": sd[m + "self_attention.linear_proj.weight"].t(),
-                p + "attn.c_proj.bias": sd[m + "self_attention.linear_proj.bias"],
-                p + "ln_2.weight": sd[m + "pre_mlp_layernorm.weight"],
-                p + "ln_2.bias": sd[m + "pre_mlp_layernorm.bias"],
-                p + "mlp.c_fc.weight": sd[m + "mlp.linear_fc1.weight"].t(),
-                p + "mlp.c_fc.bias": sd[m + "mlp.linear_fc1.bias"],
-                p + "mlp.c_proj.weight": sd[m + "mlp.linear_fc2.weight"].t(),
-                p + "mlp.c_proj.bias": sd[m + "mlp.linear_fc2.bias"],
-            }
-        )
-    out["transformer.ln_f.weight"] = sd["decoder.final_layernorm.weight"]
-    out["transformer.ln_f.bias"] = sd["decoder.final_layernorm.bias"]
-    if not arch.tie_embeddings:
-        out["lm_head.weight"] = sd["output_layer.weight"][: arch.vocab_size]
-    return out
-
-
 def hf_tensors(state_dict: dict[str, Any], arch: ModelArch) -> dict[str, torch.Tensor]:
     """Hugging Face tensors of a full (TP1 x PP1) GPTModel state dict (local layer-spec names);
-    vocabulary padding stripped."""
+    vocabulary padding stripped. The family of ``arch`` names and reshapes the tensors."""
     sd = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    if hf_architecture_for(arch) == "GPT2LMHeadModel":
-        return _gpt2_tensors(sd, arch)
-    return _llama_tensors(sd, arch)
+    hf_architecture_for(arch)  # a model no family represents exactly fails here
+    family = family_of(arch)
+    prefix = family.export_prefix
+    out = {family.embedding_name(prefix): sd["embedding.word_embeddings.weight"][: arch.vocab_size]}
+    out.update({theirs: sd[ours] for ours, theirs in family.first_stage_tensors(prefix).items()})
+    for layer in range(arch.num_layers):
+        out.update(family.export_layer(sd, arch, layer))
+    out.update({theirs: sd[ours] for ours, theirs in family.last_stage_tensors(prefix).items()})
+    if not arch.tie_embeddings:
+        out["lm_head.weight"] = sd["output_layer.weight"][: arch.vocab_size]
+    return out
 
 
 def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -155,7 +71,7 @@ def _export_dtype(dtype: str, meta: dict) -> torch.dtype:
     if dtype == "auto":
         hf_dtype = ((meta.get("hf") or {}).get("config") or {}).get("dtype")
         name = _PRECISION_DTYPE.get(meta.get("precision", ""), hf_dtype)
-        return EXPORT_DTYPES.get(name, torch.float32)
+        return EXPORT_DTYPES.get(str(name), torch.float32)
     if dtype not in EXPORT_DTYPES:
         raise HFConversionError(f"--dtype {dtype!r} is not one of auto, {', '.join(EXPORT_DTYPES)}")
     return EXPORT_DTYPES[dtype]

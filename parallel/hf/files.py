@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from parallel.hf.layout import expected_shapes, gpt2_prefix
+from parallel.hf.layout import expected_shapes
 from parallel.hf.spec import (
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
@@ -63,7 +63,8 @@ class HFCheckpoint:
     tensors: dict[str, TensorInfo]
     """Every tensor of every safetensors file, by name."""
     prefix: str
-    """Name prefix of GPT-2 tensors (``transformer.`` or empty); empty for the llama family."""
+    """Prefix of the tensor names (``ModelFamily.tensor_prefix``: ``transformer.`` or empty for
+    GPT-2, empty for Llama)."""
     tokenizer_vocab_size: int | None
     """Ids of ``tokenizer.json`` (max id + 1), when the folder has one."""
 
@@ -73,8 +74,8 @@ class HFCheckpoint:
     @property
     def weight_dtype(self) -> str:
         """Dtype of the stored weights (of the token embedding), as a torch name."""
-        names = [n for n in self.tensors if n.endswith(("embed_tokens.weight", "wte.weight"))]
-        stored = self.tensors[names[0]].dtype if names else "F32"
+        embedding = self.tensors.get(self.spec.family.embedding_name(self.prefix))
+        stored = embedding.dtype if embedding else "F32"
         return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}[stored]
 
 
@@ -173,7 +174,7 @@ def inspect_hf_dir(hf_dir: str | Path) -> HFCheckpoint:
         for name, file in json.loads(index.read_text())["weight_map"].items():
             if name not in tensors or tensors[name].file != file:
                 raise HFConversionError(f"{index} places tensor {name} in {file}, which lacks it")
-    prefix = gpt2_prefix(tensors) if spec.family == "gpt2" else ""
+    prefix = spec.family.tensor_prefix(tensors)
     expected = expected_shapes(spec, prefix)
     missing = [n for n in expected if n not in tensors]
     if missing:

@@ -22,6 +22,7 @@ from parallel.config import ModelArch
 from parallel.hf.files import FLOAT_DTYPES, TOKENIZER_FILES, HFCheckpoint, inspect_hf_dir
 from parallel.hf.layout import Piece, shard_plan
 from parallel.hf.spec import HFConversionError, MlpActivation, check_layout
+from parallel.model import gelu_tanh
 
 log = logging.getLogger(__name__)
 
@@ -177,16 +178,12 @@ def _piece_rows(reader: SafetensorsReader, piece: Piece) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GeLU with the tanh approximation (GPT-2's ``gelu_new``; Hendrycks & Gimpel 2016, Sec. 2:
-    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``)."""
-    return F.gelu(x, approximate="tanh")
-
-
 def apply_mlp_activation(model, activation: MlpActivation) -> int:
     """Give the MLPs of ``model`` the exact activation of the source model; returns how many MLPs
-    were changed. Needed for GPT-2 (tanh-approximated GeLU) while ModelArch's ``activation`` only
-    offers exact GeLU: megatron's non-gated MLP calls ``self.activation_func``."""
+    were changed. ``ModelArch`` now states GPT-2's tanh-approximated GeLU itself
+    (``activation="gelu_tanh"``), so this only changes a model built for an older checkpoint's
+    ``arch`` (exact GeLU) whose source was GPT-2: megatron's non-gated MLP calls
+    ``self.activation_func``."""
     if activation != "gelu_tanh":
         return 0
     changed = 0

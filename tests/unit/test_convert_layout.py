@@ -73,7 +73,7 @@ def reference_full(hf: dict[str, torch.Tensor], spec) -> dict[str, torch.Tensor]
     d, g, heads = a.head_dim, a.query_groups, a.num_attention_heads
     per = heads // g
     out = {}
-    if spec.family == "gpt2":
+    if spec.family.name == "gpt2":
         out["embedding.word_embeddings.weight"] = hf["transformer.wte.weight"]
         out["embedding.position_embeddings.weight"] = hf["transformer.wpe.weight"]
         out["decoder.final_layernorm.weight"] = hf["transformer.ln_f.weight"]
@@ -157,14 +157,14 @@ def reference_local(full, hf, spec, tp_rank, tp):
         if name.endswith(("word_embeddings.weight", "output_layer.weight")):
             tensor = _pad_rows(tensor, a.padded_vocab(tp))
         if name.endswith(COLUMN) or (
-            spec.family == "gpt2" and name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
+            spec.family.name == "gpt2" and name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
         ):
             local[name] = tensor.chunk(tp, dim=0)[tp_rank]
         elif name.endswith(ROW):
             local[name] = tensor.chunk(tp, dim=1)[tp_rank]
         else:
             local[name] = tensor
-    if spec.family == "llama":  # SwiGLU: [gate shard; up shard] per rank
+    if spec.family.name == "llama":  # SwiGLU: [gate shard; up shard] per rank
         for i in range(a.num_layers):
             p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
             for kind in ("weight", "bias"):

@@ -16,7 +16,6 @@ from gkd_cli.plan import (
     layer_activation_bytes,
     parse_size,
     search_layouts,
-    stage_params_per_rank,
     suggest_layout,
 )
 from parallel.config import ModelArch
@@ -83,7 +82,7 @@ def test_tiny_gpt_params_counted_by_hand():
     vocab_tp2 = 256  # 100 padded to a multiple of 128 x 2
     # pp=1: both layers, the embedding shard, positions (replicated), the final LayerNorm.
     expected = 2 * (split // 2 + replicated) + vocab_tp2 * 8 // 2 + 16 * 8 + 16
-    assert stage_params_per_rank(arch, tp=2, pp=1, stage=0) == expected
+    assert arch.stage_parameters(2, 1, 0) == expected
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -97,7 +96,7 @@ def test_stage_params_sum_to_the_model(tie, pp):
         vocab_size=1000,
         tie_embeddings=tie,
     )
-    total = sum(stage_params_per_rank(arch, 1, pp, stage) for stage in range(pp))
+    total = sum(arch.stage_parameters(1, pp, stage) for stage in range(pp))
     extra_copy = arch.padded_vocab(1) * arch.hidden_size if (tie and pp > 1) else 0
     assert total == arch.num_parameters(1) + extra_copy
 

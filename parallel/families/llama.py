@@ -1,0 +1,353 @@
+"""The Llama layout: ``LlamaForCausalLM`` (Llama 2 and 3), ``MistralForCausalLM``,
+``Qwen2ForCausalLM`` (biases on q/k/v only) and ``Qwen3ForCausalLM`` (RMSNorm on queries and keys
+per head, explicit ``head_dim``).
+
+RMSNorm, SwiGLU, rotary embeddings (non-interleaved ``rotate_half``, as megatron's default),
+grouped-query attention, separate ``q_proj``/``k_proj``/``v_proj`` (fused into megatron's grouped
+``linear_qkv``) and ``gate_proj``/``up_proj`` (fused into ``linear_fc1`` as ``[gate; up]`` per
+tensor rank).
+
+Not supported (a clear error names them): RoPE scaling (``rope_type`` other than ``default``,
+e.g. Llama 3.1's ``llama3``), partial rotary embeddings, biases on a subset of linears other than
+"q/k/v only" or "all". Sliding-window attention (Mistral v0.1, Qwen with ``use_sliding_window``)
+is not implemented; such a model is imported with ``max_seq_len`` capped at the window, where
+full causal attention is exactly the sliding-window attention (``gkd`` rejects longer
+``data.seq_length``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from parallel.config import ModelArch
+from parallel.families.base import (
+    HFConversionError,
+    HFModelSpec,
+    MlpActivation,
+    ModelFamily,
+    Piece,
+    config_dtype,
+    grouped_qkv,
+    require,
+    split,
+    split_qkv,
+)
+
+
+def _rope_theta(config: dict[str, Any], where: str) -> int | float:
+    """RoPE base, from ``rope_parameters`` (transformers >= 5) or ``rope_theta``/``rope_scaling``
+    (older files). Only unscaled RoPE is supported."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    for source, block in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("rope_type", block.get("type"))
+        if kind not in (None, "default"):
+            raise HFConversionError(
+                f"{where}: {source}.rope_type={kind!r} (RoPE scaling) is not supported; only "
+                "unscaled rotary embeddings ('default') are"
+            )
+        if block.get("partial_rotary_factor", 1.0) != 1.0:
+            raise HFConversionError(f"{where}: partial rotary embeddings are not supported")
+    if config.get("partial_rotary_factor", 1.0) != 1.0:
+        raise HFConversionError(f"{where}: partial_rotary_factor != 1 is not supported")
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    return int(theta) if theta.is_integer() else theta
+
+
+def _sliding_window(config: dict[str, Any], model_type: str) -> int | None:
+    """The attention window when sliding-window attention is in effect, else ``None``."""
+    window = config.get("sliding_window")
+    if not window:
+        return None
+    layer_types = config.get("layer_types")
+    if isinstance(layer_types, list) and layer_types:
+        return int(window) if "sliding_attention" in layer_types else None
+    if model_type in ("qwen2", "qwen3"):
+        return int(window) if config.get("use_sliding_window") else None
+    return int(window)
+
+
+def _bias_flags(config: dict[str, Any], model_type: str, where: str) -> dict[str, bool]:
+    """Which linears carry biases, as ModelArch flags. megatron-core's GPT has biases on all
+    linears (``add_bias_linear``) or on the QKV projection only (``add_qkv_bias``)."""
+    if model_type == "qwen2":
+        qkv, out, mlp = True, False, False
+    elif model_type == "qwen3":
+        qkv = out = bool(config.get("attention_bias", False))
+        mlp = False
+    elif model_type == "mistral":
+        qkv = out = mlp = False
+    else:  # llama
+        qkv = out = bool(config.get("attention_bias", False))
+        mlp = bool(config.get("mlp_bias", False))
+    if qkv and out and mlp:
+        return {"add_bias_linear": True, "add_qkv_bias": False}
+    if not (qkv or out or mlp):
+        return {"add_bias_linear": False, "add_qkv_bias": False}
+    if qkv and not (out or mlp):
+        return {"add_bias_linear": False, "add_qkv_bias": True}
+    present = [n for n, on in (("q/k/v", qkv), ("o_proj", out), ("mlp", mlp)) if on]
+    raise HFConversionError(
+        f"{where}: biases on {' and '.join(present)} only are not supported (megatron-core's GPT "
+        "has biases on all linears or on q/k/v only)"
+    )
+
+
+def _names(layer: int) -> dict[str, str]:
+    p = f"model.layers.{layer}."
+    return {
+        "ln1": p + "input_layernorm.weight",
+        "q": p + "self_attn.q_proj.",
+        "k": p + "self_attn.k_proj.",
+        "v": p + "self_attn.v_proj.",
+        "o": p + "self_attn.o_proj.",
+        "q_norm": p + "self_attn.q_norm.weight",
+        "k_norm": p + "self_attn.k_norm.weight",
+        "ln2": p + "post_attention_layernorm.weight",
+        "gate": p + "mlp.gate_proj.",
+        "up": p + "mlp.up_proj.",
+        "down": p + "mlp.down_proj.",
+    }
+
+
+class LlamaFamily(ModelFamily):
+    name = "llama"
+    architectures = {
+        "LlamaForCausalLM": "llama",
+        "MistralForCausalLM": "mistral",
+        "Qwen2ForCausalLM": "qwen2",
+        "Qwen3ForCausalLM": "qwen3",
+    }
+    aliases = {"MistralForCausalLM": "LlamaForCausalLM"}
+    position_embedding = "rope"
+    hf_keys = {
+        "num_layers": "num_hidden_layers",
+        "hidden_size": "hidden_size",
+        "num_attention_heads": "num_attention_heads",
+        "num_query_groups": "num_key_value_heads",
+        "ffn_hidden_size": "intermediate_size",
+        "kv_channels": "head_dim",
+    }
+
+    # --- config.json <-> ModelArch --------------------------------------------------------------
+
+    def spec_from_config(
+        self, config: dict[str, Any], architecture: str, where: str
+    ) -> HFModelSpec:
+        model_type = config.get("model_type") or self.architectures[architecture]
+        act = config.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise HFConversionError(
+                f"{where}: hidden_act={act!r} is not supported (SwiGLU needs silu)"
+            )
+        hidden = int(require(config, "hidden_size", where))
+        heads = int(require(config, "num_attention_heads", where))
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        max_pos = int(config.get("max_position_embeddings") or 2048)
+        notes = []
+        window = _sliding_window(config, model_type)
+        if window is not None and window < max_pos:
+            notes.append(
+                f"sliding-window attention (window {window}) is not implemented: max_seq_len is "
+                f"capped at {window}, where full causal attention is identical"
+            )
+            max_pos = window
+        arch = ModelArch.llama(
+            num_layers=int(require(config, "num_hidden_layers", where)),
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            vocab_size=int(require(config, "vocab_size", where)),
+            max_seq_len=max_pos,
+            num_query_groups=None if kv_heads == heads else kv_heads,
+            kv_channels=head_dim if hidden % heads or head_dim != hidden // heads else None,
+            norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
+            rotary_base=_rope_theta(config, where),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qk_layernorm=model_type == "qwen3",
+            **_bias_flags(config, model_type, where),
+        )
+        ffn = int(require(config, "intermediate_size", where))
+        if ffn != arch.ffn_size:
+            arch.ffn_hidden_size = ffn
+        return HFModelSpec(
+            architecture=architecture,
+            model_type=model_type,
+            family=self,
+            arch=arch,
+            mlp_activation="silu",
+            dtype=config_dtype(config),
+            config=config,
+            notes=tuple(notes),
+        )
+
+    def export_problems(self, arch: ModelArch) -> list[str]:
+        problems = []
+        if arch.normalization != "RMSNorm":
+            problems.append(f"rotary models need RMSNorm, not {arch.normalization}")
+        if arch.activation != "swiglu":
+            problems.append(f"rotary models need SwiGLU, not {arch.activation}")
+        if arch.qk_layernorm and arch.add_qkv_bias and not arch.add_bias_linear:
+            problems.append("qk_layernorm with q/k/v-only biases has no Hugging Face counterpart")
+        return problems
+
+    def export_architecture(self, arch: ModelArch) -> str:
+        if arch.qk_layernorm:
+            return "Qwen3ForCausalLM"
+        if arch.add_qkv_bias and not arch.add_bias_linear:
+            return "Qwen2ForCausalLM"
+        return "LlamaForCausalLM"
+
+    def export_config(
+        self,
+        arch: ModelArch,
+        config: dict[str, Any],
+        *,
+        architecture: str,
+        mlp_activation: MlpActivation | None,
+        from_source: bool,
+    ) -> None:
+        theta = float(arch.rotary_base)
+        config.update(
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.ffn_size,
+            num_hidden_layers=arch.num_layers,
+            num_attention_heads=arch.num_attention_heads,
+            num_key_value_heads=arch.query_groups,
+            head_dim=arch.head_dim,
+            hidden_act="silu",
+            max_position_embeddings=config.get("max_position_embeddings", arch.max_seq_len)
+            if from_source
+            else arch.max_seq_len,
+            rms_norm_eps=arch.norm_epsilon,
+            rope_theta=theta,
+            rope_parameters={"rope_type": "default", "rope_theta": theta},
+        )
+        config.pop("rope_scaling", None)
+        if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+            config["attention_bias"] = arch.add_bias_linear
+        if architecture == "LlamaForCausalLM":
+            config["mlp_bias"] = arch.add_bias_linear
+
+    # --- tensor map ------------------------------------------------------------------------------
+
+    def embedding_name(self, prefix: str = "") -> str:
+        return "model.embed_tokens.weight"
+
+    def expected_shapes(self, arch: ModelArch, prefix: str = "") -> dict[str, tuple[int, ...]]:
+        a = arch
+        h, f, d = a.hidden_size, a.ffn_size, a.head_dim
+        q_rows, kv_rows = a.num_attention_heads * d, a.query_groups * d
+        shapes: dict[str, tuple[int, ...]] = {
+            self.embedding_name(): (a.vocab_size, h),
+            "model.norm.weight": (h,),
+        }
+        all_bias = a.add_bias_linear
+        qkv_bias = all_bias or a.add_qkv_bias
+        for layer in range(a.num_layers):
+            n = _names(layer)
+            shapes[n["ln1"]] = (h,)
+            shapes[n["ln2"]] = (h,)
+            for key, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+                shapes[n[key] + "weight"] = (rows, h)
+                if qkv_bias:
+                    shapes[n[key] + "bias"] = (rows,)
+            shapes[n["o"] + "weight"] = (h, q_rows)
+            if a.qk_layernorm:
+                shapes[n["q_norm"]] = (d,)
+                shapes[n["k_norm"]] = (d,)
+            for key in ("gate", "up"):
+                shapes[n[key] + "weight"] = (f, h)
+            shapes[n["down"] + "weight"] = (h, f)
+            if all_bias:
+                shapes[n["o"] + "bias"] = (h,)
+                for key in ("gate", "up"):
+                    shapes[n[key] + "bias"] = (f,)
+                shapes[n["down"] + "bias"] = (h,)
+        return shapes
+
+    def layer_plan(
+        self, arch: ModelArch, layer: int, tp_rank: int, tp_size: int, prefix: str
+    ) -> dict[str, list[Piece]]:
+        n = _names(layer)
+        ffn = split(arch.ffn_size, tp_rank, tp_size)
+        local_ffn = ffn[1] - ffn[0]
+        attn_cols = split(arch.num_attention_heads * arch.head_dim, tp_rank, tp_size)
+        qkv = (n["q"], n["k"], n["v"])
+        plan = {
+            "input_layernorm.weight": [Piece(n["ln1"])],
+            "self_attention.linear_qkv.weight": grouped_qkv(arch, tp_rank, tp_size, qkv, "weight"),
+            "self_attention.linear_proj.weight": [Piece(n["o"] + "weight", cols=attn_cols)],
+            "pre_mlp_layernorm.weight": [Piece(n["ln2"])],
+            "mlp.linear_fc1.weight": [
+                Piece(n["gate"] + "weight", rows=ffn),
+                Piece(n["up"] + "weight", rows=ffn, offset=local_ffn),
+            ],
+            "mlp.linear_fc2.weight": [Piece(n["down"] + "weight", cols=ffn)],
+        }
+        if arch.add_bias_linear or arch.add_qkv_bias:
+            plan["self_attention.linear_qkv.bias"] = grouped_qkv(
+                arch, tp_rank, tp_size, qkv, "bias"
+            )
+        if arch.add_bias_linear:
+            plan["self_attention.linear_proj.bias"] = [Piece(n["o"] + "bias")]
+            plan["mlp.linear_fc1.bias"] = [
+                Piece(n["gate"] + "bias", rows=ffn),
+                Piece(n["up"] + "bias", rows=ffn, offset=local_ffn),
+            ]
+            plan["mlp.linear_fc2.bias"] = [Piece(n["down"] + "bias")]
+        if arch.qk_layernorm:
+            plan["self_attention.q_layernorm.weight"] = [Piece(n["q_norm"])]
+            plan["self_attention.k_layernorm.weight"] = [Piece(n["k_norm"])]
+        return plan
+
+    def first_stage_tensors(self, prefix: str = "") -> dict[str, str]:
+        return {}
+
+    def last_stage_tensors(self, prefix: str = "") -> dict[str, str]:
+        return {"decoder.final_layernorm.weight": "model.norm.weight"}
+
+    def export_layer(self, sd: Mapping[str, Any], arch: ModelArch, layer: int) -> dict[str, Any]:
+        m, p = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+        q, k, v = split_qkv(sd[m + "self_attention.linear_qkv.weight"], arch)
+        gate, up = sd[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out = {
+            p + "input_layernorm.weight": sd[m + "input_layernorm.weight"],
+            p + "self_attn.q_proj.weight": q,
+            p + "self_attn.k_proj.weight": k,
+            p + "self_attn.v_proj.weight": v,
+            p + "self_attn.o_proj.weight": sd[m + "self_attention.linear_proj.weight"],
+            p + "post_attention_layernorm.weight": sd[m + "pre_mlp_layernorm.weight"],
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": sd[m + "mlp.linear_fc2.weight"],
+        }
+        if arch.add_bias_linear or arch.add_qkv_bias:
+            qb, kb, vb = split_qkv(sd[m + "self_attention.linear_qkv.bias"], arch)
+            out.update(
+                {
+                    p + "self_attn.q_proj.bias": qb,
+                    p + "self_attn.k_proj.bias": kb,
+                    p + "self_attn.v_proj.bias": vb,
+                }
+            )
+        if arch.add_bias_linear:
+            gate_b, up_b = sd[m + "mlp.linear_fc1.bias"].chunk(2, dim=0)
+            out.update(
+                {
+                    p + "self_attn.o_proj.bias": sd[m + "self_attention.linear_proj.bias"],
+                    p + "mlp.gate_proj.bias": gate_b,
+                    p + "mlp.up_proj.bias": up_b,
+                    p + "mlp.down_proj.bias": sd[m + "mlp.linear_fc2.bias"],
+                }
+            )
+        if arch.qk_layernorm:
+            out[p + "self_attn.q_norm.weight"] = sd[m + "self_attention.q_layernorm.weight"]
+            out[p + "self_attn.k_norm.weight"] = sd[m + "self_attention.k_layernorm.weight"]
+        return out
+
+
+LLAMA = LlamaFamily()
