@@ -412,9 +412,7 @@ def _divisors(n: int) -> list[int]:
 
 def layout_problem(cfg: DistillConfig, tp: int, pp: int, dp: int) -> str | None:
     """Why ``tp x pp x dp`` is not a valid layout for ``cfg``, or ``None``."""
-    from gkd_cli.config import model_roles
-
-    for role, model in model_roles(cfg):
+    for role, model in cfg.model_roles():
         try:
             model.check_parallel(tp, pp, where=role)
         except ValueError as err:
