@@ -3,22 +3,28 @@ anything is launched.
 
 ``load_config(path, overrides)`` parses the file, applies ``section.key=value`` overrides (values
 are YAML: ``train.lr=1e-4``, ``parallel.tp=2``, ``methods.0.temperature=10``), builds the typed
-tree (unknown keys, wrong types and bad choices are reported with the field's dotted name) and
-runs :func:`validate` (layouts, batch sizes, world size, paths, vocabularies, methods). Every
-problem raises :class:`~gkd_cli.errors.ConfigError` naming the field and the fix.
+tree with :mod:`methods.typed` (the engine the method parameters use too: unknown keys, wrong
+types and bad choices are reported with the field's dotted name; each method entry is typed
+against its method's parameters) and runs :func:`validate`. Every problem raises
+:class:`~gkd_cli.errors.ConfigError` naming the field and the fix. Checks that belong to a part
+of gkd live there and take plain values: the layout (:func:`gkd_cli.plan.check_layout`), the
+world size (:func:`gkd_cli.launch.check_world_size`), the vocabulary mapping
+(:func:`gkd_cli.vocab.compressed.check_mapping_for_run`), the tokenizer
+(:func:`gkd_cli.data.tokenizer.check_tokenizer_fits`), the SuperGLUE tasks
+(:func:`gkd_cli.superglue.distill_data.check_task_files`) and the methods, built exactly as the
+workers build them (:func:`gkd_cli.build.build_methods`).
 
 ``dump_config(cfg)`` writes YAML that ``load_config`` reads back to an equal config; the launcher
 writes it to ``<output.dir>/config.yaml`` and the workers read that file.
 
-Each field's docstring is its help text (``gkd config fields`` prints them). Nothing here imports
-megatron-core or torch: the config is checked on a login node.
+Each field's docstring is its help text (``gkd config-help`` prints them). megatron-core is never
+imported: the config is checked on a login node (torch is, by the methods registry).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import typing
 from collections.abc import Iterable, Mapping
@@ -41,17 +47,6 @@ from methods.typed import (
 )
 from methods.typed import build as typed_build
 from parallel.config import ModelArch, ParallelConfig, TrainConfig
-
-SUPERGLUE_TASKS = ("BoolQ", "CB", "COPA", "MultiRC", "ReCoRD", "RTE", "WiC", "WSC")
-"""The eight SuperGLUE tasks, spelled as the official release (and its folder names) spell them."""
-
-MAPPING_METADATA_KEY = "gkd_vocab"
-"""Safetensors metadata key under which ``gkd compress-vocab`` stores its JSON metadata."""
-MAPPING_COMPRESSED_KEYS = ("compressed_vocab_size", "compressed_size")
-"""Safetensors metadata keys of a vocabulary mapping that may hold the compressed size."""
-MAPPING_ORIGINAL_KEYS = ("original_vocab_size", "vocab_size")
-"""Safetensors metadata keys of a vocabulary mapping that may hold the teacher's size."""
-
 
 # ---------------------------------------------------------------------------------------------
 # The schema
@@ -564,10 +559,14 @@ def validate(
     (:func:`gkd_cli.build.build_methods`, what the workers call), unless ``build_methods`` is
     false."""
     _check_ranges(cfg)
-    _check_layout(cfg)
+    from gkd_cli.plan import check_layout
+
+    check_layout(cfg.model_roles(), cfg.parallel)
     _check_batch(cfg)
     if environ is not None:
-        check_world_size(cfg, environ)
+        from gkd_cli.launch import check_world_size
+
+        check_world_size(cfg.parallel, environ)
     _check_sequence(cfg)
     _check_models(cfg)
     _check_vocab(cfg, check_paths=check_paths)
@@ -634,22 +633,6 @@ def _check_ranges(cfg: DistillConfig) -> None:
     _positive(cfg.output.keep_last, "output.keep_last", allow_zero=True)
 
 
-def _check_layout(cfg: DistillConfig) -> None:
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    for role, model in cfg.model_roles():
-        try:
-            model.check_parallel(tp, pp, where=role)
-        except ValueError as err:
-            raise ConfigError(str(err), field=role) from None
-    world, nnodes = cfg.parallel.world_size, cfg.parallel.nnodes
-    if world % nnodes:
-        raise ConfigError(
-            f"parallel.tp x pp x dp = {world} processes cannot be split evenly over "
-            f"parallel.nnodes={nnodes}; use a node count that divides {world}",
-            field="parallel.nnodes",
-        )
-
-
 def _check_batch(cfg: DistillConfig) -> None:
     t, dp = cfg.train, cfg.parallel.dp
     step = t.micro_batch_size * dp
@@ -660,36 +643,6 @@ def _check_batch(cfg: DistillConfig) -> None:
             f"train.micro_batch_size x parallel.dp = {t.micro_batch_size} x {dp} = {step}; "
             f"use a multiple of {step} (e.g. {lower} or {lower + step})",
             field="train.global_batch_size",
-        )
-
-
-def environment_world_size(environ: Mapping[str, str]) -> tuple[int, str] | None:
-    """The number of processes the surrounding launcher provides, and where that number comes
-    from, when it is known: torchrun's ``WORLD_SIZE``, or a Slurm allocation's nodes x GPUs."""
-    if environ.get("WORLD_SIZE", "").isdigit():
-        return int(environ["WORLD_SIZE"]), "WORLD_SIZE (torchrun)"
-    nodes = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES")
-    gpus = environ.get("SLURM_GPUS_ON_NODE")
-    if nodes and nodes.isdigit() and gpus and gpus.isdigit() and int(gpus) > 0:
-        return int(nodes) * int(gpus), f"the Slurm allocation ({nodes} nodes x {gpus} GPUs)"
-    return None
-
-
-def check_world_size(cfg: DistillConfig, environ: Mapping[str, str]) -> None:
-    """Raise when a known world size (torchrun or Slurm environment) differs from the layout."""
-    known = environment_world_size(environ)
-    if known is None:
-        return
-    world, source = known
-    p = cfg.parallel
-    if world != p.world_size:
-        raise ConfigError(
-            f"world size {world} from {source} != parallel.tp x pp x dp = "
-            f"{p.tp} x {p.pp} x {p.dp} = {p.world_size}; set parallel.dp={world // (p.tp * p.pp)}"
-            if world % (p.tp * p.pp) == 0
-            else f"world size {world} from {source} != parallel.tp x pp x dp = {p.world_size}; "
-            f"pick tp x pp dividing {world}",
-            field="parallel.dp",
         )
 
 
@@ -746,38 +699,6 @@ def _check_models(cfg: DistillConfig) -> None:
         )
 
 
-def read_mapping_sizes(path: str) -> tuple[int | None, int | None]:
-    """(compressed size, original size) from a vocabulary mapping's safetensors metadata (flat
-    keys, or the JSON object under ``gkd_vocab`` that ``gkd compress-vocab`` writes); either is
-    ``None`` when the file does not record it or is not safetensors."""
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        return None, None
-    try:
-        with safe_open(path, framework="numpy") as handle:
-            meta: dict[str, Any] = dict(handle.metadata() or {})
-    except Exception:  # not a safetensors file: the mapping reader will say so with detail
-        return None, None
-    try:
-        nested = json.loads(meta.get(MAPPING_METADATA_KEY, "{}"))
-    except ValueError:
-        nested = {}
-    if isinstance(nested, dict):
-        meta.update(nested)
-
-    def first_int(keys: tuple[str, ...]) -> int | None:
-        for key in keys:
-            value = meta.get(key)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.isdigit():
-                return int(value)
-        return None
-
-    return first_int(MAPPING_COMPRESSED_KEYS), first_int(MAPPING_ORIGINAL_KEYS)
-
-
 def _check_vocab(cfg: DistillConfig, *, check_paths: bool) -> None:
     tv, sv = reference_vocab_size(cfg), cfg.student.vocab_size
     mapping = cfg.data.vocab_mapping
@@ -796,33 +717,12 @@ def _check_vocab(cfg: DistillConfig, *, check_paths: bool) -> None:
                 field="student.vocab_size",
             )
         return
-    if not os.path.isfile(mapping):
-        if check_paths:
-            raise ConfigError(
-                f"data.vocab_mapping: file {mapping} does not exist; run gkd compress-vocab or "
-                "fix the path",
-                field="data.vocab_mapping",
-            )
-        return
-    compressed, original = read_mapping_sizes(mapping)
-    if compressed is not None and compressed != sv:
-        raise ConfigError(
-            f"student.vocab_size={sv} differs from the compressed size {compressed} recorded in "
-            f"data.vocab_mapping ({mapping}); set student.vocab_size={compressed}",
-            field="student.vocab_size",
-        )
-    if original is not None and original > tv:
-        raise ConfigError(
-            f"data.vocab_mapping ({mapping}) was made for a vocabulary of {original} tokens, but "
-            f"teacher.vocab_size={tv}; compress the teacher's vocabulary again",
-            field="data.vocab_mapping",
-        )
-    from gkd_cli.vocab.compressed import check_run_compatibility
+    from gkd_cli.vocab.compressed import check_mapping_for_run
 
-    try:  # a corrupt file, or a layout for another tp or teacher, fails here rather than in a rank
-        check_run_compatibility(mapping, tp=cfg.parallel.tp, teacher_vocab_size=tv)
-    except ValueError as error:
-        raise ConfigError(f"data.vocab_mapping: {error}", field="data.vocab_mapping") from None
+    check_mapping_for_run(
+        mapping, student_vocab_size=sv, teacher_vocab_size=tv, tp=cfg.parallel.tp,
+        check_paths=check_paths,
+    )  # fmt: skip
 
 
 def _expand(pattern: str) -> list[str]:
@@ -892,7 +792,10 @@ def _check_paths(cfg: DistillConfig) -> None:
             f"data.tokenizer: {d.tokenizer} does not exist; point it at a tokenizer.json",
             field="data.tokenizer",
         )
-    _check_tokenizer_size(cfg)
+    from gkd_cli.data.tokenizer import check_tokenizer_fits
+
+    role = cfg.teacher_role(0) if cfg.teachers else "student"
+    check_tokenizer_fits(d.tokenizer, reference_vocab_size(cfg), role)
     if d.source == "corpus":
         if not d.train_files:
             raise ConfigError(
@@ -901,7 +804,9 @@ def _check_paths(cfg: DistillConfig) -> None:
             )
         _check_files(d.train_files, "data.train_files")
     else:
-        _check_superglue(d)
+        from gkd_cli.superglue.distill_data import check_task_files
+
+        check_task_files(d.superglue_tasks, d.superglue_dir, d.superglue_split)
     _check_files(d.valid_files, "data.valid_files")
 
 
@@ -910,59 +815,3 @@ def _check_files(patterns: list[str], name: str) -> None:
         if not _expand(pattern):
             what = "matches no file" if glob.has_magic(pattern) else "does not exist"
             raise ConfigError(f"{name}.{i}: {pattern} {what}; fix the path", field=f"{name}.{i}")
-
-
-def _check_superglue(d: DataConfig) -> None:
-    if not d.superglue_tasks:
-        raise ConfigError(
-            f"data.superglue_tasks is empty; list tasks from {', '.join(SUPERGLUE_TASKS)}",
-            field="data.superglue_tasks",
-        )
-    if d.superglue_dir is None or not os.path.isdir(d.superglue_dir):
-        raise ConfigError(
-            f"data.superglue_dir: folder {d.superglue_dir} does not exist; point it at the folder "
-            "holding BoolQ/, CB/, ...",
-            field="data.superglue_dir",
-        )
-    by_lower = {t.lower(): t for t in SUPERGLUE_TASKS}
-    for i, task in enumerate(d.superglue_tasks):
-        official = by_lower.get(task.lower())
-        if official is None:
-            raise ConfigError(
-                f"data.superglue_tasks.{i}: unknown task '{task}'"
-                f"{did_you_mean(task, SUPERGLUE_TASKS)} (tasks: {', '.join(SUPERGLUE_TASKS)})",
-                field=f"data.superglue_tasks.{i}",
-            )
-        folder = next(
-            (e for e in os.listdir(d.superglue_dir) if e.lower() == official.lower()), official
-        )
-        path = os.path.join(d.superglue_dir, folder, f"{d.superglue_split}.jsonl")
-        if not os.path.isfile(path):
-            raise ConfigError(
-                f"data.superglue_tasks.{i}: {path} does not exist; pick another "
-                "data.superglue_split or fix data.superglue_dir",
-                field=f"data.superglue_tasks.{i}",
-            )
-
-
-def _check_tokenizer_size(cfg: DistillConfig) -> None:
-    """A tokenizer that emits ids beyond the teacher's vocabulary would index out of range."""
-    path = cfg.data.tokenizer
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
-    if not path.endswith(".json") or not os.path.isfile(path):
-        return
-    try:
-        from tokenizers import Tokenizer
-
-        size = Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
-    except Exception:  # unreadable here: the data loader reports it with its own message
-        return
-    reference = reference_vocab_size(cfg)
-    role = cfg.teacher_role(0) if cfg.teachers else "student"
-    if size > reference:
-        raise ConfigError(
-            f"data.tokenizer has {size} tokens but {role}.vocab_size={reference}; "
-            f"use the {role}'s tokenizer or fix {role}.vocab_size",
-            field="data.tokenizer",
-        )

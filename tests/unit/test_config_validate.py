@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from gkd_cli.config import check_world_size, environment_world_size
 from gkd_cli.errors import ConfigError
+from gkd_cli.launch import check_world_size, environment_world_size
 from tests.unit.test_config_load import (
     base_config,
     error_of,
@@ -75,10 +75,10 @@ def test_environment_world_size(environ, world):
 def test_world_size_mismatch(tmp_path):
     cfg = load(tmp_path, base_config(tmp_path))  # tp 2 x pp 1 x dp 1
     with pytest.raises(ConfigError) as info:
-        check_world_size(cfg, {"WORLD_SIZE": "8"})
+        check_world_size(cfg.parallel, {"WORLD_SIZE": "8"})
     assert "world size 8 from WORLD_SIZE" in str(info.value)
     assert "set parallel.dp=4" in str(info.value)
-    check_world_size(cfg, {"WORLD_SIZE": "2"})  # matches: no error
+    check_world_size(cfg.parallel, {"WORLD_SIZE": "2"})  # matches: no error
     err = error_of(tmp_path, base_config(tmp_path), environ={"WORLD_SIZE": "4"})
     assert "parallel.dp=2" in str(err)
 
