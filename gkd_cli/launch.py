@@ -718,7 +718,7 @@ def run_finished(output_dir: str | os.PathLike) -> bool:
     from parallel.checkpoint import latest_complete, read_meta
 
     out = Path(output_dir)
-    cfg = load_config(out / "config.yaml", check_paths=False)
+    cfg = load_config(out / "config.yaml", validate_run=False)  # only train.steps is read
     latest = latest_complete(out / "checkpoints")
     if latest is None:
         return False

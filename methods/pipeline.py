@@ -8,6 +8,11 @@ method (parameters such as ``temperature`` may be schedules too)::
       - {name: glmd, weight: 1.0, temperature: 15}
       - {name: lm, weight: {type: linear, start: 0.0, end: 0.1}}
 
+The config loader types each entry into a :class:`MethodEntry` (:func:`parse_entries`: the
+parameters checked against the method's own dataclass and its declared ranges);
+:func:`build_pipeline` is the one builder, from entries and a :class:`~methods.base.BuildContext`
+(``gkd distill``'s validation and every worker call it through ``gkd_cli.build.build_methods``).
+
 ``compute`` returns the total loss (the weighted sum, with gradient) and every term unweighted and
 detached for logging, named ``"{method}/{term}"`` (e.g. ``"glmd/kl"``, ``"lm/ce"``). A method's
 term is weighted by the method's weight times its own ``term_weights(ctx)`` when it has them (KD's
@@ -16,7 +21,6 @@ soft and hard weights).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +38,15 @@ from methods.base import (
     Tap,
     WeightsTerms,
 )
-from methods.registry import build_method, parse_params, range_values, stage_label
+from methods.registry import (
+    RESERVED,
+    build_method,
+    parse_params,
+    range_values,
+    stage_label,
+    with_inner_builder,
+)
 from methods.schedules import ScheduleLike, parse_schedule, value_at
-
-RESERVED_KEYS = ("name", "weight")
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,7 @@ def parse_entry(item: Any, where: str) -> MethodEntry:
             field=f"{where}.name",
         )
     weight = _parse_weight(item.get("weight", 1.0), f"{where}.weight")
-    params = {k: v for k, v in item.items() if k not in RESERVED_KEYS}
+    params = {k: v for k, v in item.items() if k not in RESERVED}
     try:
         parsed = parse_params(name, params)
     except ValueError as err:
@@ -122,18 +131,6 @@ def parse_entries(items: Any, where: str = "methods") -> list[MethodEntry]:
     return [parse_entry(item, f"{where}.{i}") for i, item in enumerate(items)]
 
 
-def _context_with_builder(ctx: BuildContext) -> BuildContext:
-    """``ctx`` whose ``build_inner`` builds a nested entry (a mapping, a name or a
-    :class:`MethodEntry`) through the same path, in the same context."""
-
-    def build_inner(item: Any) -> Method:
-        entry = parse_entry(item, where="method")
-        return build_method(entry.name, entry.params, inner)
-
-    inner = dataclasses.replace(ctx, build_inner=build_inner)
-    return inner
-
-
 def build_pipeline(
     entries: Sequence[MethodEntry], ctx: BuildContext, *, where: str = "methods"
 ) -> MethodPipeline:
@@ -145,7 +142,7 @@ def build_pipeline(
             f"{where} is empty; add at least one, e.g. '- name: glmd' (gkd methods list)",
             field=where,
         )
-    ctx = _context_with_builder(ctx)
+    ctx = with_inner_builder(ctx)
     built = []
     for index, entry in enumerate(entries):
         here = f"{where}.{index}"

@@ -269,13 +269,42 @@ def build_method(name: str, params: Any = None, ctx: BuildContext | None = None)
     """Build method ``name`` from config parameters (a mapping, validated here; ``ValueError``
     names the field) or from its already parsed parameters dataclass, in build context ``ctx``:
     ``cls.from_context(params, ctx)`` when the class defines it, else ``cls(params)``. Without a
-    context (tests), a task-stage build that knows no models."""
+    context (tests), a task-stage build that knows no models. The context always has a
+    ``build_inner`` (:func:`with_inner_builder`) for a method that nests another."""
     spec = get_spec(name)
     parsed = params if isinstance(params, spec.params) else parse_params(name, params)
     from_context = getattr(spec.cls, "from_context", None)
-    if callable(from_context):
-        return from_context(parsed, ctx if ctx is not None else BuildContext(stage=Stage.TASK))
-    return spec.cls(parsed)
+    if not callable(from_context):
+        return spec.cls(parsed)
+    ctx = ctx if ctx is not None else BuildContext(stage=Stage.TASK)
+    if ctx.build_inner is None:
+        ctx = with_inner_builder(ctx)
+    return from_context(parsed, ctx)
+
+
+def with_inner_builder(ctx: BuildContext) -> BuildContext:
+    """``ctx`` whose ``build_inner`` builds a nested method entry (a mapping ``{name: ...,
+    <params>}``, a bare name, or a parsed entry with ``name`` and ``params``) with
+    :func:`build_method` in the same context: the same validation and range checks as a top-level
+    entry (a nested entry's ``weight``, if any, is the combiner's business and ignored here)."""
+
+    def build_inner(item: Any) -> Method:
+        if isinstance(item, str):
+            item = {"name": item}
+        if isinstance(item, Mapping):
+            if not isinstance(item.get("name"), str):
+                raise ValueError(f"a nested method needs a 'name', got {item!r}")
+            name, params = item["name"], {k: v for k, v in item.items() if k not in RESERVED}
+        else:
+            name, params = item.name, item.params
+        return build_method(name, params, inner)
+
+    inner = dataclasses.replace(ctx, build_inner=build_inner)
+    return inner
+
+
+RESERVED = ("name", "weight")
+"""Keys of a method entry that are not parameters of the method."""
 
 
 # ----------------------------------------------------------------------------------------------
