@@ -265,20 +265,21 @@ def _default_text(f: dataclasses.Field) -> str:
 
 
 def _teachers(data: Mapping[str, Any]) -> list[ModelConfig]:
-    """``teachers`` from ``teachers: [...]`` or its sugar ``teacher: {...}`` (``null``: none)."""
-    if "teacher" in data and "teachers" in data:
+    """``teachers`` from ``teachers: [...]`` or its sugar ``teacher: {...}``; a ``null`` one is
+    absent (config.yaml files written before ``teachers`` was the only field hold both keys, one
+    of them ``null``)."""
+    teacher, teachers = data.get("teacher"), data.get("teachers")
+    if teacher is not None and teachers is not None:
         raise ConfigError(
             "the config has both teacher and teachers; give one teacher under 'teacher:' or a "
             "list under 'teachers:' (multi-teacher methods), not both",
             field="teachers",
         )
-    if "teacher" in data:
-        if data["teacher"] is None:
-            return []  # no teacher: the student trains alone
-        return [typed_build(ModelConfig, data["teacher"], "teacher")]
-    if data.get("teachers") is None:
-        return []
-    return coerce(data["teachers"], list[ModelConfig], "teachers")
+    if teacher is not None:
+        return [typed_build(ModelConfig, teacher, "teacher")]
+    if teachers is None:
+        return []  # no teacher: the student trains alone
+    return coerce(teachers, list[ModelConfig], "teachers")
 
 
 def build_config(data: Any) -> DistillConfig:

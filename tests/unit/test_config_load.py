@@ -354,6 +354,17 @@ def test_dump_round_trips_typed_method_entries_and_teachers(tmp_path):
     assert again == no_teacher
 
 
+def test_config_yaml_of_earlier_versions_still_loads(tmp_path):
+    """config.yaml written before 'teachers' was the only field has 'teacher' and a null
+    'teachers' (or the reverse); a resumed run reads it."""
+    data = base_config(tmp_path)
+    cfg = load(tmp_path, {**data, "teachers": None})
+    assert cfg == load(tmp_path, data) and len(cfg.teachers) == 1
+    two = [data["teacher"], {**data["teacher"], "hidden_size": 32}]
+    cfg = load(tmp_path, {**data, "teacher": None, "teachers": two})
+    assert [t.hidden_size for t in cfg.teachers] == [64, 32] and cfg.teacher_role(1) == "teachers.1"
+
+
 def test_field_docs_include_inherited_fields():
     docs = field_docs(ModelConfig)
     assert docs["num_layers"] == "Number of transformer layers."
