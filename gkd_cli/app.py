@@ -21,7 +21,7 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -203,14 +203,14 @@ def _prepare_output(cfg, resume: bool | None):
 
     A directory holding a run of the same config resumes it (a rerun after a preemption or a
     crash); one holding another run is refused unless ``--resume`` or ``--overwrite``."""
-    from gkd_cli.config import load_config, model_roles
+    from gkd_cli.config import load_config
 
     out = Path(cfg.output.dir)
     # logs/ alone is no run: Slurm opens the batch output file in it before gkd starts.
     existing = out.is_dir() and any(entry.name != "logs" for entry in out.iterdir())
     saved = out / "config.yaml"
     if existing and resume is None:
-        if saved.is_file() and _same_run(load_config(saved, check_paths=False), cfg):
+        if saved.is_file() and _same_run(load_config(saved, validate_run=False), cfg):
             resume = True
         elif saved.is_file():
             raise ConfigError(
@@ -232,15 +232,16 @@ def _prepare_output(cfg, resume: bool | None):
                 f"--resume: output.dir {out} holds no run to resume", field="output.dir"
             )
         if saved.is_file():
-            previous = load_config(saved, check_paths=False)
-            before_roles, after_roles = dict(model_roles(previous)), dict(model_roles(cfg))
-            for role in ("teacher", "student"):
-                before, after = before_roles.get(role), after_roles.get(role)
-                if before is not None:
-                    before = replace(before, checkpoint=None, init=None)
-                if after is not None:
-                    after = replace(after, checkpoint=None, init=None)
-                if before != after:
+            previous = load_config(saved, validate_run=False)  # read, not validated or built
+
+            def archs(models):
+                return [replace(m, checkpoint=None, init=None) for m in models]
+
+            for role, before, after in (
+                ("teacher", previous.teachers, cfg.teachers),
+                ("student", [previous.student], [cfg.student]),
+            ):
+                if archs(before) != archs(after):
                     raise ConfigError(
                         f"--resume: the {role} architecture differs from the run in {out}; "
                         "resume with the same models or use another output.dir",
@@ -702,101 +703,19 @@ def plan(
 # ---------------------------------------------------------------------------------------------
 
 
-def _registry():
-    try:
-        from methods import registry
-    except ModuleNotFoundError as err:
-        if err.name in ("methods", "methods.registry"):
-            raise GkdError("the methods registry (methods/registry.py) is not installed") from None
-        raise
-    return registry
-
-
-def _words(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    try:
-        items = list(value)
-    except TypeError:
-        return str(getattr(value, "value", value))
-    names = [str(getattr(v, "value", v)) for v in items]
-    return ", ".join(sorted(names) if isinstance(value, set | frozenset) else names)
-
-
-def _stages(registry, spec) -> str:
-    label = getattr(registry, "stage_label", None)
-    stages = getattr(spec, "stages", "")
-    if callable(label):
-        try:
-            return str(label(stages))
-        except Exception:  # an unexpected stages value: show it as words
-            pass
-    return _words(stages)
-
-
 @methods_app.command("list")
 @_report_errors
 def methods_list() -> None:
     """Name, paper, signals and stage (PT pre-training, TS task) of every method."""
-    registry = _registry()
+    from methods import registry
+
     table = Table(title="Distillation methods", title_justify="left")
     for column in ("name", "paper", "signals", "stage"):
         table.add_column(column, overflow="fold")
     for name, spec in registry.REGISTRY.items():
-        cells = (
-            name,
-            _words(getattr(spec, "paper", "")),
-            _words(getattr(spec, "signals", "")),
-            _stages(registry, spec),
-        )
+        cells = (name, spec.paper, spec.signals, registry.stage_label(spec.stages))
         table.add_row(*(Text(cell) for cell in cells))
     _out().print(table)
-
-
-def _param_rows(registry, spec) -> list[tuple[str, str, str, str]]:
-    """(name, type, default, help) of a method's parameters: the registry's ``describe`` when it
-    has one, else read from the parameters dataclass."""
-    import dataclasses
-    import typing
-
-    from gkd_cli.config import field_docs
-
-    describe = getattr(registry, "describe", None)
-    if callable(describe):
-        docs = describe(spec.name)
-        if isinstance(docs, list) and all(hasattr(d, "name") for d in docs):
-            return [
-                (
-                    str(d.name),
-                    str(getattr(d, "type", "")),
-                    "(required)" if getattr(d, "required", False) else repr(d.default),
-                    str(getattr(d, "help", "")),
-                )
-                for d in docs
-            ]
-    params = getattr(spec, "params", None)
-    if not (isinstance(params, type) and dataclasses.is_dataclass(params)):
-        return []
-    docs_by_name = field_docs(params)
-    try:
-        hints = typing.get_type_hints(params)
-    except Exception:  # exotic annotations: show them as written
-        hints = {}
-    rows = []
-    for f in dataclasses.fields(params):
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
-        else:
-            default = "(required)"
-        tp = hints.get(f.name, f.type)
-        rows.append(
-            (f.name, getattr(tp, "__name__", str(tp)), default, docs_by_name.get(f.name, ""))
-        )
-    return rows
 
 
 @methods_app.command("show")
@@ -805,7 +724,8 @@ def methods_show(name: Annotated[str, typer.Argument(help="Method name.")]) -> N
     """A method's paper, signals, stages and parameters (defaults and help)."""
     import difflib
 
-    registry = _registry()
+    from methods import registry
+
     spec = registry.REGISTRY.get(name)
     if spec is None:
         close = difflib.get_close_matches(name, list(registry.REGISTRY), n=1)
@@ -813,21 +733,21 @@ def methods_show(name: Annotated[str, typer.Argument(help="Method name.")]) -> N
         raise ConfigError(f"unknown method '{name}'{hint}")
     console = _out()
     console.print(Text(spec.name, style="bold"))
-    console.print(Text(f"paper: {_words(getattr(spec, 'paper', ''))}"), soft_wrap=True)
-    console.print(Text(f"signals: {_words(getattr(spec, 'signals', ''))}"), soft_wrap=True)
-    console.print(Text(f"stage: {_stages(registry, spec)}"), soft_wrap=True)
-    summary = _words(getattr(spec, "summary", ""))
-    if summary:
-        console.print(Text(summary), soft_wrap=True)
-    rows = _param_rows(registry, spec)
-    if not rows:
+    console.print(Text(f"paper: {spec.paper}"), soft_wrap=True)
+    console.print(Text(f"signals: {spec.signals}"), soft_wrap=True)
+    console.print(Text(f"stage: {registry.stage_label(spec.stages)}"), soft_wrap=True)
+    if spec.summary:
+        console.print(Text(spec.summary), soft_wrap=True)
+    params = registry.describe(spec.name)  # field help from methods.typed, as config-help's
+    if not params:
         console.print("(no parameters)")
         return
     table = Table(title=f"methods.N.<param> of {spec.name}", title_justify="left")
     for column in ("parameter", "type", "default", "help"):
         table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*(Text(cell) for cell in row))
+    for p in params:
+        default = "(required)" if p.required else repr(p.default)
+        table.add_row(*(Text(cell) for cell in (p.name, p.type, default, p.help)))
     console.print(table)
 
 

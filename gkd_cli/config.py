@@ -3,28 +3,29 @@ anything is launched.
 
 ``load_config(path, overrides)`` parses the file, applies ``section.key=value`` overrides (values
 are YAML: ``train.lr=1e-4``, ``parallel.tp=2``, ``methods.0.temperature=10``), builds the typed
-tree (unknown keys, wrong types and bad choices are reported with the field's dotted name) and
-runs :func:`validate` (layouts, batch sizes, world size, paths, vocabularies, methods). Every
-problem raises :class:`~gkd_cli.errors.ConfigError` naming the field and the fix.
+tree with :mod:`methods.typed` (the engine the method parameters use too: unknown keys, wrong
+types and bad choices are reported with the field's dotted name; each method entry is typed
+against its method's parameters) and runs :func:`validate`. Every problem raises
+:class:`~gkd_cli.errors.ConfigError` naming the field and the fix. Checks that belong to a part
+of gkd live there and take plain values: the layout (:func:`gkd_cli.plan.check_layout`), the
+world size (:func:`gkd_cli.launch.check_world_size`), the vocabulary mapping
+(:func:`gkd_cli.vocab.compressed.check_mapping_for_run`), the tokenizer
+(:func:`gkd_cli.data.tokenizer.check_tokenizer_fits`), the SuperGLUE tasks
+(:func:`gkd_cli.superglue.distill_data.check_task_files`) and the methods, built exactly as the
+workers build them (:func:`gkd_cli.build.build_methods`).
 
 ``dump_config(cfg)`` writes YAML that ``load_config`` reads back to an equal config; the launcher
 writes it to ``<output.dir>/config.yaml`` and the workers read that file.
 
-Each field's docstring is its help text (``gkd config fields`` prints them). Nothing here imports
-megatron-core or torch: the config is checked on a login node.
+Each field's docstring is its help text (``gkd config-help`` prints them). megatron-core is never
+imported: the config is checked on a login node (torch is, by the methods registry).
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
 import glob
-import inspect
-import json
 import os
-import textwrap
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,18 +35,18 @@ from typing import Any, Literal
 import yaml
 
 from gkd_cli.errors import ConfigError
+from methods.pipeline import MethodEntry, parse_entries
+from methods.typed import (
+    FieldError,
+    coerce,
+    describe_value,
+    did_you_mean,
+    field_docs,
+    to_plain,
+    type_name,
+)
+from methods.typed import build as typed_build
 from parallel.config import ModelArch, ParallelConfig, TrainConfig
-
-SUPERGLUE_TASKS = ("BoolQ", "CB", "COPA", "MultiRC", "ReCoRD", "RTE", "WiC", "WSC")
-"""The eight SuperGLUE tasks, spelled as the official release (and its folder names) spell them."""
-
-MAPPING_METADATA_KEY = "gkd_vocab"
-"""Safetensors metadata key under which ``gkd compress-vocab`` stores its JSON metadata."""
-MAPPING_COMPRESSED_KEYS = ("compressed_vocab_size", "compressed_size")
-"""Safetensors metadata keys of a vocabulary mapping that may hold the compressed size."""
-MAPPING_ORIGINAL_KEYS = ("original_vocab_size", "vocab_size")
-"""Safetensors metadata keys of a vocabulary mapping that may hold the teacher's size."""
-
 
 # ---------------------------------------------------------------------------------------------
 # The schema
@@ -125,16 +126,17 @@ class DistillConfig:
 
     student: ModelConfig
     """The trained student."""
-    teacher: ModelConfig | None = None
-    """The frozen teacher. Omit it to pre-train the student alone (GKD's ``pd`` first stage,
-    or a teacher for the demo): then only teacher-free methods (``lm``) are allowed."""
-    teachers: list[ModelConfig] | None = None
-    """Several frozen teachers instead of ``teacher`` (multi-teacher methods: tmkd, mt_bert,
-    uncertainty, rl_kd, dgkd), each sharded like the single teacher and sharing the student's
-    vocabulary; single-teacher methods use the first. Give ``teacher`` or ``teachers``, not both."""
-    methods: list[dict[str, Any]]
-    """Distillation methods, each ``{name: ..., weight: 1.0, <method parameters>}``; the terms
-    are weighted and summed (``gkd methods list`` shows the names)."""
+    teachers: list[ModelConfig] = field(default_factory=list)
+    """The frozen teachers, in order (``Tap.teacher_index`` indexes them). One teacher is usually
+    written ``teacher: {...}`` (YAML sugar for a one-element list); several are for the
+    multi-teacher methods (tmkd, mt_bert, uncertainty, rl_kd, dgkd), each sharded like the first
+    and sharing its vocabulary; single-teacher methods use the first. None: the student trains
+    alone (GKD's ``pd`` first stage, or a teacher for the demo), with teacher-free methods only
+    (``lm``)."""
+    methods: list[MethodEntry]
+    """Distillation methods, each ``{name: ..., weight: 1.0, <method parameters>}``, typed
+    against the method's parameters when the config is loaded; the terms are weighted and summed
+    (``gkd methods list`` shows the names)."""
     data: DataConfig
     """Training data."""
     output: OutputConfig
@@ -143,6 +145,21 @@ class DistillConfig:
     """Tensor/pipeline/data parallel layout (teacher and student share it)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimization of the student."""
+
+    @property
+    def teacher(self) -> ModelConfig | None:
+        """The first teacher (the one single-teacher methods use), or None."""
+        return self.teachers[0] if self.teachers else None
+
+    def teacher_role(self, index: int) -> str:
+        """How teacher ``index`` is named in messages: ``teacher`` when it is the only one,
+        else ``teachers.N``."""
+        return "teacher" if len(self.teachers) == 1 else f"teachers.{index}"
+
+    def model_roles(self) -> list[tuple[str, ModelConfig]]:
+        """``[(role, model)]``: the teachers, then the student."""
+        roles = [(self.teacher_role(i), t) for i, t in enumerate(self.teachers)]
+        return [*roles, ("student", self.student)]
 
 
 SECTIONS: dict[str, type] = {
@@ -153,40 +170,22 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "output": OutputConfig,
 }
-"""Config sections backed by a dataclass (``methods`` is a list of free-form mappings)."""
+"""Config sections backed by a dataclass (``teacher`` is one element of ``teachers``; ``methods``
+is typed by the methods registry)."""
+
+
+def _section_names() -> list[str]:
+    """The top-level keys a config may have (``teacher`` is sugar for ``teachers``)."""
+    return ["teacher", *(f.name for f in dataclasses.fields(DistillConfig))]
+
+
+def _config_error(err: FieldError) -> ConfigError:
+    return ConfigError(str(err), field=err.field)
 
 
 # ---------------------------------------------------------------------------------------------
-# Field help (the docstring under each field)
+# Field help (the docstring under each field; methods.typed.field_docs, as gkd methods show)
 # ---------------------------------------------------------------------------------------------
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """``{field name: docstring}`` of a dataclass, read from the string literal under each field
-    (inherited fields included; a subclass's docstring wins)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if klass is object or not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            source = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):
-            continue
-        body = ast.parse(source).body[0]
-        if not isinstance(body, ast.ClassDef):
-            continue
-        statements = body.body
-        for stmt, nxt in zip(statements, statements[1:], strict=False):
-            if (
-                isinstance(stmt, ast.AnnAssign)
-                and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                text = " ".join(nxt.value.value.split())
-                docs[stmt.target.id] = text.replace("``", "")  # reST literals read as plain text
-    return docs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,36 +198,39 @@ class FieldHelp:
     help: str
 
 
+_METHOD_ROWS = [
+    FieldHelp(
+        key="methods.N.name",
+        type="str",
+        default="(required)",
+        help="Method name (gkd methods list).",
+    ),
+    FieldHelp(
+        key="methods.N.weight",
+        type="float",
+        default="1.0",
+        help="Weight of the method's terms in the total loss.",
+    ),
+    FieldHelp(
+        key="methods.N.<param>",
+        type="any",
+        default="",
+        help="The method's parameters (gkd methods show NAME).",
+    ),
+]
+
+
 def describe_section(name: str) -> list[FieldHelp]:
     """The reference of one section (``teacher``, ``train``, ...): key, type, default, help."""
     if name == "methods":
-        return [
-            FieldHelp(
-                key="methods.N.name",
-                type="str",
-                default="(required)",
-                help="Method name (gkd methods list).",
-            ),
-            FieldHelp(
-                key="methods.N.weight",
-                type="float",
-                default="1.0",
-                help="Weight of the method's terms in the total loss.",
-            ),
-            FieldHelp(
-                key="methods.N.<param>",
-                type="any",
-                default="",
-                help="The method's parameters (gkd methods show NAME).",
-            ),
-        ]
+        return list(_METHOD_ROWS)
     if name == "teachers":
         return [
             dataclasses.replace(row, key=row.key.replace("teachers.", "teachers.N.", 1))
             for row in describe_section_of(ModelConfig, "teachers")
         ]
     if name not in SECTIONS:
-        raise ConfigError(f"unknown config section '{name}'{_did_you_mean(name, _section_names())}")
+        raise ConfigError(f"unknown config section '{name}'{did_you_mean(name, _section_names())}")
     return describe_section_of(SECTIONS[name], name)
 
 
@@ -236,21 +238,15 @@ def describe_section_of(cls: type, name: str) -> list[FieldHelp]:
     """The reference rows of dataclass ``cls`` under the key prefix ``name``."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        rows.append(
-            FieldHelp(
-                key=f"{name}.{f.name}",
-                type=_type_name(hints[f.name]),
-                default=_default_text(f),
-                help=docs.get(f.name, ""),
-            )
+    return [
+        FieldHelp(
+            key=f"{name}.{f.name}",
+            type=type_name(hints[f.name]),
+            default=_default_text(f),
+            help=docs.get(f.name, ""),
         )
-    return rows
-
-
-def _section_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(DistillConfig)]
+        for f in dataclasses.fields(cls)
+    ]
 
 
 def _default_text(f: dataclasses.Field) -> str:
@@ -264,174 +260,26 @@ def _default_text(f: dataclasses.Field) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building typed sections from YAML data
+# Building the typed config from YAML data (methods.typed; method entries by methods.pipeline)
 # ---------------------------------------------------------------------------------------------
 
 
-def _did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(str(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin in (list, dict):
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
-    if tp is Any:
-        return "any"
-    return getattr(tp, "__name__", str(tp))
-
-
-_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _describe_value(value: Any) -> str:
-    return f"{value!r} ({'null' if value is None else type(value).__name__})"
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` (parsed YAML) against the annotation ``tp``; return it typed."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-        else:
-            problems = []
-            for option in options:
-                if option is type(None):
-                    continue
-                try:
-                    return _coerce(value, option, where)
-                except ConfigError as err:
-                    problems.append(str(err))
-            if len(problems) == 1:
-                raise ConfigError(problems[0], field=where)
+def _teachers(data: Mapping[str, Any]) -> list[ModelConfig]:
+    """``teachers`` from ``teachers: [...]`` or its sugar ``teacher: {...}``; a ``null`` one is
+    absent (config.yaml files written before ``teachers`` was the only field hold both keys, one
+    of them ``null``)."""
+    teacher, teachers = data.get("teacher"), data.get("teachers")
+    if teacher is not None and teachers is not None:
         raise ConfigError(
-            f"{where}: expected {_type_name(tp)}, got {_describe_value(value)}", field=where
+            "the config has both teacher and teachers; give one teacher under 'teacher:' or a "
+            "list under 'teachers:' (multi-teacher methods), not both",
+            field="teachers",
         )
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices and not isinstance(value, bool):
-            return value
-        hint = _did_you_mean(str(value), [str(c) for c in choices])
-        raise ConfigError(
-            f"{where}: {value!r} is not one of {', '.join(map(str, choices))}{hint}", field=where
-        )
-    if origin is list:
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str) and item_tp is str:
-            value = [value]  # a single file is a list of one
-        if not isinstance(value, list):
-            raise ConfigError(
-                f"{where}: expected a list, got {_describe_value(value)}", field=where
-            )
-        return [_coerce(v, item_tp, f"{where}.{i}") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(
-                f"{where}: expected a mapping, got {_describe_value(value)}", field=where
-            )
-        return dict(value)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is float and not isinstance(value, bool):
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-4" (no dot) as a string; it is clearly a number here.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    if tp is str and isinstance(value, str):
-        return value
-    raise ConfigError(
-        f"{where}: expected {_EXPECTED.get(tp, _type_name(tp))}, got {_describe_value(value)}",
-        field=where,
-    )
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, naming ``where.key`` in every error."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            f"{where}: expected a mapping of keys to values, got {_describe_value(data)}",
-            field=where,
-        )
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
-    for key in data:
-        if key not in fields:
-            raise ConfigError(
-                f"unknown key '{where}.{key}'{_did_you_mean(str(key), fields, f'{where}.')}"
-                f" (valid keys of {where}: {', '.join(fields)})",
-                field=f"{where}.{key}",
-            )
-    kwargs = {}
-    docs = None
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            docs = docs if docs is not None else field_docs(cls)
-            help_text = f" ({docs[name]})" if docs.get(name) else ""
-            raise ConfigError(
-                f"{where}.{name} is required{help_text}; add '{name}:' under '{where}:'",
-                field=f"{where}.{name}",
-            )
-    return cls(**kwargs)
-
-
-def _build_methods(value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list):
-        raise ConfigError(
-            f"methods: expected a list of {{name: ..., weight: ...}} entries, got "
-            f"{_describe_value(value)}",
-            field="methods",
-        )
-    methods = []
-    for i, entry in enumerate(value):
-        where = f"methods.{i}"
-        if isinstance(entry, str):
-            entry = {"name": entry}  # "- glmd" is shorthand for "- name: glmd"
-        if not isinstance(entry, Mapping):
-            raise ConfigError(
-                f"{where}: expected a mapping like {{name: glmd, weight: 1.0}}, got "
-                f"{_describe_value(entry)}",
-                field=where,
-            )
-        entry = dict(entry)
-        if not isinstance(entry.get("name"), str):
-            raise ConfigError(
-                f"{where}.name is required (a method name; gkd methods list shows them)",
-                field=f"{where}.name",
-            )
-        weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, int | float | Mapping):
-            raise ConfigError(
-                f"{where}.weight: expected a number (or a schedule mapping), got "
-                f"{_describe_value(weight)}",
-                field=f"{where}.weight",
-            )
-        if isinstance(weight, int | float):
-            if weight < 0:
-                raise ConfigError(f"{where}.weight={weight} must be >= 0", field=f"{where}.weight")
-            weight = float(weight)
-        entry["weight"] = weight
-        methods.append(entry)
-    return methods
+    if teacher is not None:
+        return [typed_build(ModelConfig, teacher, "teacher")]
+    if teachers is None:
+        return []  # no teacher: the student trains alone
+    return coerce(teachers, list[ModelConfig], "teachers")
 
 
 def build_config(data: Any) -> DistillConfig:
@@ -440,36 +288,36 @@ def build_config(data: Any) -> DistillConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"the config must be a mapping of sections ({', '.join(_section_names())}), got "
-            f"{_describe_value(data)}"
+            f"{describe_value(data)}"
         )
     sections = _section_names()
     for key in data:
         if key not in sections:
             raise ConfigError(
-                f"unknown section '{key}'{_did_you_mean(str(key), sections)}"
+                f"unknown section '{key}'{did_you_mean(str(key), sections)}"
                 f" (valid sections: {', '.join(sections)})",
                 field=str(key),
             )
     kwargs: dict[str, Any] = {}
-    for name in sections:
-        if name == "methods":
-            if "methods" not in data:
-                raise ConfigError(
-                    "methods is required: a list such as '- name: glmd' (gkd methods list)",
-                    field="methods",
-                )
-            kwargs["methods"] = _build_methods(data["methods"])
-        elif name == "teacher" and name in data and data[name] is None:
-            kwargs[name] = None  # no teacher: the student trains alone
-        elif name == "teachers":
-            if data.get(name) is not None:
-                kwargs[name] = _coerce(data[name], list[ModelConfig], name)
-        elif name in data:
-            kwargs[name] = _build(
-                SECTIONS[name], data[name] if data[name] is not None else {}, name
-            )
-        elif name in ("student", "data", "output"):
-            raise ConfigError(f"section '{name}' is required", field=name)
+    try:
+        for f in dataclasses.fields(DistillConfig):
+            name = f.name
+            if name == "teachers":
+                kwargs[name] = _teachers(data)
+            elif name == "methods":
+                if name not in data:
+                    raise ConfigError(
+                        "methods is required: a list such as '- name: glmd' (gkd methods list)",
+                        field="methods",
+                    )
+                kwargs[name] = parse_entries(data[name])
+            elif name in data:
+                value = data[name] if data[name] is not None else {}
+                kwargs[name] = typed_build(SECTIONS[name], value, name)
+            elif name in ("student", "data", "output"):
+                raise ConfigError(f"section '{name}' is required", field=name)
+    except FieldError as err:
+        raise _config_error(err) from None
     return DistillConfig(**kwargs)
 
 
@@ -555,7 +403,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         if parts[0] not in _section_names():
             raise ConfigError(
                 f"override '{override}': unknown section '{parts[0]}'"
-                f"{_did_you_mean(parts[0], _section_names())}",
+                f"{did_you_mean(parts[0], _section_names())}",
                 field=key,
             )
         node: Any = data
@@ -598,12 +446,17 @@ def load_config(
     *,
     environ: Mapping[str, str] | None = None,
     check_paths: bool = True,
+    validate_run: bool = True,
+    build_methods: bool = True,
 ) -> DistillConfig:
     """Read, override, type-check and validate a config file. Relative paths in it are taken
     relative to the current directory and made absolute (the workers may run elsewhere).
 
     ``environ`` (e.g. ``os.environ``) lets validation check the world size of a torchrun or Slurm
-    environment; ``check_paths=False`` skips the existence checks (``gkd plan`` on a login node).
+    environment; ``check_paths=False`` skips the existence checks (``gkd plan`` on a login node);
+    ``build_methods=False`` skips building the methods (the worker builds them itself, once, with
+    :func:`gkd_cli.build.build_methods`); ``validate_run=False`` only reads and types the file (a
+    saved ``config.yaml`` compared with a new run).
     """
     data = read_yaml(path)
     if data is None:
@@ -615,7 +468,8 @@ def load_config(
     apply_overrides(data, overrides)
     cfg = build_config(data)
     cfg = absolutize_paths(cfg)
-    validate(cfg, environ=environ, check_paths=check_paths)
+    if validate_run:
+        validate(cfg, environ=environ, check_paths=check_paths, build_methods=build_methods)
     return cfg
 
 
@@ -634,7 +488,13 @@ def load_config_text(text: str, overrides: Iterable[str] = (), **kwargs: Any) ->
 def dump_config(cfg: DistillConfig) -> str:
     """YAML of the whole resolved config (defaults included); ``load_config`` reads it back to
     an equal config."""
-    data = dataclasses.asdict(cfg)
+    data: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "methods":
+            data[f.name] = [entry.to_config() for entry in value]
+        else:
+            data[f.name] = to_plain(value)
     header = "# Resolved gkd config: every default spelled out. Written by gkd; edit the source.\n"
     return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
 
@@ -659,10 +519,7 @@ def _absolute_or_none(path: str | None) -> str | None:
 
 def absolutize_paths(cfg: DistillConfig) -> DistillConfig:
     """A copy of ``cfg`` with every path absolute."""
-    teacher = cfg.teacher and dataclasses.replace(
-        cfg.teacher, checkpoint=_absolute_or_none(cfg.teacher.checkpoint)
-    )
-    teachers = cfg.teachers and [
+    teachers = [
         dataclasses.replace(t, checkpoint=_absolute_or_none(t.checkpoint)) for t in cfg.teachers
     ]
     student = dataclasses.replace(cfg.student, checkpoint=_absolute_or_none(cfg.student.checkpoint))
@@ -677,9 +534,7 @@ def absolutize_paths(cfg: DistillConfig) -> DistillConfig:
         superglue_dir=_absolute_or_none(d.superglue_dir),
     )
     output = dataclasses.replace(cfg.output, dir=_absolute(cfg.output.dir))
-    return dataclasses.replace(
-        cfg, teacher=teacher, teachers=teachers, student=student, data=data, output=output
-    )
+    return dataclasses.replace(cfg, teachers=teachers, student=student, data=data, output=output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,34 +542,10 @@ def absolutize_paths(cfg: DistillConfig) -> DistillConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def teacher_roles(cfg: DistillConfig) -> list[tuple[str, ModelConfig]]:
-    """``[(role, teacher)]``: ``("teacher", t)``, or ``("teachers.0", t0), ...``, or ``[]``."""
-    if cfg.teacher is not None:
-        return [("teacher", cfg.teacher)]
-    return [(f"teachers.{i}", t) for i, t in enumerate(cfg.teachers or [])]
-
-
-def teacher_configs(cfg: DistillConfig) -> list[ModelConfig]:
-    """The run's teachers in order (``teacher`` or ``teachers``; empty without one)."""
-    return [t for _, t in teacher_roles(cfg)]
-
-
-def first_teacher(cfg: DistillConfig) -> ModelConfig | None:
-    """The teacher single-teacher methods (and the vocabulary checks) use."""
-    teachers = teacher_configs(cfg)
-    return teachers[0] if teachers else None
-
-
-def model_roles(cfg: DistillConfig) -> list[tuple[str, ModelConfig]]:
-    """``[(role, model)]`` of the models present (teachers are optional)."""
-    return [*teacher_roles(cfg), ("student", cfg.student)]
-
-
 def reference_vocab_size(cfg: DistillConfig) -> int:
     """Size of the vocabulary the data's token ids index: the (first) teacher's, or the
     student's when it trains alone."""
-    teacher = first_teacher(cfg)
-    return teacher.vocab_size if teacher is not None else cfg.student.vocab_size
+    return (cfg.teacher or cfg.student).vocab_size
 
 
 def validate(
@@ -722,20 +553,35 @@ def validate(
     *,
     environ: Mapping[str, str] | None = None,
     check_paths: bool = True,
+    build_methods: bool = True,
 ) -> None:
     """Check everything that can be checked before launching; raise ``ConfigError`` on the first
-    problem, naming the field and the fix."""
+    problem, naming the field and the fix. The methods are checked by building them
+    (:func:`gkd_cli.build.build_methods`, what the workers call), unless ``build_methods`` is
+    false."""
     _check_ranges(cfg)
-    _check_layout(cfg)
+    from gkd_cli.plan import check_layout
+
+    check_layout(cfg.model_roles(), cfg.parallel)
     _check_batch(cfg)
     if environ is not None:
-        check_world_size(cfg, environ)
+        from gkd_cli.launch import check_world_size
+
+        check_world_size(cfg.parallel, environ)
     _check_sequence(cfg)
     _check_models(cfg)
     _check_vocab(cfg, check_paths=check_paths)
     if check_paths:
         _check_paths(cfg)
-    _check_methods(cfg)
+    if not cfg.methods:
+        raise ConfigError(
+            "methods is empty; add at least one, e.g. '- name: glmd' (gkd methods list)",
+            field="methods",
+        )
+    if build_methods:
+        from gkd_cli.build import build_methods as build
+
+        build(cfg)
 
 
 def _positive(value: int | float, name: str, *, allow_zero: bool = False) -> None:
@@ -745,7 +591,7 @@ def _positive(value: int | float, name: str, *, allow_zero: bool = False) -> Non
 
 
 def _check_ranges(cfg: DistillConfig) -> None:
-    for role, m in model_roles(cfg):
+    for role, m in cfg.model_roles():
         for name in (
             "num_layers",
             "hidden_size",
@@ -788,22 +634,6 @@ def _check_ranges(cfg: DistillConfig) -> None:
     _positive(cfg.output.keep_last, "output.keep_last", allow_zero=True)
 
 
-def _check_layout(cfg: DistillConfig) -> None:
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    for role, model in model_roles(cfg):
-        try:
-            model.check_parallel(tp, pp, where=role)
-        except ValueError as err:
-            raise ConfigError(str(err), field=role) from None
-    world, nnodes = cfg.parallel.world_size, cfg.parallel.nnodes
-    if world % nnodes:
-        raise ConfigError(
-            f"parallel.tp x pp x dp = {world} processes cannot be split evenly over "
-            f"parallel.nnodes={nnodes}; use a node count that divides {world}",
-            field="parallel.nnodes",
-        )
-
-
 def _check_batch(cfg: DistillConfig) -> None:
     t, dp = cfg.train, cfg.parallel.dp
     step = t.micro_batch_size * dp
@@ -817,36 +647,6 @@ def _check_batch(cfg: DistillConfig) -> None:
         )
 
 
-def environment_world_size(environ: Mapping[str, str]) -> tuple[int, str] | None:
-    """The number of processes the surrounding launcher provides, and where that number comes
-    from, when it is known: torchrun's ``WORLD_SIZE``, or a Slurm allocation's nodes x GPUs."""
-    if environ.get("WORLD_SIZE", "").isdigit():
-        return int(environ["WORLD_SIZE"]), "WORLD_SIZE (torchrun)"
-    nodes = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES")
-    gpus = environ.get("SLURM_GPUS_ON_NODE")
-    if nodes and nodes.isdigit() and gpus and gpus.isdigit() and int(gpus) > 0:
-        return int(nodes) * int(gpus), f"the Slurm allocation ({nodes} nodes x {gpus} GPUs)"
-    return None
-
-
-def check_world_size(cfg: DistillConfig, environ: Mapping[str, str]) -> None:
-    """Raise when a known world size (torchrun or Slurm environment) differs from the layout."""
-    known = environment_world_size(environ)
-    if known is None:
-        return
-    world, source = known
-    p = cfg.parallel
-    if world != p.world_size:
-        raise ConfigError(
-            f"world size {world} from {source} != parallel.tp x pp x dp = "
-            f"{p.tp} x {p.pp} x {p.dp} = {p.world_size}; set parallel.dp={world // (p.tp * p.pp)}"
-            if world % (p.tp * p.pp) == 0
-            else f"world size {world} from {source} != parallel.tp x pp x dp = {p.world_size}; "
-            f"pick tp x pp dividing {world}",
-            field="parallel.dp",
-        )
-
-
 def _check_sequence(cfg: DistillConfig) -> None:
     s = cfg.data.seq_length
     tp = cfg.parallel.tp
@@ -857,7 +657,7 @@ def _check_sequence(cfg: DistillConfig) -> None:
             f"{s // tp * tp or tp} or {(s // tp + 1) * tp}, or parallel.sequence_parallel=false",
             field="data.seq_length",
         )
-    for role, model in model_roles(cfg):
+    for role, model in cfg.model_roles():
         limit = model.max_seq_len
         if s > limit:
             raise ConfigError(
@@ -868,17 +668,8 @@ def _check_sequence(cfg: DistillConfig) -> None:
 
 def _check_models(cfg: DistillConfig) -> None:
     student = cfg.student
-    if cfg.teacher is not None and cfg.teachers is not None:
-        raise ConfigError(
-            "the config has both teacher and teachers; give one teacher under 'teacher:' or a "
-            "list under 'teachers:' (multi-teacher methods), not both",
-            field="teachers",
-        )
-    if cfg.teachers is not None and not cfg.teachers:
-        raise ConfigError(
-            "teachers is empty; list at least one teacher, or remove it", field="teachers"
-        )
-    for role, teacher in teacher_roles(cfg):
+    for index, teacher in enumerate(cfg.teachers):
+        role = cfg.teacher_role(index)
         if teacher.init == "random" and teacher.checkpoint is not None:
             raise ConfigError(
                 f"{role}.init=random contradicts {role}.checkpoint; remove one of them",
@@ -890,7 +681,7 @@ def _check_models(cfg: DistillConfig) -> None:
                 f"Hugging Face models); set {role}.init=random only for tests and demos",
                 field=f"{role}.checkpoint",
             )
-        if role.startswith("teachers.") and teacher.vocab_size != cfg.teachers[0].vocab_size:
+        if teacher.vocab_size != cfg.teachers[0].vocab_size:
             raise ConfigError(
                 f"{role}.vocab_size={teacher.vocab_size} differs from teachers.0.vocab_size="
                 f"{cfg.teachers[0].vocab_size}; the teachers of a run share one vocabulary "
@@ -909,42 +700,10 @@ def _check_models(cfg: DistillConfig) -> None:
         )
 
 
-def read_mapping_sizes(path: str) -> tuple[int | None, int | None]:
-    """(compressed size, original size) from a vocabulary mapping's safetensors metadata (flat
-    keys, or the JSON object under ``gkd_vocab`` that ``gkd compress-vocab`` writes); either is
-    ``None`` when the file does not record it or is not safetensors."""
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        return None, None
-    try:
-        with safe_open(path, framework="numpy") as handle:
-            meta: dict[str, Any] = dict(handle.metadata() or {})
-    except Exception:  # not a safetensors file: the mapping reader will say so with detail
-        return None, None
-    try:
-        nested = json.loads(meta.get(MAPPING_METADATA_KEY, "{}"))
-    except ValueError:
-        nested = {}
-    if isinstance(nested, dict):
-        meta.update(nested)
-
-    def first_int(keys: tuple[str, ...]) -> int | None:
-        for key in keys:
-            value = meta.get(key)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.isdigit():
-                return int(value)
-        return None
-
-    return first_int(MAPPING_COMPRESSED_KEYS), first_int(MAPPING_ORIGINAL_KEYS)
-
-
 def _check_vocab(cfg: DistillConfig, *, check_paths: bool) -> None:
     tv, sv = reference_vocab_size(cfg), cfg.student.vocab_size
     mapping = cfg.data.vocab_mapping
-    if first_teacher(cfg) is None and mapping is not None:
+    if cfg.teacher is None and mapping is not None:
         raise ConfigError(
             "data.vocab_mapping needs a teacher (its logits are restricted to the kept tokens); "
             "add a teacher section or remove data.vocab_mapping",
@@ -959,33 +718,12 @@ def _check_vocab(cfg: DistillConfig, *, check_paths: bool) -> None:
                 field="student.vocab_size",
             )
         return
-    if not os.path.isfile(mapping):
-        if check_paths:
-            raise ConfigError(
-                f"data.vocab_mapping: file {mapping} does not exist; run gkd compress-vocab or "
-                "fix the path",
-                field="data.vocab_mapping",
-            )
-        return
-    compressed, original = read_mapping_sizes(mapping)
-    if compressed is not None and compressed != sv:
-        raise ConfigError(
-            f"student.vocab_size={sv} differs from the compressed size {compressed} recorded in "
-            f"data.vocab_mapping ({mapping}); set student.vocab_size={compressed}",
-            field="student.vocab_size",
-        )
-    if original is not None and original > tv:
-        raise ConfigError(
-            f"data.vocab_mapping ({mapping}) was made for a vocabulary of {original} tokens, but "
-            f"teacher.vocab_size={tv}; compress the teacher's vocabulary again",
-            field="data.vocab_mapping",
-        )
-    from gkd_cli.vocab.compressed import check_run_compatibility
+    from gkd_cli.vocab.compressed import check_mapping_for_run
 
-    try:  # a corrupt file, or a layout for another tp or teacher, fails here rather than in a rank
-        check_run_compatibility(mapping, tp=cfg.parallel.tp, teacher_vocab_size=tv)
-    except ValueError as error:
-        raise ConfigError(f"data.vocab_mapping: {error}", field="data.vocab_mapping") from None
+    check_mapping_for_run(
+        mapping, student_vocab_size=sv, teacher_vocab_size=tv, tp=cfg.parallel.tp,
+        check_paths=check_paths,
+    )  # fmt: skip
 
 
 def _expand(pattern: str) -> list[str]:
@@ -1034,7 +772,7 @@ def _check_paths(cfg: DistillConfig) -> None:
     check_creatable_dir(cfg.output.dir, "output.dir")
     if d.cache_dir is not None:
         check_creatable_dir(d.cache_dir, "data.cache_dir")
-    for role, model in model_roles(cfg):
+    for role, model in cfg.model_roles():
         ckpt = model.checkpoint
         if ckpt is not None and os.path.isfile(ckpt):
             raise ConfigError(
@@ -1055,7 +793,10 @@ def _check_paths(cfg: DistillConfig) -> None:
             f"data.tokenizer: {d.tokenizer} does not exist; point it at a tokenizer.json",
             field="data.tokenizer",
         )
-    _check_tokenizer_size(cfg)
+    from gkd_cli.data.tokenizer import check_tokenizer_fits
+
+    role = cfg.teacher_role(0) if cfg.teachers else "student"
+    check_tokenizer_fits(d.tokenizer, reference_vocab_size(cfg), role)
     if d.source == "corpus":
         if not d.train_files:
             raise ConfigError(
@@ -1064,7 +805,9 @@ def _check_paths(cfg: DistillConfig) -> None:
             )
         _check_files(d.train_files, "data.train_files")
     else:
-        _check_superglue(d)
+        from gkd_cli.superglue.distill_data import check_task_files
+
+        check_task_files(d.superglue_tasks, d.superglue_dir, d.superglue_split)
     _check_files(d.valid_files, "data.valid_files")
 
 
@@ -1073,141 +816,3 @@ def _check_files(patterns: list[str], name: str) -> None:
         if not _expand(pattern):
             what = "matches no file" if glob.has_magic(pattern) else "does not exist"
             raise ConfigError(f"{name}.{i}: {pattern} {what}; fix the path", field=f"{name}.{i}")
-
-
-def _check_superglue(d: DataConfig) -> None:
-    if not d.superglue_tasks:
-        raise ConfigError(
-            f"data.superglue_tasks is empty; list tasks from {', '.join(SUPERGLUE_TASKS)}",
-            field="data.superglue_tasks",
-        )
-    if d.superglue_dir is None or not os.path.isdir(d.superglue_dir):
-        raise ConfigError(
-            f"data.superglue_dir: folder {d.superglue_dir} does not exist; point it at the folder "
-            "holding BoolQ/, CB/, ...",
-            field="data.superglue_dir",
-        )
-    by_lower = {t.lower(): t for t in SUPERGLUE_TASKS}
-    for i, task in enumerate(d.superglue_tasks):
-        official = by_lower.get(task.lower())
-        if official is None:
-            raise ConfigError(
-                f"data.superglue_tasks.{i}: unknown task '{task}'"
-                f"{_did_you_mean(task, SUPERGLUE_TASKS)} (tasks: {', '.join(SUPERGLUE_TASKS)})",
-                field=f"data.superglue_tasks.{i}",
-            )
-        folder = next(
-            (e for e in os.listdir(d.superglue_dir) if e.lower() == official.lower()), official
-        )
-        path = os.path.join(d.superglue_dir, folder, f"{d.superglue_split}.jsonl")
-        if not os.path.isfile(path):
-            raise ConfigError(
-                f"data.superglue_tasks.{i}: {path} does not exist; pick another "
-                "data.superglue_split or fix data.superglue_dir",
-                field=f"data.superglue_tasks.{i}",
-            )
-
-
-def _check_tokenizer_size(cfg: DistillConfig) -> None:
-    """A tokenizer that emits ids beyond the teacher's vocabulary would index out of range."""
-    path = cfg.data.tokenizer
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
-    if not path.endswith(".json") or not os.path.isfile(path):
-        return
-    try:
-        from tokenizers import Tokenizer
-
-        size = Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
-    except Exception:  # unreadable here: the data loader reports it with its own message
-        return
-    reference = reference_vocab_size(cfg)
-    role = teacher_roles(cfg)[0][0] if first_teacher(cfg) is not None else "student"
-    if size > reference:
-        raise ConfigError(
-            f"data.tokenizer has {size} tokens but {role}.vocab_size={reference}; "
-            f"use the {role}'s tokenizer or fix {role}.vocab_size",
-            field="data.tokenizer",
-        )
-
-
-def _check_methods(cfg: DistillConfig) -> None:
-    if not cfg.methods:
-        raise ConfigError(
-            "methods is empty; add at least one, e.g. '- name: glmd' (gkd methods list)",
-            field="methods",
-        )
-    try:
-        from methods.registry import build_method
-    except ModuleNotFoundError as err:
-        if err.name in ("methods", "methods.registry"):
-            return  # registry not installed yet: the worker will check when it builds them
-        raise
-    from methods.base import ForwardModifier, Role, TeacherAware
-    from parallel.method_checks import check_method_layout
-    from parallel.model import model_info
-    from parallel.taps import check_taps_for_recompute
-
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    student = model_info(cfg.student.arch(), tp)
-    teachers = [model_info(t.arch(), tp) for t in teacher_configs(cfg)]
-    teacher = teachers[0] if teachers else student
-    for i, entry in enumerate(cfg.methods):
-        params = {k: v for k, v in entry.items() if k not in ("name", "weight")}
-        where = f"methods.{i} ({entry['name']})"
-        try:
-            method = build_method(entry["name"], params)
-            if isinstance(method, TeacherAware) and teachers:
-                method.set_teachers(teachers)
-            taps = list(method.taps(teacher, student)) if hasattr(method, "taps") else []
-            check_taps_for_recompute(taps, cfg.train.recompute)
-        except (ValueError, TypeError) as err:
-            param = getattr(err, "param", None)  # registry.ParamRangeError names the parameter
-            field = f"methods.{i}.{param}" if param else f"methods.{i}"
-            raise ConfigError(f"{where}: {err}", field=field) from None
-        _check_weight_schedule(entry.get("weight", 1.0), f"methods.{i}.weight")
-        needs_teacher = any(t.role is Role.TEACHER for t in taps)
-        if not teachers and (needs_teacher or getattr(method, "needs_teacher", False)):
-            raise ConfigError(
-                f"{where} needs a teacher, but the config has no teacher section; add one or "
-                "train with teacher-free methods only (lm)",
-                field=f"methods.{i}",
-            )
-        wanted = max((t.teacher_index for t in taps if t.role is Role.TEACHER), default=0)
-        if wanted >= max(len(teachers), 1):
-            raise ConfigError(
-                f"{where} reads teacher {wanted}, but the config has {len(teachers)} teacher(s); "
-                "list them under 'teachers:'",
-                field=f"methods.{i}",
-            )
-        if cfg.parallel.sequence_parallel and tp > 1 and isinstance(method, ForwardModifier):
-            # Their hooks would see layer inputs of [s/tp, b, h] (per-sequence norms, token swaps).
-            raise ConfigError(
-                f"{where} changes the forward pass, which gkd does not support with "
-                "parallel.sequence_parallel=true; set parallel.sequence_parallel=false",
-                field="parallel.sequence_parallel",
-            )
-        try:
-            check_method_layout(method, entry["name"], teachers, student, pp=pp, where=where)
-        except ValueError as err:
-            raise ConfigError(str(err), field=f"methods.{i}") from None
-
-
-def _check_weight_schedule(weight: Any, where: str) -> None:
-    """A method's weight given as a schedule: well formed, and never negative."""
-    if not isinstance(weight, Mapping):
-        return  # a number: checked when the methods list is built
-    from methods.schedules import parse_schedule
-
-    try:
-        schedule = parse_schedule(weight, where=where)
-    except ValueError as err:
-        raise ConfigError(str(err), field=where) from None
-    values = [getattr(schedule, name, None) for name in ("value", "start", "end")]
-    values += list(getattr(schedule, "values", ()))
-    negative = [v for v in values if v is not None and v < 0]
-    if negative:
-        raise ConfigError(
-            f"{where} reaches {negative[0]}; a method's weight must be >= 0 at every step",
-            field=where,
-        )

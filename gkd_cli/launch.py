@@ -35,10 +35,41 @@ from gkd_cli.errors import ConfigError, LaunchError, WorkerFailedError
 
 if TYPE_CHECKING:
     from gkd_cli.config import DistillConfig
+    from parallel.config import ParallelConfig
 
 WORKER_MODULE = "gkd_cli.worker"
 """The per-rank entry point (``python -m gkd_cli.worker --config RESOLVED_YAML``)."""
 DEFAULT_RDZV_PORT = 29500
+
+
+def environment_world_size(environ: Mapping[str, str]) -> tuple[int, str] | None:
+    """The number of processes the surrounding launcher provides, and where that number comes
+    from, when it is known: torchrun's ``WORLD_SIZE``, or a Slurm allocation's nodes x GPUs."""
+    if environ.get("WORLD_SIZE", "").isdigit():
+        return int(environ["WORLD_SIZE"]), "WORLD_SIZE (torchrun)"
+    nodes = environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES")
+    gpus = environ.get("SLURM_GPUS_ON_NODE")
+    if nodes and nodes.isdigit() and gpus and gpus.isdigit() and int(gpus) > 0:
+        return int(nodes) * int(gpus), f"the Slurm allocation ({nodes} nodes x {gpus} GPUs)"
+    return None
+
+
+def check_world_size(p: ParallelConfig, environ: Mapping[str, str]) -> None:
+    """``ConfigError`` when a known world size (torchrun or Slurm environment) differs from the
+    layout ``p``."""
+    known = environment_world_size(environ)
+    if known is None:
+        return
+    world, source = known
+    if world != p.world_size:
+        raise ConfigError(
+            f"world size {world} from {source} != parallel.tp x pp x dp = "
+            f"{p.tp} x {p.pp} x {p.dp} = {p.world_size}; set parallel.dp={world // (p.tp * p.pp)}"
+            if world % (p.tp * p.pp) == 0
+            else f"world size {world} from {source} != parallel.tp x pp x dp = {p.world_size}; "
+            f"pick tp x pp dividing {world}",
+            field="parallel.dp",
+        )
 
 
 @dataclass(kw_only=True)
@@ -687,7 +718,7 @@ def run_finished(output_dir: str | os.PathLike) -> bool:
     from parallel.checkpoint import latest_complete, read_meta
 
     out = Path(output_dir)
-    cfg = load_config(out / "config.yaml", check_paths=False)
+    cfg = load_config(out / "config.yaml", validate_run=False)  # only train.steps is read
     latest = latest_complete(out / "checkpoints")
     if latest is None:
         return False

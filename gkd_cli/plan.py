@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -375,9 +376,7 @@ def _divisors(n: int) -> list[int]:
 
 def layout_problem(cfg: DistillConfig, tp: int, pp: int, dp: int) -> str | None:
     """Why ``tp x pp x dp`` is not a valid layout for ``cfg``, or ``None``."""
-    from gkd_cli.config import model_roles
-
-    for role, model in model_roles(cfg):
+    for role, model in cfg.model_roles():
         try:
             model.check_parallel(tp, pp, where=role)
         except ValueError as err:
@@ -474,3 +473,21 @@ def layouts_table(plans: list[MemoryPlan], capacity_bytes: int | None):
             str(plan.tp), str(plan.pp), str(plan.dp), format_bytes(plan.total_bytes), fits
         )
     return table
+
+
+def check_layout(models: Sequence[tuple[str, ModelArch]], parallel: ParallelConfig) -> None:
+    """``ConfigError`` when layout ``parallel`` cannot shard the ``(role, model)`` pairs (heads,
+    query groups or layers not divisible) or split its processes evenly over its nodes."""
+    tp, pp = parallel.tp, parallel.pp
+    for role, model in models:
+        try:
+            model.check_parallel(tp, pp, where=role)
+        except ValueError as err:
+            raise ConfigError(str(err), field=role) from None
+    world, nnodes = parallel.world_size, parallel.nnodes
+    if world % nnodes:
+        raise ConfigError(
+            f"parallel.tp x pp x dp = {world} processes cannot be split evenly over "
+            f"parallel.nnodes={nnodes}; use a node count that divides {world}",
+            field="parallel.nnodes",
+        )

@@ -15,7 +15,7 @@ import glob
 import os
 from pathlib import Path
 
-from gkd_cli.config import DistillConfig, model_roles
+from gkd_cli.config import DistillConfig
 from gkd_cli.errors import ConfigError
 
 SMALL_CORPUS_BYTES = 8 << 20
@@ -138,7 +138,7 @@ def run_preflight(cfg: DistillConfig) -> None:
     if cfg.data.source == "corpus":
         check_corpus(cfg, cfg.data.train_files, "data.train_files")
     check_corpus(cfg, cfg.data.valid_files, "data.valid_files")
-    for role, model in model_roles(cfg):
+    for role, model in cfg.model_roles():
         if (
             model.checkpoint
             and os.path.isdir(model.checkpoint)

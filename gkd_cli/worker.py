@@ -18,13 +18,17 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from gkd_cli.config import DistillConfig, dump_config, first_teacher, load_config, teacher_configs
+from gkd_cli.config import DistillConfig, dump_config, load_config
+
+if TYPE_CHECKING:
+    from methods.pipeline import MethodPipeline
 
 log = logging.getLogger("gkd.worker")
 
@@ -57,13 +61,14 @@ def _superglue_texts(cfg: DistillConfig, cache: Path, *, rank: int) -> Path:
     """GLMD's task stage: prompt-formatted task examples as a JSON-lines corpus."""
     from gkd_cli.superglue import iter_task_texts
 
-    tasks = cfg.data.superglue_tasks
+    tasks, folder = cfg.data.superglue_tasks, cfg.data.superglue_dir
+    assert folder is not None  # validation requires it for source: superglue
     path = cache / f"superglue-{cfg.data.superglue_split}-{'-'.join(tasks)}.jsonl"
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         with tmp.open("w") as fh:
-            for text in iter_task_texts(cfg.data.superglue_dir, tasks, cfg.data.superglue_split):
+            for text in iter_task_texts(folder, tasks, cfg.data.superglue_split):
                 fh.write(json.dumps({"text": text}) + "\n")
         os.replace(tmp, path)
     dist.barrier()
@@ -163,7 +168,10 @@ def evaluate(
         ]
         for name, value in runtime.evaluate(micro, compute).items():
             sums[name] = sums.get(name, 0.0) + value / num_batches
-    result = {"sequences": num_batches * per_step, "seq_length": cfg.data.seq_length}
+    result: dict[str, float] = {
+        "sequences": num_batches * per_step,
+        "seq_length": cfg.data.seq_length,
+    }
     for who in ("student", "teacher"):
         if f"{who}_lm" in sums:
             result[f"{who}_loss"] = sums[f"{who}_lm"]
@@ -195,9 +203,9 @@ def vocab_restriction(path: str, tp_rank: int, tp: int):
     )
 
 
-def run(cfg: DistillConfig) -> str:
+def run(cfg: DistillConfig, pipeline: MethodPipeline) -> str:
+    """Train ``cfg``'s run with its ``pipeline`` (built by :func:`gkd_cli.build.build_methods`)."""
     from gkd_cli.data import load_tokenizer
-    from methods.pipeline import MethodPipeline
     from parallel.distributed import initialize, shutdown
     from parallel.loop import LoopSettings, train_loop
     from parallel.runtime import DistillationRuntime, TeacherSpec
@@ -211,13 +219,12 @@ def run(cfg: DistillConfig) -> str:
             if cfg.data.valid_files
             else None
         )
-        pipeline = MethodPipeline.from_config(cfg.methods, stage=cfg.train.stage)
         vocab, extra_files = None, {}
         if cfg.data.vocab_mapping:
             vocab = vocab_restriction(cfg.data.vocab_mapping, ctx.tp_rank, ctx.tp)
             extra_files["vocab_mapping.safetensors"] = Path(cfg.data.vocab_mapping)
         teachers = []
-        for index, teacher in enumerate(teacher_configs(cfg)):
+        for index, teacher in enumerate(cfg.teachers):
             checkpoint = (
                 Path(teacher.checkpoint)
                 if teacher.init != "random" and teacher.checkpoint
@@ -247,8 +254,8 @@ def run(cfg: DistillConfig) -> str:
             config_yaml=dump_config(cfg),
             meta={
                 "tokenizer": str(cfg.data.tokenizer),
-                "teacher_arch": vars(first_teacher(cfg).arch()) if first_teacher(cfg) else None,
-                "teacher_archs": [vars(t.arch()) for t in teacher_configs(cfg)],
+                "teacher_arch": vars(cfg.teacher.arch()) if cfg.teacher else None,
+                "teacher_archs": [vars(t.arch()) for t in cfg.teachers],
             },
             resume=True,
             extra_files=extra_files,
@@ -291,8 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"[rank{rank}] %(asctime)s %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    cfg = load_config(args.config, environ=os.environ)
-    status = run(cfg)
+    from gkd_cli.build import build_methods
+
+    cfg = load_config(args.config, environ=os.environ, build_methods=False)
+    status = run(cfg, build_methods(cfg))  # the methods are built once, as validation built them
     log.info("run %s", status)
     return 0
 

@@ -229,14 +229,6 @@ class HasModules(Protocol):
 
 
 @runtime_checkable
-class StageAware(Protocol):
-    """A method whose taps depend on the stage (PD pre-trains without the teacher). The pipeline
-    calls ``set_stage`` once, before ``taps``, when it is built for a stage."""
-
-    def set_stage(self, stage: Stage) -> None: ...
-
-
-@runtime_checkable
 class PlacesModules(Protocol):
     """A :class:`HasModules` method whose modules are used on one pipeline stage only.
 
@@ -248,15 +240,6 @@ class PlacesModules(Protocol):
     method uses them, at the cost of one small all-reduce per step)."""
 
     def module_layers(self) -> Mapping[str, int]: ...
-
-
-@runtime_checkable
-class TeacherAware(Protocol):
-    """A method that needs every teacher of a multi-teacher run (the combiners of
-    :mod:`methods.multi_teacher`). The runtime and the config check call ``set_teachers`` once,
-    before ``taps``, with the teachers in config order (``Tap.teacher_index`` indexes them)."""
-
-    def set_teachers(self, teachers: Sequence[ModelInfo]) -> None: ...
 
 
 @runtime_checkable

@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 import torch
 
 from methods import vocab_parallel as vp
-from methods.base import LossContext, ModelInfo, Stage, Tap
+from methods.base import BuildContext, LossContext, ModelInfo, Stage, Tap
 from methods.logit_common import (
     BOTH_LOGITS,
     STUDENT_LOGITS,
@@ -149,12 +149,14 @@ class PD:
     signals: ClassVar[str] = "logits (task stage); student logits, labels (pretrain stage)"
     Params: ClassVar[type] = PDParams
 
-    def __init__(self, params: PDParams | None = None) -> None:
+    def __init__(self, params: PDParams | None = None, *, stage: Stage | None = None) -> None:
         self.params = params or PDParams()
-        self.stage: Stage | None = None
-
-    def set_stage(self, stage: Stage) -> None:
         self.stage = stage
+
+    @classmethod
+    def from_context(cls, params: PDParams, ctx: BuildContext) -> PD:
+        """PD built for the run's stage: its taps depend on it."""
+        return cls(params, stage=ctx.stage)
 
     def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
         # The pre-training stage runs without a teacher: do not make the runtime compute one.

@@ -1,7 +1,8 @@
 """The explicit registry of distillation methods, keyed by the name configs use.
 
-``build_method(name, params)`` validates a config's parameters against the method's keyword-only
-parameters dataclass and builds the method; ``describe(name)`` lists the parameters with their
+``build_method(name, params, ctx)`` validates a config's parameters against the method's
+keyword-only parameters dataclass (with :mod:`methods.typed`, the engine the run config uses too)
+and builds the method in a :class:`~methods.base.BuildContext`; ``describe(name)`` lists the parameters with their
 defaults and help (the docstring under each field) for ``gkd methods show``; ``markdown_table()``
 renders the table the README embeds between ``<!-- methods:start -->`` and
 ``<!-- methods:end -->`` (a test keeps the two in sync).
@@ -12,18 +13,16 @@ To add a method: write its class (class attributes ``name``, ``stages``, ``paper
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import inspect
-import textwrap
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from methods.base import Method, Stage
+from methods import typed
+from methods.base import BuildContext, Method, Stage
 from methods.divergences import JSD, TVD, ForwardKL, ReverseKL, SkewKL, SkewRKL, TopKKD
 from methods.forward_methods import DIITO, LRCBERT, Theseus
 from methods.intermediate import (
@@ -42,7 +41,7 @@ from methods.intermediate import (
 )
 from methods.multi_teacher import DGKD, MTBERT, RLKD, TMKD, Uncertainty
 from methods.prediction import GLMD, KD, LM, PD, AnnealingKD, ContinuationKD
-from methods.schedules import Constant, Linear, Piecewise, Schedule, parse_schedule
+from methods.schedules import Constant, Linear, Piecewise, Schedule
 
 
 @dataclass(frozen=True)
@@ -206,59 +205,9 @@ def get_spec(name: str) -> MethodSpec:
     return spec
 
 
-def _is_schedulable(hint: Any) -> bool:
-    return _is_union(hint) and Schedule in typing.get_args(hint)
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check a config value against a parameter's annotation; return it converted."""
-    if _is_schedulable(hint):
-        return parse_schedule(value, where=where)
-    if typing.get_origin(hint) is typing.Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}")
-        return value
-    if _is_union(hint):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError(
-            errors[0] if len(errors) == 1 else f"{where}: got {value!r}; " + "; ".join(errors)
-        )
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
-
-
 def parse_params(name: str, params: Mapping[str, Any] | None = None) -> Any:
-    """Validate a config's parameters for method ``name`` and build its parameters dataclass."""
+    """Validate a config's parameters for method ``name`` (names, types through
+    :mod:`methods.typed`, declared ranges) and build its parameters dataclass."""
     spec = get_spec(name)
     params = dict(params or {})
     fields = {f.name: f for f in dataclasses.fields(spec.params)}
@@ -275,23 +224,16 @@ def parse_params(name: str, params: Mapping[str, Any] | None = None) -> Any:
             f"method {name!r} has no parameter {', '.join(repr(k) for k in unknown)}{hint}; "
             f"valid parameters: {valid}"
         )
-    missing = sorted(
-        f.name
-        for f in fields.values()
-        if f.name not in params
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    )
+    missing = [key for key in typed.required_fields(spec.params) if key not in params]
     if missing:
         raise ValueError(f"method {name!r} needs parameter(s) {', '.join(missing)}")
-    hints = typing.get_type_hints(spec.params)
-    values = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in params.items()}
+    values = typed.coerce_fields(spec.params, params, name)  # FieldError is a ValueError
     for key, value in values.items():
         _check_range(spec, key, value, fields[key])
     return spec.params(**values)
 
 
-def _range_values(value: Any) -> list[float]:
+def range_values(value: Any) -> list[float]:
     """The values a parsed parameter takes over training: a number, or a schedule's extremes (a
     linear ramp stays between its ends, so checking them checks every step)."""
     if isinstance(value, bool) or value is None:
@@ -311,7 +253,7 @@ def _check_range(spec: MethodSpec, key: str, value: Any, param: dataclasses.Fiel
     allowed = spec.range_of(key)
     if allowed is None:
         return
-    for number in _range_values(value):
+    for number in range_values(value):
         if not allowed.contains(number):
             shown = value if isinstance(value, int | float) else _render_default(value)
             default = param.default if param.default is not dataclasses.MISSING else None
@@ -323,10 +265,46 @@ def _check_range(spec: MethodSpec, key: str, value: Any, param: dataclasses.Fiel
             )
 
 
-def build_method(name: str, params: Mapping[str, Any] | None = None) -> Method:
-    """Build method ``name`` from config parameters (validated; ``ValueError`` names the field)."""
+def build_method(name: str, params: Any = None, ctx: BuildContext | None = None) -> Method:
+    """Build method ``name`` from config parameters (a mapping, validated here; ``ValueError``
+    names the field) or from its already parsed parameters dataclass, in build context ``ctx``:
+    ``cls.from_context(params, ctx)`` when the class defines it, else ``cls(params)``. Without a
+    context (tests), a task-stage build that knows no models. The context always has a
+    ``build_inner`` (:func:`with_inner_builder`) for a method that nests another."""
     spec = get_spec(name)
-    return spec.cls(parse_params(name, params))
+    parsed = params if isinstance(params, spec.params) else parse_params(name, params)
+    from_context = getattr(spec.cls, "from_context", None)
+    if not callable(from_context):
+        return spec.cls(parsed)
+    ctx = ctx if ctx is not None else BuildContext(stage=Stage.TASK)
+    if ctx.build_inner is None:
+        ctx = with_inner_builder(ctx)
+    return from_context(parsed, ctx)
+
+
+def with_inner_builder(ctx: BuildContext) -> BuildContext:
+    """``ctx`` whose ``build_inner`` builds a nested method entry (a mapping ``{name: ...,
+    <params>}``, a bare name, or a parsed entry with ``name`` and ``params``) with
+    :func:`build_method` in the same context: the same validation and range checks as a top-level
+    entry (a nested entry's ``weight``, if any, is the combiner's business and ignored here)."""
+
+    def build_inner(item: Any) -> Method:
+        if isinstance(item, str):
+            item = {"name": item}
+        if isinstance(item, Mapping):
+            if not isinstance(item.get("name"), str):
+                raise ValueError(f"a nested method needs a 'name', got {item!r}")
+            name, params = item["name"], {k: v for k, v in item.items() if k not in RESERVED}
+        else:
+            name, params = item.name, item.params
+        return build_method(name, params, inner)
+
+    inner = dataclasses.replace(ctx, build_inner=build_inner)
+    return inner
+
+
+RESERVED = ("name", "weight")
+"""Keys of a method entry that are not parameters of the method."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,44 +326,15 @@ class ParamDoc:
     """The declared range (``> 0``, ``in [0, 1]``); empty for non-numeric parameters."""
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    body = ast.parse(source).body[0]
-    assert isinstance(body, ast.ClassDef)
-    docs: dict[str, str] = {}
-    for node, after in zip(body.body, body.body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
-    return docs
-
-
 def _render_default(value: Any) -> Any:
     return value.to_config() if isinstance(value, Schedule) else value
-
-
-def _render_type(annotation: Any) -> str:
-    text = (
-        annotation
-        if isinstance(annotation, str)
-        else getattr(annotation, "__name__", str(annotation))
-    )
-    return "number or schedule" if text == "ScheduleLike" else text
 
 
 def describe(name: str) -> list[ParamDoc]:
     """The parameters of method ``name`` with type, default and help text."""
     spec = get_spec(name)
-    docs = field_docs(spec.params)
+    docs = typed.field_docs(spec.params)
+    hints = typing.get_type_hints(spec.params)
     out = []
     for f in dataclasses.fields(spec.params):
         if f.default is not dataclasses.MISSING:
@@ -400,7 +349,9 @@ def describe(name: str) -> list[ParamDoc]:
         if limits:
             help_text = f"{help_text} Range: {limits}.".strip()
         out.append(
-            ParamDoc(f.name, _render_type(f.type), default, required, help_text, range=limits)
+            ParamDoc(
+                f.name, typed.type_name(hints[f.name]), default, required, help_text, range=limits
+            )
         )
     return out
 

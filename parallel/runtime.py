@@ -11,9 +11,9 @@ Build it inside a torchrun worker after :func:`parallel.distributed.initialize`:
 The method pipeline is any object with ``taps(teacher_info, student_info) -> list[Tap]`` and
 ``compute(features, ctx) -> (total | None, terms)`` (see ``methods.pipeline``): ``parallel/`` does
 not know any method. When it also has ``entries`` (``methods.pipeline.PipelineEntry``: ``name``,
-``method``), the runtime honours the methods' optional protocols of ``methods.base``:
+``method``; built for this run's teachers by ``methods.pipeline.build_pipeline``), the runtime
+honours the methods' optional protocols of ``methods.base``:
 
-* ``TeacherAware``: ``set_teachers(all teachers' ModelInfo)`` before ``taps``.
 * ``HasModules`` / ``PlacesModules``: their modules train with the student and are checkpointed
   (:mod:`parallel.method_modules`).
 * ``ForwardModifier``: ``install(handles)`` with :class:`parallel.forward_hooks.RuntimeHandles`
@@ -41,7 +41,6 @@ from methods.base import (
     Role,
     Stage,
     Tap,
-    TeacherAware,
 )
 from parallel import checkpoint as ckpt
 from parallel.config import ModelArch, TrainConfig
@@ -167,8 +166,6 @@ class DistillationRuntime:
         self.teacher_infos = [model_info(t.arch, ctx.tp) for t in self.teacher_specs]
         self.entries = list(getattr(pipeline, "entries", ()))
         for entry in self.entries:
-            if isinstance(entry.method, TeacherAware):
-                entry.method.set_teachers(self.teacher_infos)
             check_method_layout(
                 entry.method, entry.name, self.teacher_infos, self.student_info, pp=ctx.pp
             )

@@ -631,3 +631,28 @@ def train_bpe(
             tokenizer.save(out_path)
         tokenizer.source = str(out_path)
     return tokenizer
+
+
+def check_tokenizer_fits(path: str, vocab_size: int, role: str) -> None:
+    """``ConfigError`` (``data.tokenizer``) when the Hugging Face tokenizer at ``path`` (a
+    ``tokenizer.json`` or a folder holding one) emits ids beyond ``vocab_size``, the vocabulary of
+    model ``role`` (``teacher``, ``student``): they would index out of range. A tokenizer that
+    cannot be read here is left to the data loader, which reports it with its own message."""
+    from gkd_cli.errors import ConfigError
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not path.endswith(".json") or not os.path.isfile(path):
+        return
+    try:
+        from tokenizers import Tokenizer
+
+        size = Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+    except Exception:  # unreadable here: the data loader reports it with its own message
+        return
+    if size > vocab_size:
+        raise ConfigError(
+            f"data.tokenizer has {size} tokens but {role}.vocab_size={vocab_size}; "
+            f"use the {role}'s tokenizer or fix {role}.vocab_size",
+            field="data.tokenizer",
+        )

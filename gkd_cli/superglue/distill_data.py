@@ -10,12 +10,14 @@ gold answer when the example is labeled (train split), or the context alone when
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gkd_cli.errors import ConfigError
 from gkd_cli.superglue.readers import available_splits, read_task
-from gkd_cli.superglue.tasks import get_task
+from gkd_cli.superglue.tasks import BENCHMARK_TASKS, get_task
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,3 +73,40 @@ def iter_task_texts(
     """Yield the prompt-formatted text of every example (see :func:`iter_task_records`)."""
     for record in iter_task_records(data_dir, tasks, split, skip_missing=skip_missing):
         yield record.text
+
+
+def check_task_files(tasks: list[str], folder: str | None, split: str) -> None:
+    """``ConfigError`` naming ``data.superglue_*`` unless every task of ``tasks`` (the eight
+    benchmark tasks, any case) has ``<folder>/<Task>/<split>.jsonl``: the check of a run's
+    ``data.source: superglue`` before launch."""
+    from methods.typed import did_you_mean
+
+    names = ", ".join(BENCHMARK_TASKS)
+    if not tasks:
+        raise ConfigError(
+            f"data.superglue_tasks is empty; list tasks from {names}",
+            field="data.superglue_tasks",
+        )
+    if folder is None or not os.path.isdir(folder):
+        raise ConfigError(
+            f"data.superglue_dir: folder {folder} does not exist; point it at the folder "
+            "holding BoolQ/, CB/, ...",
+            field="data.superglue_dir",
+        )
+    by_lower = {t.lower(): t for t in BENCHMARK_TASKS}
+    for i, task in enumerate(tasks):
+        official = by_lower.get(task.lower())
+        if official is None:
+            raise ConfigError(
+                f"data.superglue_tasks.{i}: unknown task '{task}'"
+                f"{did_you_mean(task, BENCHMARK_TASKS)} (tasks: {names})",
+                field=f"data.superglue_tasks.{i}",
+            )
+        sub = next((e for e in os.listdir(folder) if e.lower() == official.lower()), official)
+        path = os.path.join(folder, sub, f"{split}.jsonl")
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"data.superglue_tasks.{i}: {path} does not exist; pick another "
+                "data.superglue_split or fix data.superglue_dir",
+                field=f"data.superglue_tasks.{i}",
+            )

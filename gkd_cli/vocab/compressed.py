@@ -243,20 +243,95 @@ def check_run_compatibility(path: str | os.PathLike, *, tp: int, teacher_vocab_s
         )
 
 
-def _declared_format(path: str | os.PathLike) -> str:
-    """``gkd`` (the header declares a gkd vocabulary mapping), ``other`` (a readable safetensors
-    header without that declaration) or ``unreadable``."""
+def _header_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The safetensors header metadata of ``path`` with the JSON object under ``gkd_vocab``
+    parsed (``None``: not a readable safetensors file; ``gkd_vocab`` that is not JSON: absent)."""
     from safetensors import safe_open
 
-    from gkd_cli.vocab.mapping import FORMAT, METADATA_KEY
+    from gkd_cli.vocab.mapping import METADATA_KEY
 
     try:
         with safe_open(str(path), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
+            metadata: dict[str, Any] = dict(handle.metadata() or {})
     except Exception:  # safetensors raises its own error types on damaged files
-        return "unreadable"
+        return None
     try:
-        declared = json.loads(metadata.get(METADATA_KEY, "{}"))
+        metadata[METADATA_KEY] = json.loads(metadata.get(METADATA_KEY, "{}"))
     except ValueError:
+        metadata[METADATA_KEY] = None
+    return metadata
+
+
+def _declared_format(path: str | os.PathLike) -> str:
+    """``gkd`` (the header declares a gkd vocabulary mapping), ``other`` (a readable safetensors
+    header without that declaration) or ``unreadable``."""
+    from gkd_cli.vocab.mapping import FORMAT, METADATA_KEY
+
+    metadata = _header_metadata(path)
+    if metadata is None or metadata[METADATA_KEY] is None:
         return "unreadable"
+    declared = metadata[METADATA_KEY]
     return "gkd" if isinstance(declared, dict) and declared.get("format") == FORMAT else "other"
+
+
+def declared_sizes(path: str | os.PathLike) -> tuple[int | None, int | None]:
+    """(compressed size, original size) a mapping's header records (flat keys, or the object under
+    ``gkd_vocab`` that ``gkd compress-vocab`` writes); either is ``None`` when the file does not
+    record it or is not safetensors."""
+    from gkd_cli.vocab.mapping import METADATA_KEY
+
+    metadata = _header_metadata(path) or {}
+    nested = metadata.pop(METADATA_KEY, None)
+    if isinstance(nested, dict):
+        metadata.update(nested)
+
+    def first_int(keys: tuple[str, ...]) -> int | None:
+        for key in keys:
+            value = metadata.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.isdigit():
+                return int(value)
+        return None
+
+    return (
+        first_int(("compressed_vocab_size", "compressed_size")),
+        first_int(("original_vocab_size", "vocab_size")),
+    )
+
+
+def check_mapping_for_run(
+    path: str, *, student_vocab_size: int, teacher_vocab_size: int, tp: int, check_paths: bool
+) -> None:
+    """``ConfigError`` (naming ``data.vocab_mapping`` or ``student.vocab_size``) unless the
+    mapping at ``path`` fits the run: the sizes its header records match the student's and the
+    teacher's vocabularies, and :func:`check_run_compatibility` passes. A missing file is refused
+    only with ``check_paths``."""
+    from gkd_cli.errors import ConfigError
+
+    sv, tv = student_vocab_size, teacher_vocab_size
+    if not os.path.isfile(path):
+        if check_paths:
+            raise ConfigError(
+                f"data.vocab_mapping: file {path} does not exist; run gkd compress-vocab or "
+                "fix the path",
+                field="data.vocab_mapping",
+            )
+        return
+    compressed, original = declared_sizes(path)
+    if compressed is not None and compressed != sv:
+        raise ConfigError(
+            f"student.vocab_size={sv} differs from the compressed size {compressed} recorded in "
+            f"data.vocab_mapping ({path}); set student.vocab_size={compressed}",
+            field="student.vocab_size",
+        )
+    if original is not None and original > tv:
+        raise ConfigError(
+            f"data.vocab_mapping ({path}) was made for a vocabulary of {original} tokens, but "
+            f"teacher.vocab_size={tv}; compress the teacher's vocabulary again",
+            field="data.vocab_mapping",
+        )
+    try:  # a corrupt file, or a layout for another tp or teacher, fails here rather than in a rank
+        check_run_compatibility(path, tp=tp, teacher_vocab_size=tv)
+    except ValueError as error:
+        raise ConfigError(f"data.vocab_mapping: {error}", field="data.vocab_mapping") from None

@@ -112,7 +112,7 @@ def batches_for(step: int, dp_rank: int, dp: int) -> list[torch.Tensor]:
     return [mine[i : i + MICRO] for i in range(0, per, MICRO)]
 
 
-def build_pipeline(config: list[dict], stage: str):
+def build_pipeline(config: list[dict], stage: str, build_ctx):
     from methods.pipeline import MethodPipeline, PipelineEntry
 
     entries = []
@@ -120,7 +120,7 @@ def build_pipeline(config: list[dict], stage: str):
         if item["name"] == "shared_fit":
             entries.append(PipelineEntry(name="shared_fit", method=SharedFit(), weight=item.get("weight", 1.0)))
         else:
-            entries.extend(MethodPipeline.from_config([item], stage=stage).entries)
+            entries.extend(MethodPipeline.from_config([item], stage=stage, ctx=build_ctx).entries)
     return MethodPipeline(entries, stage=stage)
 
 
@@ -144,9 +144,16 @@ def main(spec_path: str) -> None:
         steps=spec["steps"], global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO, lr=5e-3, min_lr=5e-4,
         warmup_steps=1, seed=11, stage=stage,
     )
+    from methods.base import BuildContext
+    from parallel.model import model_info
+
+    build_ctx = BuildContext(  # the teachers the methods are built for (combiners read them)
+        stage=Stage(stage), teachers=tuple(model_info(t.arch, ctx.tp) for t in teachers),
+        student=model_info(ModelArch(**STUDENT), ctx.tp), tp=ctx.tp, pp=ctx.pp,
+    )  # fmt: skip
     runtime = DistillationRuntime(
         ctx=ctx, student=ModelArch(**STUDENT), teachers=teachers,
-        pipeline=build_pipeline(spec["methods"], stage), train=train, seq_length=SEQ, pad_id=0,
+        pipeline=build_pipeline(spec["methods"], stage, build_ctx), train=train, seq_length=SEQ, pad_id=0,
     )  # fmt: skip
     records: list[dict] = []
     outcome = train_loop(

@@ -49,11 +49,20 @@ def set_layout(tp: int, pp: int):
 
 
 def run_case(case: dict, ctx) -> list[dict]:
-    from methods.pipeline import MethodPipeline
+    from methods.base import BuildContext, Stage
+    from methods.pipeline import build_pipeline, parse_entries
     from parallel.config import ModelArch, TrainConfig
+    from parallel.model import model_info
     from parallel.runtime import DistillationRuntime, TeacherSpec
 
-    pipeline = MethodPipeline.from_config(case["methods"], stage=case["stage"])
+    build_ctx = BuildContext(  # what gkd_cli.build.build_context makes of a config
+        stage=Stage(case["stage"]),
+        teachers=tuple(model_info(ModelArch(**t), ctx.tp) for t in case["teachers"]),
+        student=model_info(ModelArch(**case["student"]), ctx.tp),
+        tp=ctx.tp,
+        pp=ctx.pp,
+    )
+    pipeline = build_pipeline(parse_entries(case["methods"]), build_ctx)
     train = TrainConfig(
         steps=2,
         global_batch_size=GLOBAL_BATCH,

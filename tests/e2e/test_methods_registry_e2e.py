@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from methods.base import Stage, TeacherAware
+from methods.base import BuildContext, Stage
 from methods.registry import REGISTRY, build_method
 from parallel.method_checks import check_method_layout
 from parallel.model import model_info
@@ -63,13 +63,13 @@ def _case(name: str) -> dict:
     stage = Stage.PRETRAIN if Stage.PRETRAIN in method.stages else Stage.TASK
     errors = []
     for teacher, student in SHAPES:
-        teachers = [teacher, SMALL_TEACHER] if isinstance(method, TeacherAware) else [teacher]
+        combiner = callable(getattr(method, "per_teacher_methods", None))
+        teachers = [teacher, SMALL_TEACHER] if combiner else [teacher]
         infos = [model_info(ModelArch(**t), 2) for t in teachers]
         student_info = model_info(ModelArch(**student), 2)
+        build_ctx = BuildContext(stage, teachers=tuple(infos), student=student_info, tp=2, pp=2)
         try:
-            method = build_method(name, PARAMS.get(name, {}))
-            if isinstance(method, TeacherAware):
-                method.set_teachers(infos)
+            method = build_method(name, PARAMS.get(name, {}), build_ctx)
             method.taps(infos[0], student_info)
         except ValueError as err:
             errors.append(str(err))

@@ -400,6 +400,7 @@ def test_sequence_parallel_refuses_forward_changing_methods(tmp_path, tokenizer,
     cfg = _cfg(tmp_path, tokenizer)
     cfg["parallel"] = {"tp": 2, "pp": 1, "dp": 1, "sequence_parallel": True}
     cfg["methods"] = [{"name": "lrc_bert"}]
+    cfg["train"]["stage"] = "task"  # lrc_bert is a task-stage method (validation builds it)
     _refused(
         tmp_path,
         cfg,

@@ -486,14 +486,14 @@ def test_methods_list():
     result = run("methods", "list")
     assert result.exit_code == 0, result.output
     assert "glmd" in result.stdout and "Tan et al. 2023 (GLMD)" in result.stdout
-    assert "Hinton et al. 2015" in result.stdout and "pretrain, task" in result.stdout
+    assert "Hinton et al. 2015" in result.stdout and "PT+TS" in result.stdout
 
 
 def test_methods_show():
     result = run("methods", "show", "glmd")
     assert result.exit_code == 0, result.output
     assert "temperature" in result.stdout and "15.0" in result.stdout
-    assert "Softmax temperature T." in result.stdout
+    assert "Softmax temperature T of both models" in result.stdout  # the field's docstring
 
 
 def test_methods_show_unknown():

@@ -55,4 +55,4 @@ def test_config_validation_of_every_method_accepts_or_explains(tmp_path, name):
     except ConfigError as err:
         assert err.field == "methods.0" and str(err).startswith(f"methods.0 ({name}): ")
     else:
-        assert [m["name"] for m in cfg.methods] == [name]
+        assert [m.name for m in cfg.methods] == [name]

@@ -6,11 +6,8 @@ methods registry with the agreed API).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import sys
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ from gkd_cli.config import (
     load_config,
 )
 from gkd_cli.errors import ConfigError
+from methods.pipeline import MethodEntry, parse_entry
 from parallel.config import ModelArch, ParallelConfig, TrainConfig
 
 pytestmark = pytest.mark.unit
@@ -87,96 +85,22 @@ def base_config(tmp_path: Path) -> dict[str, Any]:
     }
 
 
+def entry(name: str, weight: float = 1.0, **params: Any) -> MethodEntry:
+    """The typed method entry a config's ``{name, weight, **params}`` loads to."""
+    return parse_entry({"name": name, "weight": weight, **params}, "methods.0")
+
+
 def write_yaml(tmp_path: Path, data: Any, name: str = "config.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-@dataclass(kw_only=True)
-class FakeGlmdParams:
-    temperature: float = 15.0
-    """Softmax temperature T."""
-    chunk_tokens: int = 1024
-    """Tokens per loss chunk."""
-
-
-@dataclass(kw_only=True)
-class FakeKdParams:
-    temperature: float = 10.0
-    """Softmax temperature T."""
-
-
-@dataclass(kw_only=True)
-class FakeSpec:
-    name: str
-    cls: type
-    params: type
-    paper: str
-    signals: tuple[str, ...]
-    stages: frozenset[str]
-    summary: str
-
-
-@dataclass(kw_only=True)
-class FakeLmParams:
-    """No parameters."""
-
-
 def install_fake_registry(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """Put a small ``methods.registry`` (REGISTRY, build_method; no describe) into
-    ``sys.modules`` in place of the real package, so these tests do not depend on it."""
-    registry = types.ModuleType("methods.registry")
-    registry.REGISTRY = {
-        "glmd": FakeSpec(
-            name="glmd",
-            cls=object,
-            params=FakeGlmdParams,
-            paper="Tan et al. 2023 (GLMD)",
-            signals=("logits",),
-            stages=frozenset({"pretrain", "task"}),
-            summary="KL at temperature T over all vocabulary logits",
-        ),
-        "lm": FakeSpec(
-            name="lm",
-            cls=object,
-            params=FakeLmParams,
-            paper="next-token cross entropy",
-            signals=("student logits",),
-            stages=frozenset({"pretrain", "task"}),
-            summary="the student's own LM loss",
-        ),
-        "kd": FakeSpec(
-            name="kd",
-            cls=object,
-            params=FakeKdParams,
-            paper="Hinton et al. 2015",
-            signals=("logits",),
-            stages=frozenset({"task"}),
-            summary="soft cross entropy + hard loss",
-        ),
-    }
+    """The methods registry these tests load configs with. (The methods package is always
+    installed with gkd, so this is the real registry: configs are typed and built by it.)"""
+    from methods import registry
 
-    def build_method(name: str, params: dict[str, Any]):
-        import difflib
-
-        if name not in registry.REGISTRY:
-            close = difflib.get_close_matches(name, list(registry.REGISTRY), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"unknown method '{name}'{hint}")
-        spec = registry.REGISTRY[name]
-        names = {f.name for f in dataclasses.fields(spec.params)}
-        for key in params:
-            if key not in names:
-                raise ValueError(f"unknown parameter '{key}' of {name}")
-        return spec.params(**params)
-
-    registry.build_method = build_method
-    package = types.ModuleType("methods")
-    package.__path__ = []  # a package with nothing else in it: the real one imports the registry
-    package.registry = registry
-    monkeypatch.setitem(sys.modules, "methods", package)
-    monkeypatch.setitem(sys.modules, "methods.registry", registry)
     return registry
 
 
@@ -207,7 +131,7 @@ def test_valid_config_builds_typed_sections(tmp_path):
     assert isinstance(cfg.data, DataConfig)
     assert cfg.teacher.num_layers == 4 and cfg.student.hidden_size == 32
     assert cfg.parallel.world_size == 2
-    assert cfg.methods == [{"name": "glmd", "weight": 1.0}]
+    assert cfg.methods == [entry("glmd")]
     # defaults filled in from the dataclasses
     assert cfg.train.lr == TrainConfig().lr and cfg.data.format == "text"
     assert cfg.teacher.arch() == ModelArch(
@@ -244,14 +168,15 @@ def test_overrides_are_typed_yaml_values(tmp_path):
             "parallel.sequence_parallel=true",
             "methods.0.temperature=10",
             "methods.1.name=kd",
+            "train.stage=task",  # kd is a task-stage method
             "data.valid_files=[]",
             "train.global_batch_size=8",
         ],
     )
     assert cfg.parallel.tp == 4 and cfg.parallel.sequence_parallel is True
     assert cfg.train.lr == pytest.approx(1e-4)
-    assert cfg.methods[0] == {"name": "glmd", "weight": 1.0, "temperature": 10}
-    assert cfg.methods[1] == {"name": "kd", "weight": 1.0}
+    assert cfg.methods[0] == entry("glmd", temperature=10)
+    assert cfg.methods[1] == entry("kd")
     assert cfg.data.valid_files == []
 
 
@@ -362,11 +287,9 @@ def test_method_entries_are_checked(tmp_path, methods, expected):
 def test_method_shorthand_string(tmp_path):
     data = base_config(tmp_path)
     data["methods"] = ["glmd", {"name": "kd", "weight": 0.5, "temperature": 2}]
+    data["train"]["stage"] = "task"  # kd is a task-stage method
     cfg = load(tmp_path, data)
-    assert cfg.methods == [
-        {"name": "glmd", "weight": 1.0},
-        {"name": "kd", "weight": 0.5, "temperature": 2},
-    ]
+    assert cfg.methods == [entry("glmd"), entry("kd", 0.5, temperature=2)]
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path):
@@ -408,6 +331,38 @@ def test_dump_round_trips(tmp_path):
     assert again == cfg
     (tmp_path / "verbatim.yaml").write_text(text)
     assert load_config(tmp_path / "verbatim.yaml") == cfg
+
+
+def test_dump_round_trips_typed_method_entries_and_teachers(tmp_path):
+    """Schedules, every parameter of a method, a nested combiner entry and the teachers list
+    (written for 'teacher:' sugar) come back equal: the resume check compares them."""
+    data = base_config(tmp_path)
+    data["methods"] = [
+        {"name": "glmd", "weight": {"type": "linear", "start": 1.0, "end": 0.5}},
+        {"name": "lm", "weight": 0.1},
+    ]
+    cfg = load(tmp_path, data)
+    assert [e.name for e in cfg.methods] == ["glmd", "lm"] and len(cfg.teachers) == 1
+    text = dump_config(cfg)
+    dumped = yaml.safe_load(text)
+    assert "teacher" not in dumped and len(dumped["teachers"]) == 1
+    assert dumped["methods"][0]["temperature"] == 15.0  # every parameter spelled out
+    assert load_config(write_yaml(tmp_path, dumped, "dumped.yaml")) == cfg
+    no_teacher = load(tmp_path, {**data, "teacher": None, "methods": ["lm"]})
+    assert no_teacher.teachers == [] and no_teacher.teacher is None
+    again = load_config(write_yaml(tmp_path, yaml.safe_load(dump_config(no_teacher)), "t0.yaml"))
+    assert again == no_teacher
+
+
+def test_config_yaml_of_earlier_versions_still_loads(tmp_path):
+    """config.yaml written before 'teachers' was the only field has 'teacher' and a null
+    'teachers' (or the reverse); a resumed run reads it."""
+    data = base_config(tmp_path)
+    cfg = load(tmp_path, {**data, "teachers": None})
+    assert cfg == load(tmp_path, data) and len(cfg.teachers) == 1
+    two = [data["teacher"], {**data["teacher"], "hidden_size": 32}]
+    cfg = load(tmp_path, {**data, "teacher": None, "teachers": two})
+    assert [t.hidden_size for t in cfg.teachers] == [64, 32] and cfg.teacher_role(1) == "teachers.1"
 
 
 def test_field_docs_include_inherited_fields():

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from gkd_cli.config import check_world_size, environment_world_size
 from gkd_cli.errors import ConfigError
+from gkd_cli.launch import check_world_size, environment_world_size
 from tests.unit.test_config_load import (
     base_config,
     error_of,
@@ -75,10 +75,10 @@ def test_environment_world_size(environ, world):
 def test_world_size_mismatch(tmp_path):
     cfg = load(tmp_path, base_config(tmp_path))  # tp 2 x pp 1 x dp 1
     with pytest.raises(ConfigError) as info:
-        check_world_size(cfg, {"WORLD_SIZE": "8"})
+        check_world_size(cfg.parallel, {"WORLD_SIZE": "8"})
     assert "world size 8 from WORLD_SIZE" in str(info.value)
     assert "set parallel.dp=4" in str(info.value)
-    check_world_size(cfg, {"WORLD_SIZE": "2"})  # matches: no error
+    check_world_size(cfg.parallel, {"WORLD_SIZE": "2"})  # matches: no error
     err = error_of(tmp_path, base_config(tmp_path), environ={"WORLD_SIZE": "4"})
     assert "parallel.dp=2" in str(err)
 
@@ -268,28 +268,11 @@ def test_tokenizer_larger_than_teacher_vocab(tmp_path):
 def test_unknown_method_did_you_mean(tmp_path):
     err = error_of(tmp_path, base_config(tmp_path), ["methods.0.name=glmdd"])
     assert err.field == "methods.0"
-    assert "methods.0 (glmdd): unknown method 'glmdd'; did you mean 'glmd'?" in str(err)
+    assert "methods.0 (glmdd): unknown distillation method 'glmdd'; did you mean 'glmd'" in str(err)
 
 
 def test_method_parameters_are_passed_without_name_and_weight(tmp_path):
     cfg = load(tmp_path, base_config(tmp_path), ["methods.0.temperature=2"])
-    assert cfg.methods[0]["temperature"] == 2
+    assert cfg.methods[0].params.temperature == 2
     err = error_of(tmp_path, base_config(tmp_path), ["methods.0.temprature=2"])
-    assert "unknown parameter 'temprature' of glmd" in str(err)
-
-
-def test_registry_absent_skips_method_check(tmp_path, monkeypatch):
-    import builtins
-    import sys
-
-    monkeypatch.delitem(sys.modules, "methods.registry")
-    real_import = builtins.__import__
-
-    def no_registry(name, *args, **kwargs):
-        if name == "methods.registry":
-            raise ModuleNotFoundError("No module named 'methods.registry'", name=name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_registry)
-    cfg = load(tmp_path, base_config(tmp_path), ["methods.0.name=anything"])
-    assert cfg.methods[0]["name"] == "anything"
+    assert "method 'glmd' has no parameter 'temprature'" in str(err)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.base import LossContext, ModelInfo, Stage
+from methods.base import BuildContext, LossContext, ModelInfo, Stage
 from methods.logit_common import STUDENT_LOGITS, TEACHER_LOGITS
 from methods.registry import build_method
 from tests.unit.test_methods_vocab_parallel import make_case, reference
@@ -86,13 +86,12 @@ def test_kd_kl_variant_and_no_hard_term():
 
 def test_pd_pretrains_without_teacher_then_distills_at_t1():
     student, teacher, mask, labels = _case(3)
-    pd = build_method("pd", {})
-    pd.set_stage(Stage.PRETRAIN)
+    pd = build_method("pd", {}, BuildContext(stage=Stage.PRETRAIN))  # PD reads the stage
     assert list(pd.taps(INFO, INFO)) == [STUDENT_LOGITS]
     pre = pd.compute({STUDENT_LOGITS: student}, _ctx(mask, labels, stage=Stage.PRETRAIN))
     hard = F.cross_entropy(student[:, :VOCAB], labels.clamp(min=0), reduction="none")
     torch.testing.assert_close(pre["lm"], _masked_mean(hard, mask), rtol=1e-9, atol=0)
-    pd.set_stage(Stage.TASK)
+    pd = build_method("pd", {}, BuildContext(stage=Stage.TASK))
     assert set(pd.taps(INFO, INFO)) == {STUDENT_LOGITS, TEACHER_LOGITS}
     task = pd.compute(_features(student, teacher), _ctx(mask, labels))
     q = torch.softmax(teacher[:, :VOCAB], -1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from gkd_cli.config import dump_config, load_config_text, teacher_configs
+from gkd_cli.config import dump_config, load_config_text
 from gkd_cli.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -42,7 +42,7 @@ def test_teachers_list_loads_dumps_and_reloads():
             train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "stage": "task"},
         )
     )
-    assert [t.hidden_size for t in teacher_configs(cfg)] == [64, 48]
+    assert [t.hidden_size for t in cfg.teachers] == [64, 48]
     again = load_config_text(dump_config(cfg), check_paths=False)
     assert again == cfg
 

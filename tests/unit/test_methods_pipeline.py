@@ -98,12 +98,18 @@ def test_no_features_here_gives_a_zero_total():
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"name": "lm"}, "must be a list"),
+        ({"name": "lm"}, "methods: expected a list"),
         ([], "is empty"),
-        ([{"weight": 1.0}], r"methods\[0\] must be a mapping with a 'name'"),
-        ([{"name": "lm"}, {"name": "glmdd"}], r"methods\[1\]: unknown .*did you mean 'glmd'"),
-        ([{"name": "glmd", "temp": 2}], r"methods\[0\]: method 'glmd' has no parameter 'temp'"),
-        ([{"name": "lm", "weight": "high"}], r"methods\[0\].weight must be a number"),
+        ([{"weight": 1.0}], r"methods\.0\.name is required"),
+        (
+            [{"name": "lm"}, {"name": "glmdd"}],
+            r"methods\.1 \(glmdd\): unknown .*did you mean 'glmd'",
+        ),
+        (
+            [{"name": "glmd", "temp": 2}],
+            r"methods\.0 \(glmd\): method 'glmd' has no parameter 'temp'",
+        ),
+        ([{"name": "lm", "weight": "high"}], r"methods\.0\.weight: expected a number"),
         ([{"name": "lm"}, {"name": "lm"}], "listed twice"),
     ],
 )
