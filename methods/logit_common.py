@@ -1,12 +1,21 @@
-"""Helpers shared by the prediction-layer (logit) methods: taps, feature lookup, shard arguments."""
+"""What the prediction-layer (logit) methods share: taps, feature lookup, and the soft and hard
+terms of the papers' soft+hard mixes, written once.
+
+The mixes are weighted terms: a method returns its terms unweighted (``soft``, ``hard``) and
+declares their weights with ``term_weights`` (:class:`methods.base.WeightsTerms`); the terms
+themselves are one of :data:`SOFT_LOSSES` (:func:`soft_loss`) and the student's own cross entropy
+(:func:`hard_term`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Literal
 
 import torch
 
+from methods import vocab_kernels as vk
+from methods import vocab_parallel as vp
 from methods.base import FeatureKind, LossContext, Role, Tap
 from methods.schedules import ScheduleLike, value_at
 
@@ -16,19 +25,15 @@ STUDENT_LOGITS = Tap(Role.STUDENT, FeatureKind.LOGITS)
 """``[N, V/tp]`` student logits, vocab-sharded over tp."""
 BOTH_LOGITS = (TEACHER_LOGITS, STUDENT_LOGITS)
 
-CHUNK_SIZE_EXTRA = "logit_chunk_size"
-"""Optional ``LossContext.extras`` key: tokens per chunk of the vocab-parallel losses (``int``);
-absent or ``None``: the default of :mod:`methods.vocab_parallel`."""
+CHUNK_SIZE_EXTRA = vp.CHUNK_SIZE_EXTRA
 
-
-def shard_kwargs(ctx: LossContext) -> dict[str, Any]:
-    """The vocabulary layout arguments of :mod:`methods.vocab_parallel` from a loss context."""
-    return {
-        "vocab_start": ctx.vocab_start,
-        "vocab_size": ctx.vocab_size,
-        "tp_group": ctx.tp_group,
-        "chunk_size": ctx.extras.get(CHUNK_SIZE_EXTRA),
-    }
+SoftLoss = Literal["ce", "kl", "mse"]
+SOFT_LOSSES: dict[str, str] = {
+    "ce": "soft cross entropy H(p_t^T, p_s^T) (Hinton et al. 2015's soft-target term)",
+    "kl": "T^2 KL(p_t^T || p_s^T) (the soft term with Hinton's gradient-scale correction)",
+    "mse": "MSE between raw logits, mean over the vocabulary (no temperature)",
+}
+"""The soft terms of the papers' soft+hard mixes."""
 
 
 def both_logits(features: Mapping[Tap, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -52,3 +57,51 @@ def require_labels(ctx: LossContext, method: str) -> torch.Tensor:
             "use a data source with labels or drop the method's hard-label term"
         )
     return ctx.labels
+
+
+def soft_loss(
+    kind: SoftLoss,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    ctx: LossContext,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """One of :data:`SOFT_LOSSES` between vocab-sharded logits, masked mean over ``mask``."""
+    shard = vp.VocabShard.of(ctx)
+    if kind == "mse":
+        return vp.divergence(vk.mse_kernel(), student, teacher, mask, shard)
+    kernel = vk.soft_ce_kernel if kind == "ce" else vk.forward_kl_kernel
+    loss = vp.divergence(kernel, student, teacher, mask, shard, temperature=temperature)
+    return loss if kind == "ce" else loss * temperature**2
+
+
+def soft_term(
+    features: Mapping[Tap, torch.Tensor],
+    ctx: LossContext,
+    *,
+    temperature: float,
+    loss: SoftLoss,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The soft term on logits (last stage only; ``None`` elsewhere): :func:`soft_loss` over
+    ``mask`` (default ``ctx.loss_mask``)."""
+    logits = both_logits(features)
+    if logits is None:
+        return None
+    mask = ctx.loss_mask if mask is None else mask
+    return soft_loss(loss, *logits, mask, ctx, temperature)
+
+
+def cross_entropy(student: torch.Tensor, ctx: LossContext, method: str) -> torch.Tensor:
+    """The student's next-token cross entropy on ``ctx.labels`` over ``ctx.loss_mask``."""
+    labels = require_labels(ctx, method)
+    return vp.cross_entropy(student, labels, ctx.loss_mask, vp.VocabShard.of(ctx))
+
+
+def hard_term(
+    features: Mapping[Tap, torch.Tensor], ctx: LossContext, method: str
+) -> torch.Tensor | None:
+    """The student's next-token cross entropy (last stage only; ``None`` elsewhere)."""
+    student = features.get(STUDENT_LOGITS)
+    return None if student is None else cross_entropy(student, ctx, method)

@@ -51,7 +51,6 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.distributed as dist
 
-from methods import vocab_parallel as vp
 from methods.base import (
     FeatureKind,
     ForwardModifier,
@@ -65,7 +64,14 @@ from methods.base import (
     TeacherAware,
     WeightsTerms,
 )
-from methods.logit_common import BOTH_LOGITS, STUDENT_LOGITS, at, require_labels, shard_kwargs
+from methods.logit_common import (
+    BOTH_LOGITS,
+    STUDENT_LOGITS,
+    at,
+    hard_term,
+    require_labels,
+    soft_term,
+)
 from methods.schedules import ScheduleLike
 
 BOTH_STAGES = frozenset({Stage.PRETRAIN, Stage.TASK})
@@ -164,17 +170,11 @@ class _SoftLoss:
     def compute(
         self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
     ) -> dict[str, torch.Tensor]:
-        student, teacher = features.get(STUDENT_LOGITS), features.get(BOTH_LOGITS[0])
-        if student is None or teacher is None:
-            return {}
-        mask = ctx.distill_mask
-        if self.kind == "mse":
-            return {"soft": vp.logit_mse(student, teacher, mask, **shard_kwargs(ctx))}
         temperature = at(self.temperature, ctx)
-        kwargs = dict(shard_kwargs(ctx), temperature=temperature)
-        if self.kind == "ce":
-            return {"soft": vp.soft_cross_entropy(student, teacher, mask, **kwargs)}
-        return {"soft": vp.forward_kl(student, teacher, mask, **kwargs) * temperature**2}
+        soft = soft_term(
+            features, ctx, temperature=temperature, loss=self.kind, mask=ctx.distill_mask
+        )
+        return {} if soft is None else {"soft": soft}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,11 +331,8 @@ def _combine(
 def _hard(
     features: Mapping[Tap, torch.Tensor], ctx: LossContext, method: str
 ) -> dict[str, torch.Tensor]:
-    student = features.get(STUDENT_LOGITS)
-    if student is None:
-        return {}
-    labels = require_labels(ctx, method)
-    return {"hard": vp.cross_entropy(student, labels, ctx.loss_mask, **shard_kwargs(ctx))}
+    hard = hard_term(features, ctx, method)
+    return {} if hard is None else {"hard": hard}
 
 
 def _model_size(info: ModelInfo) -> int:

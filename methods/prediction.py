@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from methods import vocab_kernels as vk
 from methods import vocab_parallel as vp
 from methods.base import LossContext, ModelInfo, Stage, Tap
 from methods.logit_common import (
@@ -21,8 +22,8 @@ from methods.logit_common import (
     STUDENT_LOGITS,
     at,
     both_logits,
-    require_labels,
-    shard_kwargs,
+    cross_entropy,
+    soft_loss,
 )
 from methods.schedules import Linear, ScheduleLike
 
@@ -30,10 +31,14 @@ BOTH_STAGES = frozenset({Stage.PRETRAIN, Stage.TASK})
 TASK_ONLY = frozenset({Stage.TASK})
 
 
-def _hard_term(student: torch.Tensor, ctx: LossContext, method: str) -> torch.Tensor:
-    """The student's next-token cross entropy on ``ctx.labels`` over ``ctx.loss_mask``."""
-    labels = require_labels(ctx, method)
-    return vp.cross_entropy(student, labels, ctx.loss_mask, **shard_kwargs(ctx))
+def _annealed_mse(
+    logits: tuple[torch.Tensor, torch.Tensor], ctx: LossContext, max_temperature: int, margin: float
+) -> torch.Tensor:
+    """``mean_i max(|z_s,i - Phi z_t,i| - margin, 0)^2`` with Annealing-KD's teacher scale
+    ``Phi`` at ``ctx.step``, masked mean over ``ctx.loss_mask``."""
+    scale = _annealing_factor(ctx.step, ctx.total_steps, max_temperature)
+    kernel = vk.mse_kernel(teacher_scale=scale, margin=margin)
+    return vp.divergence(kernel, *logits, ctx.loss_mask, vp.VocabShard.of(ctx))
 
 
 def _annealing_factor(step: int, total_steps: int, max_temperature: int) -> float:
@@ -74,7 +79,7 @@ class LM:
         student = features.get(STUDENT_LOGITS)
         if student is None:
             return {}
-        return {"ce": _hard_term(student, ctx, self.name)}
+        return {"ce": cross_entropy(student, ctx, self.name)}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -117,16 +122,10 @@ class KD:
         logits = both_logits(features)
         if logits is None:
             return {}
-        student, teacher = logits
         temperature = at(self.params.temperature, ctx)
-        kwargs = dict(shard_kwargs(ctx), temperature=temperature)
-        if self.params.soft_loss == "kl":
-            soft = vp.forward_kl(student, teacher, ctx.loss_mask, **kwargs) * temperature**2
-        else:
-            soft = vp.soft_cross_entropy(student, teacher, ctx.loss_mask, **kwargs)
-        terms = {"soft": soft}
+        terms = {"soft": soft_loss(self.params.soft_loss, *logits, ctx.loss_mask, ctx, temperature)}
         if self.params.hard_weight != 0.0:
-            terms["hard"] = _hard_term(student, ctx, self.name)
+            terms["hard"] = cross_entropy(logits[0], ctx, self.name)
         return terms
 
 
@@ -165,13 +164,12 @@ class PD:
     ) -> dict[str, torch.Tensor]:
         if ctx.stage == Stage.PRETRAIN:
             student = features.get(STUDENT_LOGITS)
-            return {} if student is None else {"lm": _hard_term(student, ctx, self.name)}
+            return {} if student is None else {"lm": cross_entropy(student, ctx, self.name)}
         logits = both_logits(features)
         if logits is None:
             return {}
-        student, teacher = logits
-        kwargs = dict(shard_kwargs(ctx), temperature=at(self.params.temperature, ctx))
-        return {"soft": vp.soft_cross_entropy(student, teacher, ctx.loss_mask, **kwargs)}
+        temperature = at(self.params.temperature, ctx)
+        return {"soft": soft_loss("ce", *logits, ctx.loss_mask, ctx, temperature)}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -206,12 +204,8 @@ class GLMD:
         logits = both_logits(features)
         if logits is None:
             return {}
-        student, teacher = logits
         temperature = at(self.params.temperature, ctx)
-        kl = vp.forward_kl(
-            student, teacher, ctx.distill_mask, temperature=temperature, **shard_kwargs(ctx)
-        )
-        return {"kl": kl * temperature**2}
+        return {"kl": soft_loss("kl", *logits, ctx.distill_mask, ctx, temperature)}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -249,12 +243,7 @@ class AnnealingKD:
         logits = both_logits(features)
         if logits is None:
             return {}
-        student, teacher = logits
-        scale = _annealing_factor(ctx.step, ctx.total_steps, self.params.max_temperature)
-        mse = vp.logit_mse(
-            student, teacher, ctx.loss_mask, teacher_scale=scale, **shard_kwargs(ctx)
-        )
-        return {"mse": mse}
+        return {"mse": _annealed_mse(logits, ctx, self.params.max_temperature, margin=0.0)}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -305,10 +294,5 @@ class ContinuationKD:
         logits = both_logits(features)
         if logits is None:
             return {}
-        student, teacher = logits
-        scale = _annealing_factor(ctx.step, ctx.total_steps, self.params.max_temperature)
-        soft = vp.logit_mse(
-            student, teacher, ctx.loss_mask, teacher_scale=scale, margin=self.params.margin,
-            **shard_kwargs(ctx),
-        )  # fmt: skip
-        return {"soft": soft, "hard": _hard_term(student, ctx, self.name)}
+        soft = _annealed_mse(logits, ctx, self.params.max_temperature, self.params.margin)
+        return {"soft": soft, "hard": cross_entropy(logits[0], ctx, self.name)}
