@@ -1143,7 +1143,7 @@ def _check_methods(cfg: DistillConfig) -> None:
         if err.name in ("methods", "methods.registry"):
             return  # registry not installed yet: the worker will check when it builds them
         raise
-    from methods.base import ForwardModifier, Role, TeacherAware
+    from methods.base import BuildContext, ForwardModifier, Role, Stage
     from parallel.method_checks import check_method_layout
     from parallel.model import model_info
     from parallel.taps import check_taps_for_recompute
@@ -1156,9 +1156,8 @@ def _check_methods(cfg: DistillConfig) -> None:
         params = {k: v for k, v in entry.items() if k not in ("name", "weight")}
         where = f"methods.{i} ({entry['name']})"
         try:
-            method = build_method(entry["name"], params)
-            if isinstance(method, TeacherAware) and teachers:
-                method.set_teachers(teachers)
+            build = BuildContext(Stage(cfg.train.stage), tuple(teachers), student, tp, pp)
+            method = build_method(entry["name"], params, build)
             taps = list(method.taps(teacher, student)) if hasattr(method, "taps") else []
             check_taps_for_recompute(taps, cfg.train.recompute)
         except (ValueError, TypeError) as err:

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from methods.base import Method, Stage
+from methods.base import BuildContext, Method, Stage
 from methods.divergences import JSD, TVD, ForwardKL, ReverseKL, SkewKL, SkewRKL, TopKKD
 from methods.forward_methods import DIITO, LRCBERT, Theseus
 from methods.intermediate import (
@@ -323,10 +323,25 @@ def _check_range(spec: MethodSpec, key: str, value: Any, param: dataclasses.Fiel
             )
 
 
-def build_method(name: str, params: Mapping[str, Any] | None = None) -> Method:
-    """Build method ``name`` from config parameters (validated; ``ValueError`` names the field)."""
+def build_method(
+    name: str, params: Mapping[str, Any] | Any = None, ctx: BuildContext | None = None
+) -> Method:
+    """Build method ``name`` from config parameters (validated; ``ValueError`` names the field) or
+    its parsed parameters dataclass; a class with ``from_context`` gets ``ctx`` (default: no models known), whose ``build_inner``
+    builds nested entries through this function."""
     spec = get_spec(name)
-    return spec.cls(parse_params(name, params))
+    parsed = params if isinstance(params, spec.params) else parse_params(name, params)
+    if not hasattr(spec.cls, "from_context"):
+        return spec.cls(parsed)
+    ctx = ctx or BuildContext(stage=Stage.TASK)
+    if ctx.build_inner is None:  # nested entries are built in this same (final) context
+        ctx = dataclasses.replace(
+            ctx,
+            build_inner=lambda e: build_method(
+                e["name"], {k: v for k, v in e.items() if k != "name"}, ctx
+            ),
+        )
+    return spec.cls.from_context(parsed, ctx)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ The method pipeline is any object with ``taps(teacher_info, student_info) -> lis
 not know any method. When it also has ``entries`` (``methods.pipeline.PipelineEntry``: ``name``,
 ``method``), the runtime honours the methods' optional protocols of ``methods.base``:
 
-* ``TeacherAware``: ``set_teachers(all teachers' ModelInfo)`` before ``taps``.
+* multi-teacher combiners (``methods.multi_teacher``) are built with every teacher's
+  ``ModelInfo`` in their ``BuildContext`` before ``taps``.
 * ``HasModules`` / ``PlacesModules``: their modules train with the student and are checkpointed
   (:mod:`parallel.method_modules`).
 * ``ForwardModifier``: ``install(handles)`` with :class:`parallel.forward_hooks.RuntimeHandles`
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from methods.base import (
+    BuildContext,
     FeatureKind,
     ForwardModifier,
     HasModules,
@@ -41,7 +43,6 @@ from methods.base import (
     Role,
     Stage,
     Tap,
-    TeacherAware,
 )
 from parallel import checkpoint as ckpt
 from parallel.config import ModelArch, TrainConfig
@@ -167,8 +168,11 @@ class DistillationRuntime:
         self.teacher_infos = [model_info(t.arch, ctx.tp) for t in self.teacher_specs]
         self.entries = list(getattr(pipeline, "entries", ()))
         for entry in self.entries:
-            if isinstance(entry.method, TeacherAware):
-                entry.method.set_teachers(self.teacher_infos)
+            if getattr(entry.method, "teachers", None) == ():  # a combiner built without them
+                from methods.registry import build_method  # issue 12 interim: until one builder
+
+                build = BuildContext(self.stage_kind, tuple(self.teacher_infos), self.student_info)
+                entry.method = build_method(entry.name, entry.method.params, build)
             check_method_layout(
                 entry.method, entry.name, self.teacher_infos, self.student_info, pp=ctx.pp
             )

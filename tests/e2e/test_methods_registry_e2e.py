@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from methods.base import Stage, TeacherAware
+from methods.base import BuildContext, Stage
 from methods.registry import REGISTRY, build_method
 from parallel.method_checks import check_method_layout
 from parallel.model import model_info
@@ -63,13 +63,13 @@ def _case(name: str) -> dict:
     stage = Stage.PRETRAIN if Stage.PRETRAIN in method.stages else Stage.TASK
     errors = []
     for teacher, student in SHAPES:
-        teachers = [teacher, SMALL_TEACHER] if isinstance(method, TeacherAware) else [teacher]
+        combiner = hasattr(method, "per_teacher_methods")  # a multi-teacher combiner
+        teachers = [teacher, SMALL_TEACHER] if combiner else [teacher]
         infos = [model_info(ModelArch(**t), 2) for t in teachers]
         student_info = model_info(ModelArch(**student), 2)
         try:
-            method = build_method(name, PARAMS.get(name, {}))
-            if isinstance(method, TeacherAware):
-                method.set_teachers(infos)
+            build = BuildContext(stage, tuple(infos), student_info)
+            method = build_method(name, PARAMS.get(name, {}), build)
             method.taps(infos[0], student_info)
         except ValueError as err:
             errors.append(str(err))

@@ -157,7 +157,7 @@ def install_fake_registry(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
         ),
     }
 
-    def build_method(name: str, params: dict[str, Any]):
+    def build_method(name: str, params: dict[str, Any], ctx: Any = None):
         import difflib
 
         if name not in registry.REGISTRY:
