@@ -11,7 +11,7 @@ gathered reference), declare it below with its parameters dataclass, add one reg
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,73 +19,28 @@ import torch
 
 from methods import vocab_kernels as vk
 from methods import vocab_parallel as vp
-from methods.base import LossContext, ModelInfo, Stage, Tap
-from methods.logit_common import BOTH_LOGITS, at, both_logits
+from methods.base import LossContext, ModelInfo
+from methods.logit_common import at, logit_method
 from methods.schedules import ScheduleLike
-
-BOTH_STAGES = frozenset({Stage.PRETRAIN, Stage.TASK})
 
 
 def logit_divergence(
-    cls_name: str,
-    *,
-    name: str,
-    params: type,
-    kernel: Callable[[Any], vk.Kernel],
-    term: str,
-    paper: str,
-    doc: str,
-    signals: str = "logits",
-    check_student: Callable[[Any, ModelInfo], None] | None = None,
+    cls_name: str, *, kernel: Callable[[Any], vk.Kernel], term: str, **declaration: Any
 ) -> type:
-    """The method class of one logit divergence.
+    """The method class of one logit divergence: term ``term`` is the masked mean over
+    ``ctx.loss_mask`` of the kernel ``kernel(params)`` (which raises ``ValueError`` on bad
+    parameters, checked when the method is built) at ``params.temperature``. ``declaration``: the
+    rest of :func:`methods.logit_common.logit_method`'s arguments (name, params, paper, doc...)."""
 
-    Args:
-        cls_name: the class name (``ForwardKL``).
-        name: the registry name configs use (``forward_kl``).
-        params: its keyword-only parameters dataclass; a ``temperature`` field divides both
-            logits before the softmax.
-        kernel: builds the per-chunk kernel from the parameters (raises ``ValueError`` on bad
-            ones, at build time).
-        term: the name of the loss term (``kl``).
-        paper, doc, signals: the registry's columns and the class docstring (the definition).
-        check_student: ``(params, student)`` checks at ``taps`` time (raise ``ValueError``).
-    """
-
-    def __init__(self: Any, params_: Any = None) -> None:
-        self.params = params_ or params()
-        self.kernel = kernel(self.params)
-
-    def taps(self: Any, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
-        if check_student is not None:
-            check_student(self.params, student)
-        return BOTH_LOGITS
-
-    def compute(
-        self: Any, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    def terms(
+        params: Any, logits: tuple[torch.Tensor, torch.Tensor], ctx: LossContext, name: str
     ) -> dict[str, torch.Tensor]:
-        logits = both_logits(features)
-        if logits is None:
-            return {}
-        temperature = at(getattr(self.params, "temperature", 1.0), ctx)
-        loss = vp.divergence(
-            self.kernel, *logits, ctx.loss_mask, vp.VocabShard.of(ctx), temperature=temperature
-        )
+        temperature = at(getattr(params, "temperature", 1.0), ctx)
+        shard = vp.VocabShard.of(ctx)
+        loss = vp.divergence(kernel(params), *logits, ctx.loss_mask, shard, temperature=temperature)
         return {term: loss}
 
-    namespace = {
-        "__doc__": doc,
-        "__module__": __name__,
-        "name": name,
-        "stages": BOTH_STAGES,
-        "paper": paper,
-        "signals": signals,
-        "Params": params,
-        "__init__": __init__,
-        "taps": taps,
-        "compute": compute,
-    }
-    return type(cls_name, (), namespace)
+    return logit_method(cls_name, terms=terms, check=kernel, **declaration)
 
 
 @dataclass(kw_only=True, frozen=True)

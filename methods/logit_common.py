@@ -9,14 +9,14 @@ themselves are one of :data:`SOFT_LOSSES` (:func:`soft_loss`) and the student's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
 from methods import vocab_kernels as vk
 from methods import vocab_parallel as vp
-from methods.base import FeatureKind, LossContext, Role, Tap
+from methods.base import FeatureKind, LossContext, ModelInfo, Role, Stage, Tap
 from methods.schedules import ScheduleLike, value_at
 
 TEACHER_LOGITS = Tap(Role.TEACHER, FeatureKind.LOGITS)
@@ -24,6 +24,7 @@ TEACHER_LOGITS = Tap(Role.TEACHER, FeatureKind.LOGITS)
 STUDENT_LOGITS = Tap(Role.STUDENT, FeatureKind.LOGITS)
 """``[N, V/tp]`` student logits, vocab-sharded over tp."""
 BOTH_LOGITS = (TEACHER_LOGITS, STUDENT_LOGITS)
+BOTH_STAGES = frozenset({Stage.PRETRAIN, Stage.TASK})
 
 CHUNK_SIZE_EXTRA = vp.CHUNK_SIZE_EXTRA
 
@@ -105,3 +106,70 @@ def hard_term(
     """The student's next-token cross entropy (last stage only; ``None`` elsewhere)."""
     student = features.get(STUDENT_LOGITS)
     return None if student is None else cross_entropy(student, ctx, method)
+
+
+def soft_hard_weights(params: Any, ctx: LossContext) -> dict[str, float]:
+    """The weights of a soft+hard mix: ``soft_weight`` and ``hard_weight`` of ``params``."""
+    return {"soft": at(params.soft_weight, ctx), "hard": at(params.hard_weight, ctx)}
+
+
+Terms = Callable[
+    [Any, tuple[torch.Tensor, torch.Tensor], LossContext, str], dict[str, torch.Tensor]
+]
+"""``(params, (student, teacher) logits, ctx, method name) -> {term: loss}`` (unweighted)."""
+
+
+def logit_method(
+    cls_name: str,
+    *,
+    name: str,
+    params: type,
+    terms: Terms,
+    paper: str,
+    doc: str,
+    stages: frozenset[Stage] = BOTH_STAGES,
+    signals: str = "logits",
+    weights: Callable[[Any, LossContext], dict[str, float]] | None = None,
+    check: Callable[[Any], object] | None = None,
+    check_student: Callable[[Any, ModelInfo], None] | None = None,
+) -> type:
+    """The class of a method computed from both models' logits alone: a declaration of its terms.
+
+    The class has the registry's attributes (``name``, ``stages``, ``paper``, ``signals``,
+    ``Params``, the docstring ``doc``), takes ``BOTH_LOGITS`` and, on the stage with the logits,
+    returns ``terms(params, (student, teacher), ctx, name)``. ``weights(params, ctx)`` weighs the
+    terms (:class:`methods.base.WeightsTerms`, e.g. :func:`soft_hard_weights`); ``check(params)``
+    raises ``ValueError`` on bad parameters when the method is built, ``check_student(params,
+    student)`` when its taps are asked for."""
+
+    def __init__(self: Any, params_: Any = None) -> None:
+        self.params = params_ or params()
+        if check is not None:
+            check(self.params)
+
+    def taps(self: Any, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
+        if check_student is not None:
+            check_student(self.params, student)
+        return BOTH_LOGITS
+
+    def compute(
+        self: Any, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> dict[str, torch.Tensor]:
+        logits = both_logits(features)
+        return {} if logits is None else terms(self.params, logits, ctx, name)
+
+    namespace: dict[str, Any] = {
+        "__doc__": doc,
+        "__module__": params.__module__,  # declared where its parameters are
+        "name": name,
+        "stages": stages,
+        "paper": paper,
+        "signals": signals,
+        "Params": params,
+        "__init__": __init__,
+        "taps": taps,
+        "compute": compute,
+    }
+    if weights is not None:
+        namespace["term_weights"] = lambda self, ctx: weights(self.params, ctx)
+    return type(cls_name, (), namespace)
