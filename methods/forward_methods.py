@@ -36,6 +36,7 @@ from methods.logit_common import (
     TEACHER_LOGITS,
     at,
     cross_entropy,
+    hard_term,
     soft_loss,
 )
 from methods.schedules import Linear, ScheduleLike, value_at
@@ -170,10 +171,8 @@ class Theseus:
     def compute(
         self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
     ) -> dict[str, torch.Tensor]:
-        student = features.get(STUDENT_LOGITS)
-        if student is None:
-            return {}
-        return {"hard": cross_entropy(student, ctx, self.name)}
+        loss = hard_term(features, ctx, self.name)
+        return {} if loss is None else {"hard": loss}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from methods.logit_common import (
     at,
     both_logits,
     cross_entropy,
+    hard_term,
     logit_method,
     soft_hard_weights,
     soft_loss,
@@ -81,10 +82,8 @@ class LM:
     def compute(
         self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
     ) -> dict[str, torch.Tensor]:
-        student = features.get(STUDENT_LOGITS)
-        if student is None:
-            return {}
-        return {"ce": cross_entropy(student, ctx, self.name)}
+        loss = hard_term(features, ctx, self.name)
+        return {} if loss is None else {"ce": loss}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -119,8 +118,8 @@ KD = logit_method(
     stages=TASK_ONLY,
     paper="Hinton et al. 2015",
     signals="logits, labels",
-    doc="""Knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network",
-    sec. 2): ``soft_weight * H(p_t^T, p_s^T) + hard_weight * CE(y, p_s)`` where ``p^T`` is the
+    doc="""Knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural
+    Network", sec. 2): ``soft_weight * H(p_t^T, p_s^T) + hard_weight * CE(y, p_s)`` where ``p^T`` is the
     softmax at temperature T (eq. 1); with ``soft_loss: kl`` the soft term is
     ``T^2 KL(p_t^T || p_s^T)``, which keeps its gradient scale independent of T (sec. 2).""",
 )

@@ -17,8 +17,8 @@ How the memory and the traffic stay small:
   per-token statistics from the other shards: the row maximum (all-reduce MAX) and the sum of
   exponentials (all-reduce SUM). The divergences add one to three weighted sums per token
   (e.g. ``sum_i q_i (t_i - s_i)`` for the forward KL). The all-reduces carry a few fp32 numbers
-  per token, 4 to 24 bytes in all (20 for the forward KL), whatever V is. Only ``topk_kl`` gathers
-  ``k`` values and indices per token (``k`` is small and independent of V).
+  per token, 4 to 24 bytes in all (20 for the forward KL), whatever V is. Only the top-k kernel
+  gathers ``k`` values and indices per token (``k`` is small and independent of V).
 - **Tokens are processed in chunks.** The fp32 temporaries (exponentials, log-probabilities) live
   in a workspace of ``chunk_size x V/tp`` reused for every chunk, so the peak is the logits, one
   gradient buffer and the workspace, instead of several ``[N, V]`` tensors. (The gradient buffer,
