@@ -3,6 +3,7 @@ value and gradient, one process and at TP=2 (vocabulary split over two gloo rank
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -326,6 +327,50 @@ def test_combiners_refuse_nested_combiners_and_forward_modifiers():
         build("dgkd", {"method": "theseus"})
     with pytest.raises(ValueError, match="unknown distillation method"):
         build("mt_bert", {"method": {"name": "nope"}})
+
+
+def test_combiners_build_their_inner_method_per_teacher_through_the_context():
+    built = []
+
+    def build_inner(entry):
+        built.append(entry)
+        return BUILD.build_inner(entry)
+
+    ctx = dataclasses.replace(BUILD, build_inner=build_inner)
+    method = REGISTRY["tmkd"].cls.from_context(
+        parse_params("tmkd", {"method": {"name": "kd", "temperature": 2.0, "weight": 3.0}}), ctx
+    )
+    assert built == [{"name": "kd", "temperature": 2.0}] * len(TEACHERS)  # no 'weight'
+    assert [m.name for m, _ in method.per_teacher_methods()] == ["kd", "kd"]
+    assert method.methods[0] is not method.methods[1]
+
+
+def test_a_combiner_without_teachers_checks_its_method_and_refuses_taps():
+    no_teachers = dataclasses.replace(BUILD, teachers=())
+    method = REGISTRY["dgkd"].cls.from_context(parse_params("dgkd", {"method": "kd"}), no_teachers)
+    with pytest.raises(ValueError, match="combines teachers, but the run has none"):
+        method.taps(TEACHERS[0], STUDENT)
+    with pytest.raises(ValueError, match="nest no combiners"):
+        REGISTRY["dgkd"].cls.from_context(parse_params("dgkd", {"method": "tmkd"}), no_teachers)
+
+
+def test_an_inner_method_of_another_stage_is_refused():
+    pretrain = dataclasses.replace(BUILD, stage=Stage.PRETRAIN)
+    with pytest.raises(ValueError, match="'kd' does not apply to stage 'pretrain'"):
+        REGISTRY["tmkd"].cls.from_context(parse_params("tmkd", {"method": "kd"}), pretrain)
+
+
+def test_multi_teacher_does_not_import_the_registry():
+    import ast
+    import inspect
+
+    import methods.multi_teacher as mt
+
+    tree = ast.parse(inspect.getsource(mt))
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "methods.registry" not in imported and "methods.pipeline" not in imported
 
 
 # ---------------------------------------------------------------------------------------------- TP=2

@@ -443,6 +443,19 @@ def test_shape_mismatches_raise_value_errors():
         call("topk", student, teacher, mask, None, k=13)
 
 
+def test_vocab_shard_is_built_once_from_a_loss_context():
+    from methods.base import LossContext, Stage
+
+    ctx = LossContext(
+        step=0, total_steps=1, stage=Stage.TASK, loss_mask=torch.ones(2), labels=None,
+        vocab_start=16, vocab_size=30, extras={vp.CHUNK_SIZE_EXTRA: 7},
+    )  # fmt: skip
+    assert vp.VocabShard.of(ctx) == vp.VocabShard(start=16, vocab_size=30, chunk_size=7)
+    assert vp.VocabShard() == vp.UNSHARDED  # one unsharded, unpadded vocabulary
+    with pytest.raises(ValueError, match="vocab_start"):
+        vp.VocabShard(start=-1)
+
+
 @pytest.mark.gpu
 def test_cuda_bf16_matches_reference():
     student, teacher, mask, labels = make_case(23, 64, 1000, 1024, dtype=torch.bfloat16)
