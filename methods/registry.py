@@ -327,8 +327,8 @@ def build_method(
     name: str, params: Mapping[str, Any] | Any = None, ctx: BuildContext | None = None
 ) -> Method:
     """Build method ``name`` from config parameters (validated; ``ValueError`` names the field) or
-    its parsed parameters dataclass; a class with ``from_context`` gets ``ctx`` (default: no models known), whose ``build_inner``
-    builds nested entries through this function."""
+    its parsed parameters dataclass. A class with ``from_context`` gets ``ctx`` (default: no models
+    known), whose ``build_inner`` builds nested entries through this function."""
     spec = get_spec(name)
     parsed = params if isinstance(params, spec.params) else parse_params(name, params)
     if not hasattr(spec.cls, "from_context"):
