@@ -100,7 +100,7 @@ def make_batch_fn(dataset, cfg: DistillConfig, ctx):
 def lm_eval_fn(pipeline_ctx_vocab):
     """A compute_fn for :meth:`DistillationRuntime.evaluate`: LM cross entropy of student and teacher."""
     from methods.base import FeatureKind, Role, Tap
-    from methods.vocab_parallel import cross_entropy
+    from methods.vocab_parallel import VocabShard, cross_entropy
 
     student_tap, teacher_tap = (
         Tap(Role.STUDENT, FeatureKind.LOGITS),
@@ -116,9 +116,7 @@ def lm_eval_fn(pipeline_ctx_vocab):
                 features[student_tap],
                 ctx.labels,
                 ctx.loss_mask,
-                vocab_start=ctx.vocab_start,
-                vocab_size=ctx.vocab_size,
-                tp_group=ctx.tp_group,
+                VocabShard(ctx.vocab_start, ctx.vocab_size, ctx.tp_group),
             ).detach()
         }
         if teacher_tap in features:
@@ -126,9 +124,7 @@ def lm_eval_fn(pipeline_ctx_vocab):
                 features[teacher_tap],
                 ctx.extras.get("teacher_labels", ctx.labels),
                 ctx.loss_mask,
-                vocab_start=teacher_vocab_start,
-                vocab_size=teacher_vocab,
-                tp_group=ctx.tp_group,
+                VocabShard(teacher_vocab_start, teacher_vocab, ctx.tp_group),
             ).detach()
         return terms["student_lm"], terms
 

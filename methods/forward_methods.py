@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from methods import vocab_parallel as vp
 from methods.base import FeatureKind, ForwardHandles, LossContext, ModelInfo, Role, Stage, Tap
 from methods.layer_mapping import uniform_layer
 from methods.logit_common import (
@@ -36,8 +35,9 @@ from methods.logit_common import (
     STUDENT_LOGITS,
     TEACHER_LOGITS,
     at,
-    require_labels,
-    shard_kwargs,
+    cross_entropy,
+    hard_term,
+    soft_loss,
 )
 from methods.schedules import Linear, ScheduleLike, value_at
 
@@ -50,12 +50,6 @@ TEACHER_FINAL = Tap(Role.TEACHER, FeatureKind.FINAL_NORM)
 def _generator(seed: int, step: int, microbatch: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(
         (seed * 1_000_003 + step * 7919 + microbatch * 104_729 + salt) % (2**63)
-    )
-
-
-def _hard(student: torch.Tensor, ctx: LossContext, method: str) -> torch.Tensor:
-    return vp.cross_entropy(
-        student, require_labels(ctx, method), ctx.loss_mask, **shard_kwargs(ctx)
     )
 
 
@@ -177,10 +171,8 @@ class Theseus:
     def compute(
         self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
     ) -> dict[str, torch.Tensor]:
-        student = features.get(STUDENT_LOGITS)
-        if student is None:
-            return {}
-        return {"hard": _hard(student, ctx, self.name)}
+        loss = hard_term(features, ctx, self.name)
+        return {} if loss is None else {"hard": loss}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,11 +306,10 @@ class DIITO:
         if student is None or teacher is None:
             return {}
         temperature = at(self.params.temperature, ctx)
-        kwargs = dict(shard_kwargs(ctx), temperature=temperature)
         mask = ctx.distill_mask
         terms = {
-            "soft": vp.forward_kl(student, teacher, mask, **kwargs) * temperature**2,
-            "hard": _hard(student, ctx, self.name),
+            "soft": soft_loss("kl", student, teacher, mask, ctx, temperature),
+            "hard": cross_entropy(student, ctx, self.name),
         }
         if self._cosine() and STUDENT_FINAL in features:
             hs, ht = features[STUDENT_FINAL].float(), features[TEACHER_FINAL].float()
@@ -326,9 +317,10 @@ class DIITO:
             terms["cos"] = ((1.0 - cos) * mask).sum() / mask.sum().clamp_min(1.0)
         counterfactual = ctx.extras.get("counterfactual")
         if counterfactual and STUDENT_LOGITS in counterfactual:
-            terms["iit"] = vp.soft_cross_entropy(
-                counterfactual[STUDENT_LOGITS], counterfactual[TEACHER_LOGITS], mask, **kwargs
-            )
+            terms["iit"] = soft_loss(
+                "ce", counterfactual[STUDENT_LOGITS], counterfactual[TEACHER_LOGITS], mask, ctx,
+                temperature,
+            )  # fmt: skip
         return terms
 
 
@@ -478,8 +470,6 @@ class LRCBERT:
         student, teacher = features.get(STUDENT_LOGITS), features.get(TEACHER_LOGITS)
         if student is not None and teacher is not None:
             temperature = at(self.params.temperature, ctx)
-            terms["soft"] = vp.soft_cross_entropy(
-                student, teacher, ctx.distill_mask, temperature=temperature, **shard_kwargs(ctx)
-            )
-            terms["hard"] = _hard(student, ctx, self.name)
+            terms["soft"] = soft_loss("ce", student, teacher, ctx.distill_mask, ctx, temperature)
+            terms["hard"] = cross_entropy(student, ctx, self.name)
         return terms

@@ -33,6 +33,12 @@ term is the inner method's term computed with its token masks multiplied by ``w_
 of ``w_k`` over the distilled positions: for the usual masked-mean losses this is
 ``sum_n w_k,n m_n l_k,n / sum_n m_n``, exactly the weighted per-token loss.
 
+**One class, small rules.** Every combiner is a :class:`Combiner`; what differs is its
+:class:`Rule` (the classes ``TMKD`` ... ``DGKD``, which are also the registry's rows): which
+teachers teach, with which token weights, and the rule's own terms and modules. A combiner is built
+by ``from_context(params, ctx)`` (:class:`methods.base.BuildContext`): it reads ``ctx.teachers`` and
+builds its inner method per teacher with ``ctx.build_inner(entry)``, so it needs no registry.
+
 TAKD (Mirzadeh et al. 2020, teacher -> assistant -> student) needs no combiner: it is a chain of
 single-teacher runs, each run's student checkpoint the next run's ``teacher.checkpoint`` (README).
 
@@ -44,15 +50,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.distributed as dist
 
-from methods import vocab_parallel as vp
 from methods.base import (
+    BuildContext,
     FeatureKind,
     ForwardModifier,
     HasModules,
@@ -60,12 +66,18 @@ from methods.base import (
     ModelInfo,
     Role,
     Stage,
-    StageAware,
     Tap,
-    TeacherAware,
     WeightsTerms,
 )
-from methods.logit_common import BOTH_LOGITS, STUDENT_LOGITS, at, require_labels, shard_kwargs
+from methods.logit_common import (
+    BOTH_LOGITS,
+    STUDENT_LOGITS,
+    SoftLoss,
+    at,
+    hard_term,
+    require_labels,
+    soft_term,
+)
 from methods.schedules import ScheduleLike
 
 BOTH_STAGES = frozenset({Stage.PRETRAIN, Stage.TASK})
@@ -137,6 +149,13 @@ def token_stats(
     )
 
 
+def _cross_entropy(logits: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+    """``-log p(label)`` per token, ``[N]`` (no gradient)."""
+    ce = _stats_of(logits, ctx).cross_entropy
+    assert ce is not None
+    return ce
+
+
 def _stats_of(logits: torch.Tensor, ctx: LossContext, labels: bool = True) -> TokenStats:
     return token_stats(
         logits, vocab_start=ctx.vocab_start, vocab_size=ctx.vocab_size, tp_group=ctx.tp_group,
@@ -149,13 +168,13 @@ def _stats_of(logits: torch.Tensor, ctx: LossContext, labels: bool = True) -> To
 
 
 class _SoftLoss:
-    """A combiner's default single-teacher term (not registered): ``mse`` (raw-logit MSE),
-    ``ce`` (soft cross entropy at T) or ``kl`` (``T^2 KL(p_t^T || p_s^T)``)."""
+    """A combiner's default single-teacher term (not registered): one of
+    :data:`methods.logit_common.SOFT_LOSSES` over the distilled positions, as term ``soft``."""
 
     name = "soft"
     stages = BOTH_STAGES
 
-    def __init__(self, kind: Literal["mse", "ce", "kl"], temperature: ScheduleLike) -> None:
+    def __init__(self, kind: SoftLoss, temperature: ScheduleLike) -> None:
         self.kind, self.temperature = kind, temperature
 
     def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
@@ -164,116 +183,154 @@ class _SoftLoss:
     def compute(
         self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
     ) -> dict[str, torch.Tensor]:
-        student, teacher = features.get(STUDENT_LOGITS), features.get(BOTH_LOGITS[0])
-        if student is None or teacher is None:
-            return {}
-        mask = ctx.distill_mask
-        if self.kind == "mse":
-            return {"soft": vp.logit_mse(student, teacher, mask, **shard_kwargs(ctx))}
         temperature = at(self.temperature, ctx)
-        kwargs = dict(shard_kwargs(ctx), temperature=temperature)
-        if self.kind == "ce":
-            return {"soft": vp.soft_cross_entropy(student, teacher, mask, **kwargs)}
-        return {"soft": vp.forward_kl(student, teacher, mask, **kwargs) * temperature**2}
+        soft = soft_term(
+            features, ctx, temperature=temperature, loss=self.kind, mask=ctx.distill_mask
+        )
+        return {} if soft is None else {"soft": soft}
 
 
 # ----------------------------------------------------------------------------------------------
-# Applying one single-teacher method to every teacher
+# The one combiner: a single-teacher method per teacher, combined by a rule
+
+
+TokenWeights = dict[int, torch.Tensor | None]
+"""Teacher index -> its ``[N]`` per-token weights (``None``: unweighted), in computing order; a
+teacher left out does not teach this step."""
+
+
+class Rule(Protocol):
+    """A paper's combination rule (the classes below; each is also the registry's row: name, paper,
+    parameters). Optional hooks, with their defaults: ``taps(combiner) -> list[Tap]`` (none),
+    ``modules(combiner)`` and ``module_layers(combiner)`` (none), ``term_weights(ctx)`` (none),
+    ``average`` (False: the teachers' terms are summed, not averaged)."""
+
+    name: ClassVar[str]
+    stages: ClassVar[frozenset[Stage]]
+    default_soft: ClassVar[SoftLoss]
+    """The paper's own soft loss, applied to each teacher when ``method`` is not set."""
+    params: Any
+
+    def plan(
+        self, combiner: Combiner, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> tuple[TokenWeights, dict[str, torch.Tensor]] | None:
+        """Which teachers teach, with which token weights, and the rule's own terms (``None``:
+        nothing to compute on this stage)."""
+        ...
 
 
 def _as_teacher(tap: Tap, index: int) -> Tap:
     return dataclasses.replace(tap, teacher_index=index) if tap.role is Role.TEACHER else tap
 
 
-class PerTeacher:
-    """One instance of a single-teacher method per teacher, with re-indexed taps and features."""
+def _inner_entry(config: Any, where: str) -> dict[str, Any] | None:
+    """A combiner's ``method`` as a methods entry (``{name: ..., <params>}``), or ``None``."""
+    if config is None:
+        return None
+    if not isinstance(config, str | Mapping):
+        raise ValueError(
+            f"{where}.method must be a method name or a mapping like {{name: kd}}, got {config!r}"
+        )
+    entry = {"name": config} if isinstance(config, str) else dict(config)
+    if "name" not in entry:
+        raise ValueError(f"{where}.method needs a 'name' (a single-teacher method, e.g. kd)")
+    entry.pop("weight", None)
+    return entry
 
-    def __init__(self, config: Any, default: Callable[[], Any], *, where: str) -> None:
-        if config is not None and not isinstance(config, str | Mapping):
+
+class Combiner:
+    """Any multi-teacher combiner: one instance of a single-teacher method per teacher (its taps
+    re-indexed to ``Tap.teacher_index = k``, its features handed over as if teacher ``k`` were the
+    only one), combined by a :class:`Rule`, plus the student's own cross entropy (``hard``)."""
+
+    def __init__(
+        self,
+        rule: Rule,
+        methods: Sequence[Any],
+        teachers: tuple[ModelInfo, ...],
+        student: ModelInfo | None,
+    ) -> None:
+        self.rule = rule
+        self.name = rule.name
+        self.stages = rule.stages
+        self.params = rule.params
+        self.methods = list(methods)
+        self.teachers = teachers
+        self.student = student
+
+    @classmethod
+    def build(cls, rule: Rule, ctx: BuildContext) -> Combiner:
+        """``rule``'s combiner over ``ctx.teachers``, each with its own inner method built by
+        ``ctx.build_inner``. Without teachers (a parameters check, no run) the inner method is
+        built once, checked, and dropped."""
+        where = rule.name
+        entry = _inner_entry(rule.params.method, where)
+
+        def inner() -> Any:
+            if entry is None:
+                return _SoftLoss(rule.default_soft, getattr(rule.params, "temperature", 1.0))
+            if ctx.build_inner is None:
+                raise ValueError(f"{where}.method: the build context has no build_inner")
+            try:
+                method = ctx.build_inner(entry)
+            except ValueError as err:
+                raise ValueError(f"{where}.method: {err}") from None
+            if isinstance(method, Combiner):
+                raise ValueError(
+                    f"{where}.method: {method.name!r} combines teachers itself; nest no combiners"
+                )
+            if isinstance(method, ForwardModifier):
+                raise ValueError(
+                    f"{where}.method: {entry['name']!r} changes the forward pass, which is shared "
+                    "by all teachers; use it as a method of its own"
+                )
+            if ctx.teachers and ctx.stage not in method.stages:
+                raise ValueError(
+                    f"{where}.method: {entry['name']!r} does not apply to stage {ctx.stage.value!r}"
+                )
+            return method
+
+        if not ctx.teachers:
+            inner()
+            return cls(rule, [], (), ctx.student)
+        return cls(rule, [inner() for _ in ctx.teachers], tuple(ctx.teachers), ctx.student)
+
+    def per_teacher_methods(self) -> list[tuple[Any, int]]:
+        return [(m, i) for i, m in enumerate(self.methods)]
+
+    def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
+        if not self.methods:
             raise ValueError(
-                f"{where}.method must be a method name or a mapping like {{name: kd}}, got {config!r}"
+                f"{self.name} combines teachers, but the run has none; add 'teachers:'"
             )
-        if isinstance(config, str):
-            config = {"name": config}
-        if config is not None and "name" not in config:
-            raise ValueError(f"{where}.method needs a 'name' (a single-teacher method, e.g. kd)")
-        self.config = dict(config) if config is not None else None
-        self.default = default
-        self.where = where
-        self.stage: Stage | None = None
-        self.teachers: list[ModelInfo] | None = None
-        self.methods: list = []
-        self._check(self._build())  # fail at config time on bad parameters
-
-    def _build(self):
-        if self.config is None:
-            return self.default()
-        from methods.registry import build_method  # the registry imports this module
-
-        params = {k: v for k, v in self.config.items() if k not in ("name", "weight")}
-        try:
-            return build_method(self.config["name"], params)
-        except ValueError as err:
-            raise ValueError(f"{self.where}.method: {err}") from None
-
-    def _check(self, method) -> None:
-        if isinstance(method, TeacherAware):
-            raise ValueError(
-                f"{self.where}.method: {method.name!r} combines teachers itself; nest no combiners"
-            )
-        if isinstance(method, ForwardModifier):
-            raise ValueError(
-                f"{self.where}.method: {method.name!r} changes the forward pass, which is shared by all "
-                "teachers; use it as a method of its own"
-            )
-        if self.stage is not None and self.stage not in method.stages:
-            raise ValueError(
-                f"{self.where}.method: {method.name!r} does not apply to stage {self.stage.value!r}"
-            )
-
-    @property
-    def inner_stages(self) -> frozenset[Stage]:
-        return self._build().stages if self.config is not None else BOTH_STAGES
-
-    def set_stage(self, stage: Stage) -> None:
-        self.stage = stage
-        self._check(self._build())
-
-    def set_teachers(self, teachers: Sequence[ModelInfo]) -> None:
-        if not teachers:
-            raise ValueError(
-                f"{self.where} combines teachers, but the run has none; add 'teachers:'"
-            )
-        self.teachers = list(teachers)
-        self.methods = []
-        for _ in teachers:
-            method = self._build()
-            self._check(method)
-            if self.stage is not None and isinstance(method, StageAware):
-                method.set_stage(self.stage)
-            self.methods.append(method)
-
-    def ensure(self, teacher: ModelInfo | None) -> None:
-        if self.teachers is None:  # set_teachers was not called: the single teacher of a run
-            self.set_teachers([teacher] if teacher is not None else [])
-
-    def taps(self, student: ModelInfo) -> list[Tap]:
-        assert self.teachers is not None
         taps: dict[Tap, None] = {}
         for index, (method, info) in enumerate(zip(self.methods, self.teachers, strict=True)):
             taps.update(dict.fromkeys(_as_teacher(t, index) for t in method.taps(info, student)))
-        return list(taps)
+        extra = getattr(self.rule, "taps", None)
+        return list(dict.fromkeys([*taps, STUDENT_LOGITS, *(extra(self) if extra else [])]))
 
-    def features_for(
-        self, features: Mapping[Tap, torch.Tensor], index: int
-    ) -> dict[Tap, torch.Tensor]:
-        return {
-            dataclasses.replace(tap, teacher_index=0) if tap.role is Role.TEACHER else tap: value
-            for tap, value in features.items()
-            if tap.role is Role.STUDENT or tap.teacher_index == index
-        }
+    def modules(self) -> dict[str, torch.nn.Module]:
+        out: dict[str, torch.nn.Module] = {}
+        for index, method in enumerate(self.methods):
+            if isinstance(method, HasModules):
+                out.update({f"t{index}_{name}": m for name, m in method.modules().items()})
+        own = getattr(self.rule, "modules", None)
+        return {**out, **(own(self) if own else {})}
 
-    def compute(
+    def module_layers(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for index, method in enumerate(self.methods):
+            layers = getattr(method, "module_layers", None)
+            if callable(layers):
+                out.update({f"t{index}_{name}": layer for name, layer in layers().items()})
+        own = getattr(self.rule, "module_layers", None)
+        return {**out, **(own(self) if own else {})}
+
+    def term_weights(self, ctx: LossContext) -> dict[str, float]:
+        own = getattr(self.rule, "term_weights", None)
+        return _LogOnly(hard=at(self.params.hard_weight, ctx), **(own(ctx) if own else {}))
+
+    def teacher_terms(
         self,
         index: int,
         features: Mapping[Tap, torch.Tensor],
@@ -282,10 +339,9 @@ class PerTeacher:
     ) -> dict[str, torch.Tensor]:
         """Teacher ``index``'s terms, each multiplied by the method's own term weight; with
         ``token_weights`` ``[N]`` the per-token weighting of the module docstring."""
-        assert self.teachers is not None
         method = self.methods[index]
         inner_ctx = dataclasses.replace(ctx, teacher=self.teachers[index])
-        scale = 1.0
+        scale: float | torch.Tensor = 1.0
         if token_weights is not None:
             inner_ctx.loss_mask = ctx.loss_mask * token_weights
             inner_ctx.token_mask = (
@@ -293,49 +349,51 @@ class PerTeacher:
             )
             base = ctx.distill_mask
             scale = (base * token_weights).sum() / base.sum().clamp_min(1e-12)
-        terms = method.compute(self.features_for(features, index), inner_ctx)
+        own = {
+            dataclasses.replace(tap, teacher_index=0) if tap.role is Role.TEACHER else tap: value
+            for tap, value in features.items()
+            if tap.role is Role.STUDENT or tap.teacher_index == index
+        }
+        terms = method.compute(own, inner_ctx)
         weights = method.term_weights(inner_ctx) if isinstance(method, WeightsTerms) else {}
         return {name: value * (weights.get(name, 1.0) * scale) for name, value in terms.items()}
 
-    def modules(self) -> dict[str, torch.nn.Module]:
-        out: dict[str, torch.nn.Module] = {}
-        for index, method in enumerate(self.methods):
-            if isinstance(method, HasModules):
-                out.update(
-                    {f"t{index}_{name}": module for name, module in method.modules().items()}
-                )
-        return out
-
-    def module_layers(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for index, method in enumerate(self.methods):
-            layers = getattr(method, "module_layers", None)
-            if callable(layers):
-                out.update({f"t{index}_{name}": layer for name, layer in layers().items()})
-        return out
-
-
-def _combine(
-    parts: Mapping[int, dict[str, torch.Tensor]], factors: Mapping[int, float | torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """``{term: sum_k factor_k * term_k}`` plus each teacher's term (detached, logged only)."""
-    out: dict[str, torch.Tensor] = {}
-    for index, terms in parts.items():
-        for name, value in terms.items():
-            weighted = value * factors[index]
-            out[name] = weighted if name not in out else out[name] + weighted
-            out[f"t{index}.{name}"] = value.detach()
-    return out
+    def compute(
+        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> dict[str, torch.Tensor]:
+        plan = self.rule.plan(self, features, ctx)
+        if plan is None:
+            return {}
+        token_weights, own_terms = plan
+        factor = 1.0 / len(self.methods) if getattr(self.rule, "average", False) else 1.0
+        terms: dict[str, torch.Tensor] = {}
+        for index, weights in token_weights.items():
+            for name, value in self.teacher_terms(index, features, ctx, weights).items():
+                weighted = value * factor
+                terms[name] = weighted if name not in terms else terms[name] + weighted
+                terms[f"t{index}.{name}"] = value.detach()
+        terms.update(own_terms)
+        if at(self.params.hard_weight, ctx) != 0.0:
+            hard = hard_term(features, ctx, self.name)
+            if hard is not None:
+                terms["hard"] = hard
+        return terms
 
 
-def _hard(
-    features: Mapping[Tap, torch.Tensor], ctx: LossContext, method: str
-) -> dict[str, torch.Tensor]:
-    student = features.get(STUDENT_LOGITS)
-    if student is None:
-        return {}
-    labels = require_labels(ctx, method)
-    return {"hard": vp.cross_entropy(student, labels, ctx.loss_mask, **shard_kwargs(ctx))}
+class _LogOnly(dict):
+    """Term weights: 0 for every per-teacher term ``t<k>.<term>``, explicit entries otherwise."""
+
+    def get(self, key, default=None):  # noqa: D102
+        if key in self:
+            return self[key]
+        head = key.split(".", 1)[0]
+        if len(head) > 1 and head[0] == "t" and head[1:].isdigit() and "." in key:
+            return LOG_ONLY
+        return default
+
+
+def _teacher_taps(kind: FeatureKind, count: int) -> list[Tap]:
+    return [Tap(Role.TEACHER, kind, teacher_index=k) for k in range(count)]
 
 
 def _model_size(info: ModelInfo) -> int:
@@ -350,19 +408,7 @@ def _uniform(step: int, seed: int, count: int, salt: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# The combiners
-
-
-class _LogOnly(dict):
-    """Term weights: 0 for every per-teacher term ``t<k>.<term>``, explicit entries otherwise."""
-
-    def get(self, key, default=None):  # noqa: D102
-        if key in self:
-            return self[key]
-        head = key.split(".", 1)[0]
-        if len(head) > 1 and head[0] == "t" and head[1:].isdigit() and "." in key:
-            return LOG_ONLY
-        return default
+# The rules (each also the registry's row of its paper)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -386,44 +432,20 @@ class TMKD:
     paper: ClassVar[str] = "Yang et al. 2020 (TMKD)"
     signals: ClassVar[str] = "every teacher's signals of the inner method (default logits), labels"
     Params: ClassVar[type] = TMKDParams
+    default_soft: ClassVar[SoftLoss] = "mse"
+    average: ClassVar[bool] = True
 
-    def __init__(self, params: TMKDParams | None = None) -> None:
-        self.params = params or TMKDParams()
-        self.inner = PerTeacher(self.params.method, lambda: _SoftLoss("mse", 1.0), where=self.name)
+    @classmethod
+    def from_context(cls, params: TMKDParams, ctx: BuildContext) -> Combiner:
+        return Combiner.build(cls(params), ctx)
 
-    def set_stage(self, stage: Stage) -> None:
-        self.inner.set_stage(stage)
+    def __init__(self, params: TMKDParams) -> None:
+        self.params = params
 
-    def set_teachers(self, teachers: Sequence[ModelInfo]) -> None:
-        self.inner.set_teachers(teachers)
-
-    def per_teacher_methods(self) -> list[tuple[Any, int]]:
-        return [(m, i) for i, m in enumerate(self.inner.methods)]
-
-    def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
-        self.inner.ensure(teacher)
-        return list(dict.fromkeys([*self.inner.taps(student), STUDENT_LOGITS]))
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return self.inner.modules()
-
-    def module_layers(self) -> dict[str, int]:
-        return self.inner.module_layers()
-
-    def term_weights(self, ctx: LossContext) -> dict[str, float]:
-        return _LogOnly(hard=at(self.params.hard_weight, ctx))
-
-    def compute(
-        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
-    ) -> dict[str, torch.Tensor]:
-        count = len(self.inner.methods)
-        parts = {k: self.inner.compute(k, features, ctx) for k in range(count)}
-        terms = _combine(
-            {k: v for k, v in parts.items() if v}, dict.fromkeys(range(count), 1.0 / count)
-        )
-        if at(self.params.hard_weight, ctx) != 0.0:
-            terms.update(_hard(features, ctx, self.name))
-        return terms
+    def plan(
+        self, combiner: Combiner, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> tuple[TokenWeights, dict[str, torch.Tensor]]:
+        return dict.fromkeys(range(len(combiner.methods))), {}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -454,105 +476,75 @@ class MTBERT:
     paper: ClassVar[str] = "Wu et al. 2021 (MT-BERT)"
     signals: ClassVar[str] = "every teacher's logits and final hidden states, labels"
     Params: ClassVar[type] = MTBERTParams
+    default_soft: ClassVar[SoftLoss] = "ce"
 
-    def __init__(self, params: MTBERTParams | None = None) -> None:
-        self.params = params or MTBERTParams()
-        temperature = self.params.temperature
-        self.inner = PerTeacher(
-            self.params.method, lambda: _SoftLoss("ce", temperature), where=self.name
-        )
-        self._student: ModelInfo | None = None
+    @classmethod
+    def from_context(cls, params: MTBERTParams, ctx: BuildContext) -> Combiner:
+        return Combiner.build(cls(params), ctx)
+
+    def __init__(self, params: MTBERTParams) -> None:
+        self.params = params
+        self.hidden = params.hidden_weight != 0.0
         self._projections: dict[str, torch.nn.Module] | None = None
 
-    def set_stage(self, stage: Stage) -> None:
-        self.inner.set_stage(stage)
+    def taps(self, combiner: Combiner) -> list[Tap]:
+        count = len(combiner.methods)
+        taps = _teacher_taps(FeatureKind.LOGITS, count)
+        if self.hidden:
+            taps += [Tap(Role.STUDENT, FeatureKind.FINAL_NORM)]
+            taps += _teacher_taps(FeatureKind.FINAL_NORM, count)
+        return taps
 
-    def set_teachers(self, teachers: Sequence[ModelInfo]) -> None:
-        self.inner.set_teachers(teachers)
+    def modules(self, combiner: Combiner) -> dict[str, torch.nn.Module]:
+        if not self.hidden:
+            return {}
+        if self._projections is None:
+            student = combiner.student
+            if student is None or not combiner.teachers:
+                raise RuntimeError("mt_bert.modules() needs the model sizes (BuildContext)")
+            self._projections = {
+                f"proj_t{k}": torch.nn.Linear(student.hidden_size, info.hidden_size)
+                for k, info in enumerate(combiner.teachers)
+            }
+        return self._projections
 
-    def per_teacher_methods(self) -> list[tuple[Any, int]]:
-        return [(m, i) for i, m in enumerate(self.inner.methods)]
-
-    @property
-    def _hidden(self) -> bool:
-        return self.params.hidden_weight != 0.0
-
-    def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
-        self.inner.ensure(teacher)
-        self._student = student
-        taps = [*self.inner.taps(student), STUDENT_LOGITS]
-        taps += [
-            Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=k)
-            for k in range(len(self.inner.methods))
-        ]
-        if self._hidden:
-            taps.append(Tap(Role.STUDENT, FeatureKind.FINAL_NORM))
-            taps += [
-                Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=k)
-                for k in range(len(self.inner.methods))
-            ]
-        return list(dict.fromkeys(taps))
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        out = dict(self.inner.modules())
-        if self._hidden:
-            if self._projections is None:
-                if self._student is None or self.inner.teachers is None:
-                    raise RuntimeError("mt_bert.modules() needs taps() first (the model sizes)")
-                self._projections = {
-                    f"proj_t{k}": torch.nn.Linear(self._student.hidden_size, info.hidden_size)
-                    for k, info in enumerate(self.inner.teachers)
-                }
-            out.update(self._projections)
-        return out
-
-    def module_layers(self) -> dict[str, int]:
-        layers = self.inner.module_layers()
-        if self._hidden:
-            layers.update(
-                {f"proj_t{k}": -1 for k in range(len(self.inner.methods))}
-            )  # final norm: last stage
-        return layers
+    def module_layers(self, combiner: Combiner) -> dict[str, int]:
+        count = len(combiner.methods) if self.hidden else 0
+        return {f"proj_t{k}": -1 for k in range(count)}  # the final norm: the last stage
 
     def term_weights(self, ctx: LossContext) -> dict[str, float]:
-        return _LogOnly(
-            hard=at(self.params.hard_weight, ctx), hidden=at(self.params.hidden_weight, ctx)
-        )
+        return {"hidden": at(self.params.hidden_weight, ctx)}
 
-    def compute(
-        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
-    ) -> dict[str, torch.Tensor]:
-        count = len(self.inner.methods)
-        parts: dict[int, dict[str, torch.Tensor]] = {}
+    def plan(
+        self, combiner: Combiner, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> tuple[TokenWeights, dict[str, torch.Tensor]]:
+        count = len(combiner.methods)
+        weights: TokenWeights = {}
         for k in range(count):
             teacher_logits = features.get(Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=k))
-            weights = None
+            weights[k] = None
             if teacher_logits is not None:
-                ce = _stats_of(teacher_logits, ctx).cross_entropy
-                weights = (1.0 / (1.0 + ce)).to(ctx.loss_mask.dtype)
-            result = self.inner.compute(k, features, ctx, weights)
-            if result:
-                parts[k] = result
-        terms = _combine(parts, dict.fromkeys(parts, 1.0))
+                ce = _cross_entropy(teacher_logits, ctx)
+                weights[k] = (1.0 / (1.0 + ce)).to(ctx.loss_mask.dtype)
+        terms: dict[str, torch.Tensor] = {}
         student_hidden = features.get(Tap(Role.STUDENT, FeatureKind.FINAL_NORM))
-        if self._hidden and student_hidden is not None:
-            assert self._projections is not None
+        if self.hidden and student_hidden is not None:
+            projections = self.modules(combiner)
             mask = ctx.distill_mask.view(student_hidden.shape[0], student_hidden.shape[1], 1)
-            hidden = None
+            hidden: torch.Tensor | None = None
             for k in range(count):
                 teacher_hidden = features[
                     Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=k)
                 ]
-                projected = self._projections[f"proj_t{k}"](student_hidden)
+                projected = projections[f"proj_t{k}"](student_hidden)
                 acc = torch.float64 if projected.dtype == torch.float64 else torch.float32
                 squared = (projected.to(acc) - teacher_hidden.to(acc)).pow(2) * mask
                 value = squared.sum() / (mask.sum().clamp_min(1.0) * teacher_hidden.shape[-1])
                 terms[f"t{k}.hidden"] = value.detach()
                 hidden = value if hidden is None else hidden + value
+            assert hidden is not None
             terms["hidden"] = hidden
-        if at(self.params.hard_weight, ctx) != 0.0:
-            terms.update(_hard(features, ctx, self.name))
-        return terms
+        return weights, terms
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -603,65 +595,32 @@ class Uncertainty:
         "every teacher's logits (or the inner method's signals), student entropy"
     )
     Params: ClassVar[type] = UncertaintyParams
+    default_soft: ClassVar[SoftLoss] = "kl"
 
-    def __init__(self, params: UncertaintyParams | None = None) -> None:
-        self.params = params or UncertaintyParams()
-        temperature = self.params.temperature
-        self.inner = PerTeacher(
-            self.params.method, lambda: _SoftLoss("kl", temperature), where=self.name
-        )
+    @classmethod
+    def from_context(cls, params: UncertaintyParams, ctx: BuildContext) -> Combiner:
+        return Combiner.build(cls(params), ctx)
 
-    def set_stage(self, stage: Stage) -> None:
-        self.inner.set_stage(stage)
+    def __init__(self, params: UncertaintyParams) -> None:
+        self.params = params
 
-    def set_teachers(self, teachers: Sequence[ModelInfo]) -> None:
-        self.inner.set_teachers(teachers)
-
-    def per_teacher_methods(self) -> list[tuple[Any, int]]:
-        return [(m, i) for i, m in enumerate(self.inner.methods)]
-
-    def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
-        self.inner.ensure(teacher)
-        return list(dict.fromkeys([*self.inner.taps(student), STUDENT_LOGITS]))
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return self.inner.modules()
-
-    def module_layers(self) -> dict[str, int]:
-        return self.inner.module_layers()
-
-    def term_weights(self, ctx: LossContext) -> dict[str, float]:
-        return _LogOnly(hard=at(self.params.hard_weight, ctx))
-
-    def order(self) -> list[int]:
+    @staticmethod
+    def order(teachers: Sequence[ModelInfo]) -> list[int]:
         """Teacher indices from the smallest to the largest (ties: config order)."""
-        assert self.inner.teachers is not None
-        return sorted(
-            range(len(self.inner.teachers)), key=lambda k: _model_size(self.inner.teachers[k])
-        )
+        return sorted(range(len(teachers)), key=lambda k: _model_size(teachers[k]))
 
-    def compute(
-        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
-    ) -> dict[str, torch.Tensor]:
+    def plan(
+        self, combiner: Combiner, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> tuple[TokenWeights, dict[str, torch.Tensor]]:
         student = features.get(STUDENT_LOGITS)
+        count = len(combiner.methods)
         if student is None:  # the default and logit inner methods run where the logits are
-            parts = {
-                k: self.inner.compute(k, features, ctx) for k in range(len(self.inner.methods))
-            }
-            return _combine({k: v for k, v in parts.items() if v}, dict.fromkeys(parts, 1.0))
+            return dict.fromkeys(range(count)), {}
         entropy = _stats_of(student, ctx, labels=False).entropy
         u = (entropy / math.log(ctx.vocab_size)).to(ctx.loss_mask.dtype)
-        order = self.order()
-        by_rank = uncertainty_weights(u, len(order), self.params.mode)
-        parts = {}
-        for rank, k in enumerate(order):
-            result = self.inner.compute(k, features, ctx, by_rank[rank])
-            if result:
-                parts[k] = result
-        terms = _combine(parts, dict.fromkeys(parts, 1.0))
-        if at(self.params.hard_weight, ctx) != 0.0:
-            terms.update(_hard(features, ctx, self.name))
-        return terms
+        by_rank = uncertainty_weights(u, count, self.params.mode)
+        order = self.order(combiner.teachers)
+        return {k: by_rank[rank] for rank, k in enumerate(order)}, {}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -697,62 +656,45 @@ class RLKD:
     paper: ClassVar[str] = "Yuan et al. 2021 (RL-KD)"
     signals: ClassVar[str] = "every teacher's logits and final hidden states, labels"
     Params: ClassVar[type] = RLKDParams
+    default_soft: ClassVar[SoftLoss] = "ce"
+
+    @classmethod
+    def from_context(cls, params: RLKDParams, ctx: BuildContext) -> Combiner:
+        return Combiner.build(cls(params), ctx)
 
     STATE_STATS = 3
     """Scalars in the state besides the pooled hidden vector: CE, confidence, normalized entropy."""
 
-    def __init__(self, params: RLKDParams | None = None) -> None:
-        self.params = params or RLKDParams()
-        if not 0.0 <= self.params.warmup <= 1.0:
-            raise ValueError(f"rl_kd.warmup must be a fraction in [0, 1], got {self.params.warmup}")
-        temperature = self.params.temperature
-        self.inner = PerTeacher(
-            self.params.method, lambda: _SoftLoss("ce", temperature), where=self.name
-        )
-        self._policies: dict[str, torch.nn.Module] | None = None
+    def __init__(self, params: RLKDParams) -> None:
+        if not 0.0 <= params.warmup <= 1.0:
+            raise ValueError(f"rl_kd.warmup must be a fraction in [0, 1], got {params.warmup}")
+        self.params = params
+        self._policies: dict[str, torch.nn.Linear] | None = None
         self._draw = (-1, 0)
 
-    def set_stage(self, stage: Stage) -> None:
-        self.inner.set_stage(stage)
+    def taps(self, combiner: Combiner) -> list[Tap]:
+        count = len(combiner.methods)
+        return _teacher_taps(FeatureKind.LOGITS, count) + _teacher_taps(
+            FeatureKind.FINAL_NORM, count
+        )
 
-    def set_teachers(self, teachers: Sequence[ModelInfo]) -> None:
-        self.inner.set_teachers(teachers)
-
-    def per_teacher_methods(self) -> list[tuple[Any, int]]:
-        return [(m, i) for i, m in enumerate(self.inner.methods)]
-
-    def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
-        self.inner.ensure(teacher)
-        count = len(self.inner.methods)
-        taps = [*self.inner.taps(student), STUDENT_LOGITS]
-        taps += [Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=k) for k in range(count)]
-        taps += [Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=k) for k in range(count)]
-        return list(dict.fromkeys(taps))
-
-    def modules(self) -> dict[str, torch.nn.Module]:
+    def modules(self, combiner: Combiner) -> dict[str, torch.nn.Module]:
         if self._policies is None:
-            if self.inner.teachers is None:
-                raise RuntimeError("rl_kd.modules() needs taps() first (the teachers' sizes)")
+            if not combiner.teachers:
+                raise RuntimeError("rl_kd.modules() needs the teachers' sizes (BuildContext)")
             self._policies = {}
-            for k, info in enumerate(self.inner.teachers):
+            for k, info in enumerate(combiner.teachers):
                 policy = torch.nn.Linear(info.hidden_size + self.STATE_STATS, 1)
                 torch.nn.init.zeros_(policy.weight)  # pi = 0.5 for every teacher at the start
                 torch.nn.init.zeros_(policy.bias)
                 self._policies[f"policy_t{k}"] = policy
-        return {**self.inner.modules(), **self._policies}
+        return dict(self._policies)
 
-    def module_layers(self) -> dict[str, int]:
-        return {
-            **self.inner.module_layers(),
-            **{f"policy_t{k}": -1 for k in range(len(self.inner.methods))},
-        }
+    def module_layers(self, combiner: Combiner) -> dict[str, int]:
+        return {f"policy_t{k}": -1 for k in range(len(combiner.methods))}
 
     def term_weights(self, ctx: LossContext) -> dict[str, float]:
-        return _LogOnly(
-            hard=at(self.params.hard_weight, ctx),
-            policy=at(self.params.policy_weight, ctx),
-            selected=LOG_ONLY,
-        )
+        return {"policy": at(self.params.policy_weight, ctx), "selected": LOG_ONLY}
 
     def _generator(self, ctx: LossContext) -> torch.Generator:
         step, micro = self._draw
@@ -765,21 +707,24 @@ class RLKD:
         draws = torch.rand(probs.shape, generator=self._generator(ctx), dtype=torch.float64)
         return (draws.to(probs.device) < probs.double()).to(probs.dtype)
 
+    @staticmethod
     def states(
-        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext, batch: int
+        features: Mapping[Tap, torch.Tensor], ctx: LossContext, count: int, batch: int
     ) -> list[torch.Tensor]:
         """Each teacher's ``[b, h_k + 3]`` state (no gradient)."""
         mask = ctx.distill_mask.view(-1, batch)  # [s, b]
-        count = mask.sum(0).clamp_min(1.0)
+        tokens = mask.sum(0).clamp_min(1.0)
+
+        def mean(x: torch.Tensor) -> torch.Tensor:
+            return (x.view(-1, batch).float() * mask).sum(0) / tokens
+
         out = []
-        for k in range(len(self.inner.methods)):
+        for k in range(count):
             hidden = features[Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=k)].detach()
-            stats = _stats_of(features[Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=k)], ctx)
-            pooled = (hidden.float() * mask[..., None]).sum(0) / count[:, None]
-
-            def mean(x: torch.Tensor) -> torch.Tensor:
-                return (x.view(-1, batch).float() * mask).sum(0) / count
-
+            logits = features[Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=k)]
+            stats = _stats_of(logits, ctx)
+            assert stats.cross_entropy is not None
+            pooled = (hidden.float() * mask[..., None]).sum(0) / tokens[:, None]
             scalars = torch.stack(
                 [
                     mean(stats.cross_entropy),
@@ -791,52 +736,45 @@ class RLKD:
             out.append(torch.cat([pooled, scalars], dim=1))
         return out
 
-    def compute(
-        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
-    ) -> dict[str, torch.Tensor]:
+    def plan(
+        self, combiner: Combiner, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> tuple[TokenWeights, dict[str, torch.Tensor]] | None:
         student = features.get(STUDENT_LOGITS)
         if student is None:
-            return {}
+            return None
         assert self._policies is not None, (
             "rl_kd: the runtime builds the policy modules before the first step"
         )
-        count = len(self.inner.methods)
-        hidden = features[Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=0)]
-        batch = hidden.shape[1]
-        states = self.states(features, ctx, batch)
-        policy = self._policies
+        count = len(combiner.methods)
+        batch = features[Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=0)].shape[1]
+        states = self.states(features, ctx, count, batch)
+        policies = [self._policies[f"policy_t{k}"] for k in range(count)]
         probs = torch.stack(
-            [torch.sigmoid(policy[f"policy_t{k}"](s.to(policy[f"policy_t{k}"].weight.dtype))).squeeze(1).float()
-             for k, s in enumerate(states)]
-        )  # [K, b]  # fmt: skip
+            [
+                torch.sigmoid(policy(state.to(policy.weight.dtype))).squeeze(1).float()
+                for policy, state in zip(policies, states, strict=True)
+            ]
+        )  # [K, b]
         actions = self.sample(probs.detach(), ctx)  # [K, b]
         warm = ctx.step < self.params.warmup * ctx.total_steps
         chosen = torch.ones_like(actions) if warm else actions
         none = chosen.sum(0) == 0
         chosen = torch.where(none[None, :], torch.ones_like(chosen), chosen)
         share = chosen / chosen.sum(0, keepdim=True)  # [K, b], the average of the selected teachers
-        parts = {}
-        for k in range(count):
-            tokens = (
-                share[k].to(ctx.loss_mask.dtype).repeat(ctx.loss_mask.shape[0] // batch)
-            )  # s-major tokens
-            result = self.inner.compute(k, features, ctx, tokens)
-            if result:
-                parts[k] = result
-        terms = _combine(parts, dict.fromkeys(parts, 1.0))
+        repeat = ctx.loss_mask.shape[0] // batch
+        weights: TokenWeights = {
+            k: share[k].to(ctx.loss_mask.dtype).repeat(repeat) for k in range(count)
+        }  # s-major tokens
         # REINFORCE: reward = -the student's cross entropy per sequence, baseline = the batch mean.
-        ce = _stats_of(student, ctx).cross_entropy.view(-1, batch).float()
+        ce = _cross_entropy(student, ctx).view(-1, batch).float()
         label_mask = ctx.loss_mask.view(-1, batch).float()
         reward = -(ce * label_mask).sum(0) / label_mask.sum(0).clamp_min(1.0)
         advantage = reward - reward.mean()
         log_prob = actions * torch.log(probs.clamp_min(1e-12)) + (1 - actions) * torch.log(
             (1 - probs).clamp_min(1e-12)
         )
-        terms["policy"] = -(advantage[None, :] * log_prob).sum(0).mean()
-        terms["selected"] = chosen.mean().detach()
-        if at(self.params.hard_weight, ctx) != 0.0:
-            terms.update(_hard(features, ctx, self.name))
-        return terms
+        policy_loss = -(advantage[None, :] * log_prob).sum(0).mean()
+        return weights, {"policy": policy_loss, "selected": chosen.mean().detach()}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -867,53 +805,27 @@ class DGKD:
     paper: ClassVar[str] = "Son et al. 2021 (DGKD)"
     signals: ClassVar[str] = "every teacher's logits (or the inner method's signals), labels"
     Params: ClassVar[type] = DGKDParams
+    default_soft: ClassVar[SoftLoss] = "kl"
 
-    def __init__(self, params: DGKDParams | None = None) -> None:
-        self.params = params or DGKDParams()
-        if not 0.0 < self.params.survival <= 1.0:
-            raise ValueError(f"dgkd.survival must be in (0, 1], got {self.params.survival}")
-        temperature = self.params.temperature
-        self.inner = PerTeacher(
-            self.params.method, lambda: _SoftLoss("kl", temperature), where=self.name
-        )
+    @classmethod
+    def from_context(cls, params: DGKDParams, ctx: BuildContext) -> Combiner:
+        return Combiner.build(cls(params), ctx)
 
-    def set_stage(self, stage: Stage) -> None:
-        self.inner.set_stage(stage)
+    def __init__(self, params: DGKDParams) -> None:
+        if not 0.0 < params.survival <= 1.0:
+            raise ValueError(f"dgkd.survival must be in (0, 1], got {params.survival}")
+        self.params = params
 
-    def set_teachers(self, teachers: Sequence[ModelInfo]) -> None:
-        self.inner.set_teachers(teachers)
-
-    def per_teacher_methods(self) -> list[tuple[Any, int]]:
-        return [(m, i) for i, m in enumerate(self.inner.methods)]
-
-    def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
-        self.inner.ensure(teacher)
-        return list(dict.fromkeys([*self.inner.taps(student), STUDENT_LOGITS]))
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return self.inner.modules()
-
-    def module_layers(self) -> dict[str, int]:
-        return self.inner.module_layers()
-
-    def term_weights(self, ctx: LossContext) -> dict[str, float]:
-        return _LogOnly(hard=at(self.params.hard_weight, ctx))
-
-    def kept(self, step: int) -> list[bool]:
-        """Which teachers survive at ``step`` (the same on every rank)."""
-        count = len(self.inner.methods)
+    def kept(self, step: int, count: int) -> list[bool]:
+        """Which of ``count`` teachers survive at ``step`` (the same on every rank)."""
         draws = _uniform(step, self.params.seed, count, salt=17)
         keep = [bool(d < self.params.survival) for d in draws]
         if not any(keep):
             keep[int(draws.argmin())] = True
         return keep
 
-    def compute(
-        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
-    ) -> dict[str, torch.Tensor]:
-        keep = self.kept(ctx.step)
-        parts = {k: self.inner.compute(k, features, ctx) for k, kept in enumerate(keep) if kept}
-        terms = _combine({k: v for k, v in parts.items() if v}, dict.fromkeys(parts, 1.0))
-        if at(self.params.hard_weight, ctx) != 0.0:
-            terms.update(_hard(features, ctx, self.name))
-        return terms
+    def plan(
+        self, combiner: Combiner, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> tuple[TokenWeights, dict[str, torch.Tensor]]:
+        keep = self.kept(ctx.step, len(combiner.methods))
+        return {k: None for k, kept in enumerate(keep) if kept}, {}

@@ -1,6 +1,9 @@
 """Prediction-layer methods of GKD's collection: the student's own LM loss, KD, PD, GLMD,
-Annealing-KD and Continuation-KD. Each is a small class implementing :class:`methods.base.Method`
-with a keyword-only parameters dataclass; they share helpers, never a base class.
+Annealing-KD and Continuation-KD, each implementing :class:`methods.base.Method` with a
+keyword-only parameters dataclass. Those computed from both models' logits alone are declarations
+of their terms and weights (:func:`methods.logit_common.logit_method`): KD is the soft term plus
+the hard term weighted by ``soft_weight`` and ``hard_weight``, and so on; they share helpers, never
+a base class.
 
 All losses are vocab-parallel (:mod:`methods.vocab_parallel`): features are
 ``Tap(role, LOGITS)`` tensors ``[N, V/tp]`` sharded over ``ctx.tp_group``.
@@ -8,12 +11,13 @@ All losses are vocab-parallel (:mod:`methods.vocab_parallel`): features are
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
+from methods import vocab_kernels as vk
 from methods import vocab_parallel as vp
 from methods.base import BuildContext, LossContext, ModelInfo, Stage, Tap
 from methods.logit_common import (
@@ -21,8 +25,11 @@ from methods.logit_common import (
     STUDENT_LOGITS,
     at,
     both_logits,
-    require_labels,
-    shard_kwargs,
+    cross_entropy,
+    hard_term,
+    logit_method,
+    soft_hard_weights,
+    soft_loss,
 )
 from methods.schedules import Linear, ScheduleLike
 
@@ -30,10 +37,14 @@ BOTH_STAGES = frozenset({Stage.PRETRAIN, Stage.TASK})
 TASK_ONLY = frozenset({Stage.TASK})
 
 
-def _hard_term(student: torch.Tensor, ctx: LossContext, method: str) -> torch.Tensor:
-    """The student's next-token cross entropy on ``ctx.labels`` over ``ctx.loss_mask``."""
-    labels = require_labels(ctx, method)
-    return vp.cross_entropy(student, labels, ctx.loss_mask, **shard_kwargs(ctx))
+def _annealed_mse(
+    logits: tuple[torch.Tensor, torch.Tensor], ctx: LossContext, max_temperature: int, margin: float
+) -> torch.Tensor:
+    """``mean_i max(|z_s,i - Phi z_t,i| - margin, 0)^2`` with Annealing-KD's teacher scale
+    ``Phi`` at ``ctx.step``, masked mean over ``ctx.loss_mask``."""
+    scale = _annealing_factor(ctx.step, ctx.total_steps, max_temperature)
+    kernel = vk.mse_kernel(teacher_scale=scale, margin=margin)
+    return vp.divergence(kernel, *logits, ctx.loss_mask, vp.VocabShard.of(ctx))
 
 
 def _annealing_factor(step: int, total_steps: int, max_temperature: int) -> float:
@@ -71,10 +82,8 @@ class LM:
     def compute(
         self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
     ) -> dict[str, torch.Tensor]:
-        student = features.get(STUDENT_LOGITS)
-        if student is None:
-            return {}
-        return {"ce": _hard_term(student, ctx, self.name)}
+        loss = hard_term(features, ctx, self.name)
+        return {} if loss is None else {"ce": loss}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -90,44 +99,30 @@ class KDParams:
     """Weight of the hard term (the student's cross entropy on the labels); 0 drops it."""
 
 
-class KD:
-    """Knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network",
-    sec. 2): ``soft_weight * H(p_t^T, p_s^T) + hard_weight * CE(y, p_s)`` where ``p^T`` is the
+def _kd_terms(
+    params: KDParams, logits: tuple[torch.Tensor, torch.Tensor], ctx: LossContext, name: str
+) -> dict[str, torch.Tensor]:
+    temperature = at(params.temperature, ctx)
+    terms = {"soft": soft_loss(params.soft_loss, *logits, ctx.loss_mask, ctx, temperature)}
+    if params.hard_weight != 0.0:
+        terms["hard"] = cross_entropy(logits[0], ctx, name)
+    return terms
+
+
+KD = logit_method(
+    "KD",
+    name="kd",
+    params=KDParams,
+    terms=_kd_terms,
+    weights=soft_hard_weights,
+    stages=TASK_ONLY,
+    paper="Hinton et al. 2015",
+    signals="logits, labels",
+    doc="""Knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural
+    Network", sec. 2): ``soft_weight * H(p_t^T, p_s^T) + hard_weight * CE(y, p_s)`` where ``p^T`` is the
     softmax at temperature T (eq. 1); with ``soft_loss: kl`` the soft term is
-    ``T^2 KL(p_t^T || p_s^T)``, which keeps its gradient scale independent of T (sec. 2)."""
-
-    name: ClassVar[str] = "kd"
-    stages: ClassVar[frozenset[Stage]] = TASK_ONLY
-    paper: ClassVar[str] = "Hinton et al. 2015"
-    signals: ClassVar[str] = "logits, labels"
-    Params: ClassVar[type] = KDParams
-
-    def __init__(self, params: KDParams | None = None) -> None:
-        self.params = params or KDParams()
-
-    def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
-        return BOTH_LOGITS
-
-    def term_weights(self, ctx: LossContext) -> dict[str, float]:
-        return {"soft": at(self.params.soft_weight, ctx), "hard": at(self.params.hard_weight, ctx)}
-
-    def compute(
-        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
-    ) -> dict[str, torch.Tensor]:
-        logits = both_logits(features)
-        if logits is None:
-            return {}
-        student, teacher = logits
-        temperature = at(self.params.temperature, ctx)
-        kwargs = dict(shard_kwargs(ctx), temperature=temperature)
-        if self.params.soft_loss == "kl":
-            soft = vp.forward_kl(student, teacher, ctx.loss_mask, **kwargs) * temperature**2
-        else:
-            soft = vp.soft_cross_entropy(student, teacher, ctx.loss_mask, **kwargs)
-        terms = {"soft": soft}
-        if self.params.hard_weight != 0.0:
-            terms["hard"] = _hard_term(student, ctx, self.name)
-        return terms
+    ``T^2 KL(p_t^T || p_s^T)``, which keeps its gradient scale independent of T (sec. 2).""",
+)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -167,13 +162,12 @@ class PD:
     ) -> dict[str, torch.Tensor]:
         if ctx.stage == Stage.PRETRAIN:
             student = features.get(STUDENT_LOGITS)
-            return {} if student is None else {"lm": _hard_term(student, ctx, self.name)}
+            return {} if student is None else {"lm": cross_entropy(student, ctx, self.name)}
         logits = both_logits(features)
         if logits is None:
             return {}
-        student, teacher = logits
-        kwargs = dict(shard_kwargs(ctx), temperature=at(self.params.temperature, ctx))
-        return {"soft": vp.soft_cross_entropy(student, teacher, ctx.loss_mask, **kwargs)}
+        temperature = at(self.params.temperature, ctx)
+        return {"soft": soft_loss("ce", *logits, ctx.loss_mask, ctx, temperature)}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -182,38 +176,22 @@ class GLMDParams:
     """Softmax temperature T of both models (GLMD uses 15); the KL is multiplied by T^2."""
 
 
-class GLMD:
-    """GLMD's word-prediction distillation (Tan et al. 2023, "Are Intermediate Layers and Labels
+GLMD = logit_method(
+    "GLMD",
+    name="glmd",
+    params=GLMDParams,
+    terms=lambda p, logits, ctx, name: {
+        "kl": soft_loss("kl", *logits, ctx.distill_mask, ctx, at(p.temperature, ctx))
+    },
+    paper="Tan et al. 2023 (GLMD)",
+    signals="all vocabulary logits at every non-pad position",
+    doc="""GLMD's word-prediction distillation (Tan et al. 2023, "Are Intermediate Layers and Labels
     Really Necessary? A General Language Model Distillation Method", arXiv 2306.06625), its loss
     ``T^2 KL(p_t^T || p_s^T)`` over
     the whole vocabulary at every non-padding position (``ctx.token_mask``, else ``loss_mask``),
     with no hard labels and no intermediate layers, in both the pre-training and the task stage.
-    (The paper's optional third step, a soft cross entropy on verbalizer scores, is not here.)"""
-
-    name: ClassVar[str] = "glmd"
-    stages: ClassVar[frozenset[Stage]] = BOTH_STAGES
-    paper: ClassVar[str] = "Tan et al. 2023 (GLMD)"
-    signals: ClassVar[str] = "all vocabulary logits at every non-pad position"
-    Params: ClassVar[type] = GLMDParams
-
-    def __init__(self, params: GLMDParams | None = None) -> None:
-        self.params = params or GLMDParams()
-
-    def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
-        return BOTH_LOGITS
-
-    def compute(
-        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
-    ) -> dict[str, torch.Tensor]:
-        logits = both_logits(features)
-        if logits is None:
-            return {}
-        student, teacher = logits
-        temperature = at(self.params.temperature, ctx)
-        kl = vp.forward_kl(
-            student, teacher, ctx.distill_mask, temperature=temperature, **shard_kwargs(ctx)
-        )
-        return {"kl": kl * temperature**2}
+    (The paper's optional third step, a soft cross entropy on verbalizer scores, is not here.)""",
+)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -222,41 +200,32 @@ class AnnealingKDParams:
     """tau_max: the teacher scale rises in tau_max steps from 1/tau_max to 1 (GKD uses 7)."""
 
 
-class AnnealingKD:
-    """Annealing KD (Jafari et al. 2021, "Annealing Knowledge Distillation", EACL, arXiv
+def _check_annealing(where: str) -> Callable[[Any], None]:
+    def check(params: Any) -> None:
+        if params.max_temperature < 1:
+            raise ValueError(f"{where}.max_temperature must be >= 1, got {params.max_temperature}")
+        if getattr(params, "margin", 0.0) < 0:
+            raise ValueError(f"{where}.margin must be >= 0, got {params.margin}")
+
+    return check
+
+
+AnnealingKD = logit_method(
+    "AnnealingKD",
+    name="annealing_kd",
+    params=AnnealingKDParams,
+    terms=lambda p, logits, ctx, name: {
+        "mse": _annealed_mse(logits, ctx, p.max_temperature, margin=0.0)
+    },
+    check=_check_annealing("annealing_kd"),
+    stages=TASK_ONLY,
+    paper="Jafari et al. 2021",
+    doc="""Annealing KD (Jafari et al. 2021, "Annealing Knowledge Distillation", EACL, arXiv
     2104.07163), its first phase's loss ``||z_s - Phi(T) z_t||^2`` between raw logits, ``Phi(T) = 1 - (T - 1) / tau_max`` with ``T``
     stepping down from ``tau_max`` to 1 over training (mean over the vocabulary, as GKD's
     ``F.mse_loss``). The paper's second phase (hard labels only, no teacher) is a separate run
-    with the ``lm`` method."""
-
-    name: ClassVar[str] = "annealing_kd"
-    stages: ClassVar[frozenset[Stage]] = TASK_ONLY
-    paper: ClassVar[str] = "Jafari et al. 2021"
-    signals: ClassVar[str] = "logits"
-    Params: ClassVar[type] = AnnealingKDParams
-
-    def __init__(self, params: AnnealingKDParams | None = None) -> None:
-        self.params = params or AnnealingKDParams()
-        if self.params.max_temperature < 1:
-            raise ValueError(
-                f"annealing_kd.max_temperature must be >= 1, got {self.params.max_temperature}"
-            )
-
-    def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
-        return BOTH_LOGITS
-
-    def compute(
-        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
-    ) -> dict[str, torch.Tensor]:
-        logits = both_logits(features)
-        if logits is None:
-            return {}
-        student, teacher = logits
-        scale = _annealing_factor(ctx.step, ctx.total_steps, self.params.max_temperature)
-        mse = vp.logit_mse(
-            student, teacher, ctx.loss_mask, teacher_scale=scale, **shard_kwargs(ctx)
-        )
-        return {"mse": mse}
+    with the ``lm`` method.""",
+)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -272,45 +241,23 @@ class ContinuationKDParams:
     """Weight of the hard-label term: ramps from 0 to 1 by 66% of training."""
 
 
-class ContinuationKD:
-    """Continuation KD (Jafari et al. 2022, "Continuation KD: Improved Knowledge Distillation
+ContinuationKD = logit_method(
+    "ContinuationKD",
+    name="continuation_kd",
+    params=ContinuationKDParams,
+    terms=lambda p, logits, ctx, name: {
+        "soft": _annealed_mse(logits, ctx, p.max_temperature, p.margin),
+        "hard": cross_entropy(logits[0], ctx, name),
+    },
+    weights=soft_hard_weights,
+    check=_check_annealing("continuation_kd"),
+    stages=TASK_ONLY,
+    paper="Jafari et al. 2022",
+    signals="logits, labels",
+    doc="""Continuation KD (Jafari et al. 2022, "Continuation KD: Improved Knowledge Distillation
     through the Lens of Continuation Optimization", arXiv 2212.05998): the annealed teacher target
     ``Phi(T) z_t`` of Annealing KD, an MSE that ignores differences below a margin,
     ``mean_i max(|z_s,i - Phi z_t,i| - margin, 0)^2`` (the student is not pushed to fit the
     teacher's small, noisy differences), and a hard-label cross entropy whose weight ramps up to 1
-    (continuation: start from the smooth objective, end with the full one)."""
-
-    name: ClassVar[str] = "continuation_kd"
-    stages: ClassVar[frozenset[Stage]] = TASK_ONLY
-    paper: ClassVar[str] = "Jafari et al. 2022"
-    signals: ClassVar[str] = "logits, labels"
-    Params: ClassVar[type] = ContinuationKDParams
-
-    def __init__(self, params: ContinuationKDParams | None = None) -> None:
-        self.params = params or ContinuationKDParams()
-        if self.params.max_temperature < 1:
-            raise ValueError(
-                f"continuation_kd.max_temperature must be >= 1, got {self.params.max_temperature}"
-            )
-        if self.params.margin < 0:
-            raise ValueError(f"continuation_kd.margin must be >= 0, got {self.params.margin}")
-
-    def taps(self, teacher: ModelInfo, student: ModelInfo) -> Sequence[Tap]:
-        return BOTH_LOGITS
-
-    def term_weights(self, ctx: LossContext) -> dict[str, float]:
-        return {"soft": at(self.params.soft_weight, ctx), "hard": at(self.params.hard_weight, ctx)}
-
-    def compute(
-        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
-    ) -> dict[str, torch.Tensor]:
-        logits = both_logits(features)
-        if logits is None:
-            return {}
-        student, teacher = logits
-        scale = _annealing_factor(ctx.step, ctx.total_steps, self.params.max_temperature)
-        soft = vp.logit_mse(
-            student, teacher, ctx.loss_mask, teacher_scale=scale, margin=self.params.margin,
-            **shard_kwargs(ctx),
-        )  # fmt: skip
-        return {"soft": soft, "hard": _hard_term(student, ctx, self.name)}
+    (continuation: start from the smooth objective, end with the full one).""",
+)

@@ -96,6 +96,9 @@ class Chunk:
     work: Workspace
     need_grad: bool
     vocab_start: int
+    """Global vocabulary column of this rank's first column."""
+    vocab_size: int
+    """The real (unpadded) vocabulary size, all shards together."""
 
     @property
     def t(self) -> Tensor:
@@ -218,11 +221,25 @@ def reverse_kl_kernel(ch: Chunk):
     return loss, p.mul_(gap.sub_((shift + loss)[:, None]))
 
 
+def _check_unit(value: float, where: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where} must be in [0, 1], got {value}")
+
+
 def jsd_kernel(beta: float) -> Kernel:
     """Generalized JSD as TRL's GKD trainer defines it (Agarwal et al. 2024, arXiv 2306.13649):
     ``m = beta q + (1 - beta) p``, ``JSD = beta KL(q || m) + (1 - beta) KL(p || m)``.
     d/dp_i = (1 - beta) log(p_i / m_i) (the other terms cancel), so
-    d/ds_j = (1 - beta) p_j (log(p_j / m_j) - KL(p || m))."""
+    d/ds_j = (1 - beta) p_j (log(p_j / m_j) - KL(p || m)).
+
+    As in TRL, ``beta = 0`` is exactly the forward KL and ``beta = 1`` the reverse KL (the mixture
+    formula itself vanishes at both ends; near them it behaves like ``beta`` times the forward KL,
+    resp. ``1 - beta`` times the reverse KL)."""
+    _check_unit(beta, "jsd beta")
+    if beta == 0.0:
+        return forward_kl_kernel
+    if beta == 1.0:
+        return reverse_kl_kernel
 
     def kernel(ch: Chunk):
         rows = ch.s.shape[0]
@@ -246,7 +263,8 @@ def jsd_kernel(beta: float) -> Kernel:
 def skew_kl_kernel(alpha: float) -> Kernel:
     """Skew KL (Ko et al. 2024, DistiLLM, arXiv 2402.03898): ``r = alpha q + (1-alpha) p``,
     ``SKL = KL(q || r)``. d/dp_i = -(1 - alpha) q_i / r_i, so
-    d/ds_j = (1 - alpha) p_j (sum_i p_i q_i / r_i - q_j / r_j)."""
+    d/ds_j = (1 - alpha) p_j (sum_i p_i q_i / r_i - q_j / r_j). ``alpha = 0`` is the forward KL."""
+    _check_unit(alpha, "skew alpha")
 
     def kernel(ch: Chunk):
         rows = ch.s.shape[0]
@@ -269,7 +287,9 @@ def skew_kl_kernel(alpha: float) -> Kernel:
 def skew_reverse_kl_kernel(alpha: float) -> Kernel:
     """Skew reverse KL (DistiLLM, arXiv 2402.03898): ``r = alpha p + (1-alpha) q``,
     ``SRKL = KL(p || r)``. d/dp_i = log(p_i / r_i) + 1 - alpha p_i / r_i, so with
-    ``g_i = log(p_i / r_i) - alpha p_i / r_i``: d/ds_j = p_j (g_j - sum_i p_i g_i)."""
+    ``g_i = log(p_i / r_i) - alpha p_i / r_i``: d/ds_j = p_j (g_j - sum_i p_i g_i).
+    ``alpha = 0`` is the reverse KL."""
+    _check_unit(alpha, "skew alpha")
 
     def kernel(ch: Chunk):
         rows = ch.s.shape[0]
@@ -320,11 +340,15 @@ def soft_ce_kernel(ch: Chunk):
     return loss, grad.addcmul_(sm.et, (-1.0 / sm.z_t)[:, None])
 
 
-def mse_kernel(teacher_scale: float, margin: float, vocab_size: int) -> Kernel:
+def mse_kernel(teacher_scale: float = 1.0, margin: float = 0.0) -> Kernel:
     """Mean over the real vocabulary of ``h(s - c t)^2`` with ``h(d) = max(|d| - margin, 0)``
-    (plain squared error at margin 0)."""
+    (plain squared error at margin 0, as ``F.mse_loss`` over the vocabulary). Raw logits are
+    compared: run it at temperature 1."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
 
     def kernel(ch: Chunk):
+        vocab_size = ch.vocab_size
         rows = ch.s.shape[0]
         diff = torch.sub(ch.s, ch.t, alpha=teacher_scale, out=ch.work.take("gap", rows))
         if margin > 0.0:
@@ -379,9 +403,18 @@ def topk_kernel(k: int) -> Kernel:
     a top-k token and ``p_j (1 - Q_tail / P_tail)`` for a tail token.
 
     Top-k across shards: each rank takes its local top-k, all ranks gather those ``k`` values and
-    global indices, and pick the global top-k (the same on every rank)."""
+    global indices, and pick the global top-k (the same on every rank). TP traffic: an all-gather
+    of ``k`` values and indices per token plus one all-reduce of ``k + 3`` numbers."""
+
+    def check(vocab_size: int) -> None:
+        if not 1 <= k <= vocab_size:
+            raise ValueError(f"top-k k must be in [1, vocab_size={vocab_size}], got {k}")
+
+    if k < 1:
+        raise ValueError(f"top-k k must be >= 1, got {k}")
 
     def kernel(ch: Chunk):
+        check(ch.vocab_size)
         s, t = ch.s, ch.t
         rows, width = t.shape
         local_k = min(k, width)

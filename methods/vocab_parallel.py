@@ -17,8 +17,8 @@ How the memory and the traffic stay small:
   per-token statistics from the other shards: the row maximum (all-reduce MAX) and the sum of
   exponentials (all-reduce SUM). The divergences add one to three weighted sums per token
   (e.g. ``sum_i q_i (t_i - s_i)`` for the forward KL). The all-reduces carry a few fp32 numbers
-  per token, 4 to 24 bytes in all (20 for the forward KL), whatever V is. Only ``topk_kl`` gathers
-  ``k`` values and indices per token (``k`` is small and independent of V).
+  per token, 4 to 24 bytes in all (20 for the forward KL), whatever V is. Only the top-k kernel
+  gathers ``k`` values and indices per token (``k`` is small and independent of V).
 - **Tokens are processed in chunks.** The fp32 temporaries (exponentials, log-probabilities) live
   in a workspace of ``chunk_size x V/tp`` reused for every chunk, so the peak is the logits, one
   gradient buffer and the workspace, instead of several ``[N, V]`` tensors. (The gradient buffer,
@@ -35,17 +35,27 @@ empty), a scalar in the accumulation dtype.
 
 Temperature ``T`` divides both logits before the softmax; the returned value is the divergence at
 that temperature (callers multiply by ``T**2`` where their method says so).
+
+There is one entry point, :func:`divergence`, taking a per-chunk kernel of
+:mod:`methods.vocab_kernels` (the forward KL, a JSD with its ``beta``, ...) and the layout of the
+vocabulary as one :class:`VocabShard` value; :func:`cross_entropy` is the student-only case with
+labels. Adding a divergence means adding a kernel.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from methods import vocab_kernels as vk
+
+if TYPE_CHECKING:
+    from methods.base import LossContext
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 """Default work size on CPU: ``chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // (V/tp))`` tokens, so
@@ -54,6 +64,46 @@ DEFAULT_CHUNK_ELEMENTS_CUDA = 1 << 22
 """The same on GPU, where fewer, larger kernels pay off (16 MiB per workspace buffer)."""
 
 Tensor = torch.Tensor
+
+CHUNK_SIZE_EXTRA = "logit_chunk_size"
+"""Optional ``LossContext.extras`` key: tokens per chunk of the vocab-parallel losses (``int``);
+absent or ``None``: the defaults above."""
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """Where this rank's logit columns lie in the vocabulary, and how to walk them.
+
+    Megatron-core's output layer leaves ``[N, V/tp]`` logits on each tensor-parallel rank: rank
+    ``r`` holds the global columns ``start .. start + V/tp``; columns at or beyond ``vocab_size``
+    (the real vocabulary; megatron pads it) are padding. Built once per loss context
+    (:meth:`of`); the default is one unsharded, unpadded vocabulary."""
+
+    start: int = 0
+    """First global vocabulary column of this rank's shard."""
+    vocab_size: int | None = None
+    """Real vocabulary size (``None``: no padding, ``V/tp * tp``)."""
+    group: dist.ProcessGroup | None = None
+    """Tensor-parallel group of the shards (``None``: the logits are not sharded)."""
+    chunk_size: int | None = None
+    """Tokens per chunk (``None``: ``DEFAULT_CHUNK_ELEMENTS // (V/tp)``, or
+    ``DEFAULT_CHUNK_ELEMENTS_CUDA // (V/tp)`` on GPU)."""
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or (self.vocab_size is not None and self.vocab_size <= 0):
+            raise ValueError(
+                f"need vocab_start >= 0 and vocab_size > 0, got {self.start}, {self.vocab_size}"
+            )
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 token, got {self.chunk_size}")
+
+    @classmethod
+    def of(cls, ctx: LossContext) -> VocabShard:
+        """The layout of a loss context's logits (chunk size from ``ctx.extras``)."""
+        return cls(ctx.vocab_start, ctx.vocab_size, ctx.tp_group, ctx.extras.get(CHUNK_SIZE_EXTRA))
+
+
+UNSHARDED = VocabShard()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,7 +133,7 @@ class _PrecomputedGradLoss(torch.autograd.Function):
         return grad.mul_(grad_output.to(grad.dtype)), None
 
 
-def _check_inputs(student, teacher, loss_mask, vocab_start, vocab_size, temperature, chunk_size):
+def _check_inputs(student, teacher, loss_mask, temperature):
     if student.dim() != 2:
         raise ValueError(f"student_logits must be [N, V/tp], got shape {tuple(student.shape)}")
     if teacher is not None and teacher.shape != student.shape:
@@ -95,14 +145,8 @@ def _check_inputs(student, teacher, loss_mask, vocab_start, vocab_size, temperat
         raise ValueError(
             f"loss_mask must be [N] = [{student.shape[0]}], got {tuple(loss_mask.shape)}"
         )
-    if vocab_start < 0 or vocab_size <= 0:
-        raise ValueError(
-            f"need vocab_start >= 0 and vocab_size > 0, got {vocab_start}, {vocab_size}"
-        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 token, got {chunk_size}")
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,25 +161,36 @@ def _tempered(x: Tensor, acc: torch.dtype, inv_temperature: float, out: Tensor) 
     return out if inv_temperature == 1.0 else out.mul_(inv_temperature)
 
 
-def _run(
+def divergence(
     kernel: vk.Kernel,
     student_logits: Tensor,
     teacher_logits: Tensor | None,
     loss_mask: Tensor,
+    shard: VocabShard = UNSHARDED,
     *,
-    vocab_start: int,
-    vocab_size: int | None,
-    tp_group: dist.ProcessGroup | None,
-    temperature: float,
-    chunk_size: int | None,
+    temperature: float = 1.0,
 ) -> Tensor:
+    """The masked mean over tokens of ``kernel``'s per-token loss, vocab-parallel, with its
+    gradient computed in the forward pass.
+
+    Args:
+        kernel: a per-chunk kernel of :mod:`methods.vocab_kernels` (``vk.forward_kl_kernel``,
+            ``vk.jsd_kernel(beta)``, ...).
+        student_logits: ``[N, V/tp]``, vocab-sharded as ``shard`` says; gets the gradient.
+        teacher_logits: ``[N, V/tp]``, sharded the same way; no gradient (``None`` for a
+            student-only kernel).
+        loss_mask: ``[N]`` float token weights, replicated over tp.
+        shard: the vocabulary layout of the logits.
+        temperature: divides both logits before the softmax.
+
+    Returns:
+        Scalar: ``sum_n mask_n loss_n / sum_n mask_n`` (fp32, fp64 for fp64 inputs).
+    """
+    vocab_start, tp_group, chunk_size = shard.start, shard.group, shard.chunk_size
     stats = vk.TensorParallelStats(tp_group)
     num_tokens, local_vocab = student_logits.shape
-    if vocab_size is None:
-        vocab_size = local_vocab * stats.size
-    _check_inputs(
-        student_logits, teacher_logits, loss_mask, vocab_start, vocab_size, temperature, chunk_size
-    )
+    vocab_size = shard.vocab_size if shard.vocab_size is not None else local_vocab * stats.size
+    _check_inputs(student_logits, teacher_logits, loss_mask, temperature)
     width = max(0, min(local_vocab, vocab_size - vocab_start))
     if teacher_logits is not None:
         teacher_logits = teacher_logits.detach()
@@ -162,7 +217,7 @@ def _run(
             t = None
             if teacher_logits is not None:
                 t = _tempered(teacher_logits[rows, :width], acc, inv_temperature, work.take("t", n))
-            part = vk.Chunk(s, t, rows, stats, work, need_grad, vocab_start)
+            part = vk.Chunk(s, t, rows, stats, work, need_grad, vocab_start, vocab_size)
             per_token, chunk_grad = kernel(part)
             weight = mask[rows]
             total += torch.where(weight > 0, per_token * weight, 0.0).sum()
@@ -177,255 +232,20 @@ def _run(
 
 
 # ----------------------------------------------------------------------------------------------
-# Public losses
-
-
-def forward_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    loss_mask: Tensor,
-    *,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    tp_group: dist.ProcessGroup | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Forward KL ``KL(p_t || p_s)`` per token at temperature ``temperature``, masked mean.
-
-    Args:
-        student_logits: ``[N, V/tp]``, vocab-sharded over ``tp_group``; gets the gradient.
-        teacher_logits: ``[N, V/tp]``, sharded the same way; no gradient.
-        loss_mask: ``[N]`` float token weights, replicated over tp.
-        vocab_start: first global vocabulary column of this rank's shard.
-        vocab_size: real vocabulary size; columns at or beyond it are padding (``None``: no
-            padding, ``V/tp * tp``).
-        tp_group: tensor-parallel group of the shards (``None``: the logits are not sharded).
-        temperature: divides both logits before the softmax.
-        chunk_size: tokens per chunk (``None``: ``DEFAULT_CHUNK_ELEMENTS // (V/tp)``, or
-            ``DEFAULT_CHUNK_ELEMENTS_CUDA // (V/tp)`` on GPU).
-
-    Returns:
-        Scalar: ``sum_n mask_n KL_n / sum_n mask_n`` (fp32, fp64 for fp64 inputs).
-    """
-    return _run(
-        vk.forward_kl_kernel, student_logits, teacher_logits, loss_mask, vocab_start=vocab_start,
-        vocab_size=vocab_size, tp_group=tp_group, temperature=temperature, chunk_size=chunk_size,
-    )  # fmt: skip
-
-
-def reverse_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    loss_mask: Tensor,
-    *,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    tp_group: dist.ProcessGroup | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Reverse KL ``KL(p_s || p_t)`` per token, masked mean. Arguments as :func:`forward_kl`."""
-    return _run(
-        vk.reverse_kl_kernel, student_logits, teacher_logits, loss_mask, vocab_start=vocab_start,
-        vocab_size=vocab_size, tp_group=tp_group, temperature=temperature, chunk_size=chunk_size,
-    )  # fmt: skip
-
-
-def generalized_jsd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    loss_mask: Tensor,
-    *,
-    beta: float = 0.5,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    tp_group: dist.ProcessGroup | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Generalized Jensen-Shannon divergence with TRL's ``beta`` (GKD, arXiv 2306.13649):
-    ``m = beta p_t + (1 - beta) p_s``, ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)``.
-
-    As in TRL, ``beta = 0`` is exactly the forward KL ``KL(p_t || p_s)`` and ``beta = 1`` the
-    reverse KL ``KL(p_s || p_t)`` (the mixture formula itself vanishes at both ends; near them it
-    behaves like ``beta`` times the forward KL, resp. ``1 - beta`` times the reverse KL).
-    Other arguments as :func:`forward_kl`.
-    """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
-    if beta == 0.0:
-        kernel: vk.Kernel = vk.forward_kl_kernel
-    elif beta == 1.0:
-        kernel = vk.reverse_kl_kernel
-    else:
-        kernel = vk.jsd_kernel(beta)
-    return _run(
-        kernel, student_logits, teacher_logits, loss_mask, vocab_start=vocab_start,
-        vocab_size=vocab_size, tp_group=tp_group, temperature=temperature, chunk_size=chunk_size,
-    )  # fmt: skip
-
-
-def skew_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    loss_mask: Tensor,
-    *,
-    alpha: float = 0.1,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    tp_group: dist.ProcessGroup | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Skew KL of DistiLLM (arXiv 2402.03898): ``KL(p_t || alpha p_t + (1-alpha) p_s)``.
-    ``alpha = 0`` is the forward KL. Other arguments as :func:`forward_kl`."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"skew alpha must be in [0, 1], got {alpha}")
-    return _run(
-        vk.skew_kl_kernel(alpha), student_logits, teacher_logits, loss_mask,
-        vocab_start=vocab_start, vocab_size=vocab_size, tp_group=tp_group,
-        temperature=temperature, chunk_size=chunk_size,
-    )  # fmt: skip
-
-
-def skew_reverse_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    loss_mask: Tensor,
-    *,
-    alpha: float = 0.1,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    tp_group: dist.ProcessGroup | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Skew reverse KL of DistiLLM (arXiv 2402.03898):
-    ``KL(p_s || alpha p_s + (1-alpha) p_t)``. ``alpha = 0`` is the reverse KL. Other arguments as
-    :func:`forward_kl`."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"skew alpha must be in [0, 1], got {alpha}")
-    return _run(
-        vk.skew_reverse_kl_kernel(alpha), student_logits, teacher_logits, loss_mask,
-        vocab_start=vocab_start, vocab_size=vocab_size, tp_group=tp_group,
-        temperature=temperature, chunk_size=chunk_size,
-    )  # fmt: skip
-
-
-def total_variation(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    loss_mask: Tensor,
-    *,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    tp_group: dist.ProcessGroup | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Total variation distance ``0.5 sum_i |p_s,i - p_t,i|`` per token (in [0, 1]), masked mean.
-    Arguments as :func:`forward_kl`."""
-    return _run(
-        vk.tvd_kernel, student_logits, teacher_logits, loss_mask, vocab_start=vocab_start,
-        vocab_size=vocab_size, tp_group=tp_group, temperature=temperature, chunk_size=chunk_size,
-    )  # fmt: skip
-
-
-def soft_cross_entropy(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    loss_mask: Tensor,
-    *,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    tp_group: dist.ProcessGroup | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Soft cross entropy ``-sum_i p_t,i log p_s,i`` (Hinton et al. 2015, the soft-target term),
-    masked mean. Equals the forward KL plus the teacher's entropy. Arguments as
-    :func:`forward_kl`."""
-    return _run(
-        vk.soft_ce_kernel, student_logits, teacher_logits, loss_mask, vocab_start=vocab_start,
-        vocab_size=vocab_size, tp_group=tp_group, temperature=temperature, chunk_size=chunk_size,
-    )  # fmt: skip
-
-
-def logit_mse(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    loss_mask: Tensor,
-    *,
-    teacher_scale: float = 1.0,
-    margin: float = 0.0,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    tp_group: dist.ProcessGroup | None = None,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Squared error between raw logits, averaged over the real vocabulary then over tokens:
-    ``mean_i h(s_i - teacher_scale * t_i)^2`` with ``h(d) = max(|d| - margin, 0)`` (``margin=0``:
-    plain MSE, as ``F.mse_loss`` over the vocabulary). No temperature: logits are compared as they
-    are. Other arguments as :func:`forward_kl`."""
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    stats_size = 1 if tp_group is None else dist.get_world_size(tp_group)
-    real_vocab = vocab_size if vocab_size is not None else student_logits.shape[-1] * stats_size
-    return _run(
-        vk.mse_kernel(teacher_scale, margin, real_vocab), student_logits, teacher_logits, loss_mask,
-        vocab_start=vocab_start, vocab_size=vocab_size, tp_group=tp_group, temperature=1.0,
-        chunk_size=chunk_size,
-    )  # fmt: skip
-
-
-def topk_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    loss_mask: Tensor,
-    *,
-    k: int,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    tp_group: dist.ProcessGroup | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """KL(teacher || student) over ``k + 1`` buckets: the teacher's ``k`` most likely tokens and
-    one bucket with the rest of the mass of each distribution. TP traffic: an all-gather of ``k``
-    values and indices per token plus one all-reduce of ``k + 3`` numbers. Other arguments as
-    :func:`forward_kl`."""
-    stats_size = 1 if tp_group is None else dist.get_world_size(tp_group)
-    real_vocab = vocab_size if vocab_size is not None else student_logits.shape[-1] * stats_size
-    if not 1 <= k <= real_vocab:
-        raise ValueError(f"top-k k must be in [1, vocab_size={real_vocab}], got {k}")
-    return _run(
-        vk.topk_kernel(k), student_logits, teacher_logits, loss_mask, vocab_start=vocab_start,
-        vocab_size=vocab_size, tp_group=tp_group, temperature=temperature, chunk_size=chunk_size,
-    )  # fmt: skip
+# The student's own loss
 
 
 def cross_entropy(
-    student_logits: Tensor,
-    labels: Tensor,
-    loss_mask: Tensor,
-    *,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    tp_group: dist.ProcessGroup | None = None,
-    chunk_size: int | None = None,
+    student_logits: Tensor, labels: Tensor, loss_mask: Tensor, shard: VocabShard = UNSHARDED
 ) -> Tensor:
     """The student's own next-token cross entropy, vocab-parallel, masked mean.
 
     Args:
         labels: ``[N]`` global token ids, replicated over tp; any value where ``loss_mask`` is 0.
-        Others as :func:`forward_kl` (no teacher, no temperature).
+        Others as :func:`divergence` (no teacher, no temperature).
     """
     if labels.shape != student_logits.shape[:1]:
         raise ValueError(
             f"labels must be [N] = [{student_logits.shape[0]}], got {tuple(labels.shape)}"
         )
-    return _run(
-        vk.cross_entropy_kernel(labels), student_logits, None, loss_mask, vocab_start=vocab_start,
-        vocab_size=vocab_size, tp_group=tp_group, temperature=1.0, chunk_size=chunk_size,
-    )  # fmt: skip
+    return divergence(vk.cross_entropy_kernel(labels), student_logits, None, loss_mask, shard)

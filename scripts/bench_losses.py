@@ -73,9 +73,9 @@ def naive_forward_kl(student, teacher, mask):
 
 
 def ours_forward_kl(student, teacher, mask):
-    from methods import vocab_parallel
+    from methods import vocab_kernels, vocab_parallel
 
-    return vocab_parallel.forward_kl(student, teacher, mask)
+    return vocab_parallel.divergence(vocab_kernels.forward_kl_kernel, student, teacher, mask)
 
 
 IMPLEMENTATIONS = {"naive": naive_forward_kl, "gkd": ours_forward_kl}
@@ -158,7 +158,7 @@ def _traffic_rank(rank, world, port, vocab_sizes, tokens, queue):
         return real["all_gather"](outputs, tensor, *args, **kwargs)
 
     dist.all_reduce, dist.all_gather = all_reduce, all_gather
-    from methods import vocab_parallel
+    from methods import vocab_kernels, vocab_parallel
 
     result = {}
     for vocab in vocab_sizes:
@@ -168,9 +168,8 @@ def _traffic_rank(rank, world, port, vocab_sizes, tokens, queue):
         s = student.detach()[:, shard].clone().requires_grad_()
         t = teacher[:, shard].contiguous()
         counted["bytes"] = 0
-        vocab_parallel.forward_kl(
-            s, t, mask, vocab_start=rank * width, vocab_size=vocab, tp_group=dist.group.WORLD
-        ).backward()
+        shard = vocab_parallel.VocabShard(rank * width, vocab, dist.group.WORLD)
+        vocab_parallel.divergence(vocab_kernels.forward_kl_kernel, s, t, mask, shard).backward()
         ours = counted["bytes"] / tokens
         counted["bytes"] = 0
         gathered = []
@@ -309,7 +308,7 @@ def run(args) -> str:
             f"Forward KL at T=1, N={args.tokens} tokens, V={args.vocab} (logits = hidden @ W, "
             "student width 256, teacher width 512), forward + backward of the loss alone. "
             "`naive`: log_softmax of both in fp32, `q * (log q - log p)`, autograd. `gkd`: "
-            "`methods.vocab_parallel.forward_kl` (default chunking).",
+            "`methods.vocab_parallel.divergence` with the forward-KL kernel (default chunking).",
             "",
             "| dtype | impl | peak extra memory (MiB) | x logits size | of which beyond the "
             "logits' .grad (MiB) | median time (ms) | best time (ms) |",

@@ -6,7 +6,7 @@ corpus counts the corpus (repeated ``--repeat`` times into one file, to amortize
 with 0 (in the calling process), 1, 2, ... worker processes; tokens/s, best of ``--runs``.
 
 ``head``: the student's output layer (hidden -> vocabulary projection) plus the GLMD logit loss
-(``methods.vocab_parallel.forward_kl``), forward + backward, at ``V' = V/2`` against ``V' = V`` on
+(``methods.vocab_parallel.divergence` with the forward-KL kernel`), forward + backward, at ``V' = V/2`` against ``V' = V`` on
 the same shapes (N tokens, hidden size h). With the compressed vocabulary the teacher's logits
 ``[N, V]`` (an input in both cases) are restricted to the kept ids as the runtime does it
 (``DistillationRuntime._install_vocab_restriction``: ``index_select`` of the kept columns; the
@@ -202,11 +202,11 @@ def _head_case(kind: str, tokens: int, hidden: int, vocab: int, device: str):
 def head_step(hidden_states, weight, teacher_logits, index, mask) -> None:
     """Student head + GLMD forward KL, forward and backward; the teacher's logits restricted to
     the kept columns as ``DistillationRuntime`` does (no padding slot: no mask)."""
-    from methods import vocab_parallel
+    from methods import vocab_kernels, vocab_parallel
 
     logits = hidden_states @ weight.t()
     teacher = teacher_logits if index is None else teacher_logits.index_select(-1, index)
-    loss = vocab_parallel.forward_kl(logits, teacher, mask)
+    loss = vocab_parallel.divergence(vocab_kernels.forward_kl_kernel, logits, teacher, mask)
     del logits, teacher  # as the runtime drops its feature dict before backward
     loss.backward()
 
@@ -343,7 +343,7 @@ def render_head(result: dict, args: argparse.Namespace) -> str:
         "",
         f"Machine: {_machine()}. N={n} tokens, hidden h={h}, V={v:,}, V'={v // 2:,} (a balanced "
         "selection: no padding slot), fp32. Student head `hidden @ W^T` + "
-        "`methods.vocab_parallel.forward_kl` (T=1, default chunking), forward + backward. "
+        "`methods.vocab_parallel.divergence` with the forward-KL kernel (T=1, default chunking), forward + backward. "
         "Teacher logits: `[N, V]` in the full case; restricted to the kept columns by "
         "`index_select` as `DistillationRuntime` does (`compressed`); or produced already "
         "restricted by a teacher output layer evaluated on its kept rows only (`teacher head "

@@ -35,9 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from methods import vocab_parallel as vp
 from methods.base import FeatureKind, LossContext, ModelInfo, Role, Tap
-from methods.logit_common import both_logits, require_labels, shard_kwargs
+from methods.logit_common import hard_term, soft_term  # noqa: F401 (re-exported)
 
 Tensor = torch.Tensor
 Pooling = Literal["last", "mean"]
@@ -338,32 +337,8 @@ def to_teacher_width(projections: Projections, x: Tensor, name: str = "to_teache
 # Prediction-layer terms
 
 
-def soft_term(
-    features: Mapping[Tap, Tensor],
-    ctx: LossContext,
-    *,
-    temperature: float,
-    loss: Literal["ce", "kl"],
-) -> Tensor | None:
-    """The soft-label term on logits (last stage only; ``None`` elsewhere): the soft cross entropy
-    ``H(p_t^T, p_s^T)`` or ``T^2 KL(p_t^T || p_s^T)``, vocab-parallel, mean over ``loss_mask``."""
-    logits = both_logits(features)
-    if logits is None:
-        return None
-    student, teacher = logits
-    kwargs = dict(shard_kwargs(ctx), temperature=temperature)
-    if loss == "kl":
-        return vp.forward_kl(student, teacher, ctx.loss_mask, **kwargs) * temperature**2
-    return vp.soft_cross_entropy(student, teacher, ctx.loss_mask, **kwargs)
-
-
-def hard_term(features: Mapping[Tap, Tensor], ctx: LossContext, method: str) -> Tensor | None:
-    """The student's next-token cross entropy (last stage only; ``None`` elsewhere)."""
-    student = features.get(s_tap(FeatureKind.LOGITS))
-    if student is None:
-        return None
-    labels = require_labels(ctx, method)
-    return vp.cross_entropy(student, labels, ctx.loss_mask, **shard_kwargs(ctx))
+# soft_term and hard_term are the prediction-layer terms every logit method shares (one place:
+# methods.logit_common); imported above and re-exported for the intermediate methods.
 
 
 def logit_taps(*, soft: bool, hard: bool) -> list[Tap]:

@@ -208,3 +208,52 @@ def test_annealing_parameters_are_checked():
     with pytest.raises(ValueError, match="continuation_kd.margin"):
         build_method("continuation_kd", {"margin": -1.0})
     assert math.isclose(build_method("continuation_kd", {"margin": 0.5}).params.margin, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Composition: a logit divergence is a kernel plus a declaration
+
+
+def test_a_divergence_is_a_kernel_plus_a_declaration():
+    """A new divergence from an existing kernel: registry attributes, no base class, the value of
+    vp.divergence at the parameters' temperature, bad parameters refused when built."""
+    from dataclasses import dataclass
+
+    from methods import vocab_kernels as vk
+    from methods import vocab_parallel as vp
+    from methods.divergences import logit_divergence
+
+    @dataclass(kw_only=True, frozen=True)
+    class HalfSkewParams:
+        alpha: float = 0.5
+        temperature: float = 2.0
+
+    HalfSkew = logit_divergence(
+        "HalfSkew", name="half_skew", params=HalfSkewParams, term="skl",
+        kernel=lambda p: vk.skew_kl_kernel(p.alpha), paper="test", doc="""A test divergence.""",
+    )  # fmt: skip
+    assert HalfSkew.__mro__ == (HalfSkew, object)
+    assert HalfSkew.name == "half_skew" and HalfSkew.Params is HalfSkewParams
+    assert HalfSkew.__doc__ == "A test divergence."
+    student, teacher, mask, labels = _case(3)
+    method = HalfSkew()
+    assert method.taps(INFO, INFO) == (TEACHER_LOGITS, STUDENT_LOGITS)
+    terms = method.compute(_features(student, teacher), _ctx(mask, labels))
+    shard = vp.VocabShard(0, VOCAB)
+    expected = vp.divergence(vk.skew_kl_kernel(0.5), student, teacher, mask, shard, temperature=2.0)
+    assert set(terms) == {"skl"} and torch.equal(terms["skl"], expected)
+    assert method.compute({STUDENT_LOGITS: student}, _ctx(mask, labels)) == {}
+    with pytest.raises(ValueError, match="alpha"):
+        HalfSkew(HalfSkewParams(alpha=1.5))
+
+
+def test_soft_and_hard_terms_are_one_definition():
+    """KD's soft term is logit_common.soft_loss, its weights soft_hard_weights."""
+    from methods.logit_common import soft_hard_weights, soft_loss
+
+    student, teacher, mask, labels = _case(4)
+    ctx = _ctx(mask, labels, step=3)
+    kd = build_method("kd", {"soft_loss": "kl", "temperature": 3.0, "soft_weight": 0.5})
+    terms = kd.compute(_features(student, teacher), ctx)
+    assert torch.equal(terms["soft"], soft_loss("kl", student, teacher, mask, ctx, 3.0))
+    assert kd.term_weights(ctx) == soft_hard_weights(kd.params, ctx) == {"soft": 0.5, "hard": 1.0}

@@ -3,24 +3,22 @@ value and gradient, one process and at TP=2 (vocabulary split over two gloo rank
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from methods.base import FeatureKind, LossContext, ModelInfo, Role, Stage, Tap
+from methods.base import BuildContext, FeatureKind, LossContext, ModelInfo, Role, Stage, Tap
 from methods.multi_teacher import (
-    DGKD,
-    MTBERT,
-    RLKD,
-    TMKD,
+    Combiner,
     Uncertainty,
     UncertaintyParams,
     token_stats,
     uncertainty_weights,
 )
 from methods.pipeline import MethodPipeline, PipelineEntry
-from methods.registry import build_method
+from methods.registry import REGISTRY, build_method, parse_params
 from tests.distributed import run_on_ranks
 
 pytestmark = pytest.mark.unit
@@ -44,6 +42,23 @@ def info(hidden: int, layers: int = 4) -> ModelInfo:
 
 STUDENT = info(H, 2)
 TEACHERS = [info(TEACHER_WIDTHS[0], 4), info(TEACHER_WIDTHS[1], 2)]  # teacher 1 is the smaller
+
+
+BUILD = BuildContext(
+    stage=Stage.TASK,
+    teachers=tuple(TEACHERS),
+    student=STUDENT,
+    build_inner=lambda entry: build_method(
+        entry["name"], {k: v for k, v in entry.items() if k != "name"}
+    ),
+)
+"""What a run's builder hands the combiners: both teachers, the student, a factory for the inner
+method."""
+
+
+def build(name: str, params: dict | None = None) -> Combiner:
+    """Combiner ``name`` built from config parameters as a run builds it (``from_context``)."""
+    return REGISTRY[name].cls.from_context(parse_params(name, params or {}), BUILD)
 
 
 def data(seed: int = 0) -> dict:
@@ -93,7 +108,6 @@ def context(
 
 
 def pipeline(method) -> MethodPipeline:
-    method.set_teachers(TEACHERS)
     method.taps(TEACHERS[0], STUDENT)
     if hasattr(method, "modules"):
         for module in method.modules().values():
@@ -151,7 +165,7 @@ def check(total, grad, reference_total, student):
 
 def test_tmkd_is_the_average_of_the_teachers_logit_mse_plus_hard():
     d = data(1)
-    total, terms, grad = run_and_grad(TMKD(), d)
+    total, terms, grad = run_and_grad(build("tmkd"), d)
     s = d["student"].clone().requires_grad_(True)
     soft = [mean(mse(s, t), d["mask"]) for t in d["teachers"]]
     hard = mean(ce(s, d["labels"]), d["mask"])
@@ -162,11 +176,7 @@ def test_tmkd_is_the_average_of_the_teachers_logit_mse_plus_hard():
 
 def test_tmkd_wraps_any_single_teacher_method():
     d = data(2)
-    method = TMKD(
-        build_method(
-            "tmkd", {"method": {"name": "kd", "temperature": 3.0, "hard_weight": 0.0}}
-        ).params
-    )
+    method = build("tmkd", {"method": {"name": "kd", "temperature": 3.0, "hard_weight": 0.0}})
     total, terms, grad = run_and_grad(method, d)
     s = d["student"].clone().requires_grad_(True)
     soft = [mean(soft_ce(s, t, 3.0), d["mask"]) for t in d["teachers"]]
@@ -176,7 +186,7 @@ def test_tmkd_wraps_any_single_teacher_method():
 
 def test_mt_bert_weights_each_token_by_the_teachers_own_cross_entropy():
     d = data(3)
-    method = MTBERT()
+    method = build("mt_bert")
     total, terms, grad = run_and_grad(method, d)
     s = d["student"].clone().requires_grad_(True)
     reference = mean(ce(s, d["labels"]), d["mask"])
@@ -202,7 +212,7 @@ def test_mt_bert_weights_each_token_by_the_teachers_own_cross_entropy():
 
 def test_uncertainty_interpolates_teachers_by_size_with_the_students_entropy():
     d = data(4)
-    total, terms, grad = run_and_grad(Uncertainty(UncertaintyParams()), d)
+    total, terms, grad = run_and_grad(Uncertainty.from_context(UncertaintyParams(), BUILD), d)
     s = d["student"].clone().requires_grad_(True)
     p = logp(d["student"]).exp()
     u = -(p * p.log()).sum(-1) / math.log(V_REAL)
@@ -226,16 +236,16 @@ def test_uncertainty_weights_route_and_interpolate():
 
 def test_dgkd_sums_the_surviving_teachers_drawn_by_step():
     d = data(5)
-    method = DGKD()
-    method.set_teachers(TEACHERS)
-    draws = [tuple(method.kept(step)) for step in range(200)]
+    method = build("dgkd")
+    draws = [tuple(method.rule.kept(step, 2)) for step in range(200)]
     assert all(any(k) for k in draws)
     kept_rate = sum(sum(k) for k in draws) / (2 * len(draws))
     assert 0.65 < kept_rate < 0.85  # survival 0.75 (plus the keep-one rule)
-    assert draws == [tuple(method.kept(step)) for step in range(200)]  # reproducible on every rank
+    # reproducible on every rank
+    assert draws == [tuple(method.rule.kept(step, 2)) for step in range(200)]
     step = next(i for i, k in enumerate(draws) if k == (True, False))
     student = d["student"].clone().requires_grad_(True)
-    pipe = pipeline(DGKD())
+    pipe = pipeline(build("dgkd"))
     total, terms = pipe.compute(features(d, student), context(d, step=step))
     total.backward()
     s = d["student"].clone().requires_grad_(True)
@@ -248,14 +258,14 @@ def test_dgkd_sums_the_surviving_teachers_drawn_by_step():
 
 def test_rl_kd_averages_selected_teachers_and_trains_the_policy_by_reinforce():
     d = data(6)
-    method = RLKD()
+    method = build("rl_kd")
     pipe = pipeline(method)
     policies = method.modules()
     gen = torch.Generator().manual_seed(0)
     for module in policies.values():
         torch.nn.init.normal_(module.weight, std=0.3, generator=gen)
     actions = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)  # [K, b]
-    method.sample = lambda probs, ctx: actions.to(probs.dtype)
+    method.rule.sample = lambda probs, ctx: actions.to(probs.dtype)
     student = d["student"].clone().requires_grad_(True)
     total, terms = pipe.compute(
         features(d, student), context(d, step=8, total=10)
@@ -276,7 +286,7 @@ def test_rl_kd_averages_selected_teachers_and_trains_the_policy_by_reinforce():
     # REINFORCE: reward = -the student's mean CE per sequence, baseline the batch mean.
     seq_mask = d["mask"].view(S, B)
     reward = -(ce(d["student"], d["labels"]).view(S, B) * seq_mask).sum(0) / seq_mask.sum(0)
-    states = method.states(features(d, d["student"]), context(d), B)
+    states = method.rule.states(features(d, d["student"]), context(d), 2, B)
     log_prob = 0.0
     for k in range(2):
         p = torch.sigmoid(policies[f"policy_t{k}"](states[k].double())).squeeze(1)
@@ -291,7 +301,7 @@ def test_rl_kd_averages_selected_teachers_and_trains_the_policy_by_reinforce():
 
 def test_rl_kd_uses_every_teacher_during_the_warm_start():
     d = data(7)
-    method = RLKD()
+    method = build("rl_kd")
     pipe = pipeline(method)
     total, terms = pipe.compute(features(d, d["student"]), context(d, step=0, total=100))
     average = sum(mean(soft_ce(d["student"], t, 1.0), d["mask"]) for t in d["teachers"]) / 2
@@ -312,11 +322,55 @@ def test_token_stats_match_a_gathered_reference():
 
 def test_combiners_refuse_nested_combiners_and_forward_modifiers():
     with pytest.raises(ValueError, match="nest no combiners"):
-        build_method("tmkd", {"method": {"name": "dgkd"}})
+        build("tmkd", {"method": {"name": "dgkd"}})
     with pytest.raises(ValueError, match="changes the forward pass"):
-        build_method("dgkd", {"method": "theseus"})
+        build("dgkd", {"method": "theseus"})
     with pytest.raises(ValueError, match="unknown distillation method"):
-        build_method("mt_bert", {"method": {"name": "nope"}})
+        build("mt_bert", {"method": {"name": "nope"}})
+
+
+def test_combiners_build_their_inner_method_per_teacher_through_the_context():
+    built = []
+
+    def build_inner(entry):
+        built.append(entry)
+        return BUILD.build_inner(entry)
+
+    ctx = dataclasses.replace(BUILD, build_inner=build_inner)
+    method = REGISTRY["tmkd"].cls.from_context(
+        parse_params("tmkd", {"method": {"name": "kd", "temperature": 2.0, "weight": 3.0}}), ctx
+    )
+    assert built == [{"name": "kd", "temperature": 2.0}] * len(TEACHERS)  # no 'weight'
+    assert [m.name for m, _ in method.per_teacher_methods()] == ["kd", "kd"]
+    assert method.methods[0] is not method.methods[1]
+
+
+def test_a_combiner_without_teachers_checks_its_method_and_refuses_taps():
+    no_teachers = dataclasses.replace(BUILD, teachers=())
+    method = REGISTRY["dgkd"].cls.from_context(parse_params("dgkd", {"method": "kd"}), no_teachers)
+    with pytest.raises(ValueError, match="combines teachers, but the run has none"):
+        method.taps(TEACHERS[0], STUDENT)
+    with pytest.raises(ValueError, match="nest no combiners"):
+        REGISTRY["dgkd"].cls.from_context(parse_params("dgkd", {"method": "tmkd"}), no_teachers)
+
+
+def test_an_inner_method_of_another_stage_is_refused():
+    pretrain = dataclasses.replace(BUILD, stage=Stage.PRETRAIN)
+    with pytest.raises(ValueError, match="'kd' does not apply to stage 'pretrain'"):
+        REGISTRY["tmkd"].cls.from_context(parse_params("tmkd", {"method": "kd"}), pretrain)
+
+
+def test_multi_teacher_does_not_import_the_registry():
+    import ast
+    import inspect
+
+    import methods.multi_teacher as mt
+
+    tree = ast.parse(inspect.getsource(mt))
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "methods.registry" not in imported and "methods.pipeline" not in imported
 
 
 # ---------------------------------------------------------------------------------------------- TP=2
@@ -338,7 +392,7 @@ def _tp_rank(cases: list[tuple[str, dict]]) -> list[tuple[float, torch.Tensor]]:
     cols = slice(rank * half, (rank + 1) * half)
     out = []
     for name, params in cases:
-        method = build_method(name, params)
+        method = build(name, params)
         pipe = pipeline(method)
         _reinit(method)
         student = d["student"][:, cols].clone().requires_grad_(True)
@@ -368,7 +422,7 @@ def tp2_results():
 def test_tp2_equals_one_process(tp2_results, case):
     name, params = TP_CASES[case]
     d = data(11)
-    method = build_method(name, params)
+    method = build(name, params)
     pipe = pipeline(method)
     _reinit(method)
     student = d["student"].clone().requires_grad_(True)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from methods import vocab_kernels as vk
 from methods import vocab_parallel as vp
 
 pytestmark = pytest.mark.unit
@@ -97,25 +98,37 @@ def reference(kind, student, teacher, mask, labels, vocab_size, temperature=1.0,
     return loss.detach(), grad
 
 
-def call(kind, student, teacher, mask, labels, **kwargs):
-    """Our loss of ``kind``; ``kwargs`` are passed through (layout, temperature, options)."""
+KERNELS = {
+    "forward_kl": lambda o: vk.forward_kl_kernel,
+    "reverse_kl": lambda o: vk.reverse_kl_kernel,
+    "jsd": lambda o: vk.jsd_kernel(o.get("beta", 0.5)),
+    "skew_kl": lambda o: vk.skew_kl_kernel(o.get("alpha", 0.1)),
+    "skew_rkl": lambda o: vk.skew_reverse_kl_kernel(o.get("alpha", 0.1)),
+    "tvd": lambda o: vk.tvd_kernel,
+    "soft_ce": lambda o: vk.soft_ce_kernel,
+    "mse": lambda o: vk.mse_kernel(o.get("teacher_scale", 1.0), o.get("margin", 0.0)),
+    "topk": lambda o: vk.topk_kernel(o["k"]),
+}
+"""The kernel of each kind from its options."""
+
+
+def call(
+    kind, student, teacher, mask, labels, *, vocab_start=0, vocab_size=None, tp_group=None,
+    chunk_size=None, temperature=1.0, **options,
+):  # fmt: skip
+    """Our loss of ``kind``: :func:`vp.divergence` with the kind's kernel (``vp.cross_entropy``
+    for ``ce``) and the layout as one :class:`vp.VocabShard`."""
+    shard = vp.VocabShard(vocab_start, vocab_size, tp_group, chunk_size)
     if kind == "ce":
-        kwargs.pop("temperature", None)
-        return vp.cross_entropy(student, labels, mask, **kwargs)
-    if kind == "mse":
-        kwargs.pop("temperature", None)
-        return vp.logit_mse(student, teacher, mask, **kwargs)
-    function = {
-        "forward_kl": vp.forward_kl,
-        "reverse_kl": vp.reverse_kl,
-        "jsd": vp.generalized_jsd,
-        "skew_kl": vp.skew_kl,
-        "skew_rkl": vp.skew_reverse_kl,
-        "tvd": vp.total_variation,
-        "soft_ce": vp.soft_cross_entropy,
-        "topk": vp.topk_kl,
-    }[kind]
-    return function(student, teacher, mask, **kwargs)
+        return vp.cross_entropy(student, labels, mask, shard)
+    if kind == "mse":  # raw logits: no temperature
+        temperature = 1.0
+    kernel = KERNELS[kind](options)
+    return vp.divergence(kernel, student, teacher, mask, shard, temperature=temperature)
+
+
+def forward_kl(student, teacher, mask, **kwargs):
+    return call("forward_kl", student, teacher, mask, None, **kwargs)
 
 
 OPTIONS = {
@@ -335,7 +348,7 @@ def test_bf16_inputs_accumulate_in_fp32():
     vocab = 8192
     student, teacher, mask, labels = make_case(14, 6, vocab, vocab, scale=2.0, dtype=torch.bfloat16)
     leaf = student.clone().requires_grad_()
-    loss = vp.forward_kl(leaf, teacher, mask, temperature=2.0)
+    loss = forward_kl(leaf, teacher, mask, temperature=2.0)
     loss.backward()
     assert loss.dtype == torch.float32
     assert leaf.grad.dtype == torch.bfloat16
@@ -355,7 +368,7 @@ def test_teacher_gets_no_gradient_and_student_grad_has_input_dtype():
     student, teacher, mask, labels = make_case(15, 5, 12, 16, dtype=torch.float32)
     s = student.clone().requires_grad_()
     t = teacher.clone().requires_grad_()
-    vp.forward_kl(s, t, mask, vocab_size=12).backward()
+    forward_kl(s, t, mask, vocab_size=12).backward()
     assert t.grad is None
     assert s.grad.dtype == torch.float32 and s.grad.shape == s.shape
 
@@ -363,7 +376,7 @@ def test_teacher_gets_no_gradient_and_student_grad_has_input_dtype():
 def test_backward_scales_the_stored_gradient():
     student, teacher, mask, labels = make_case(16, 5, 12, 12)
     s = student.clone().requires_grad_()
-    (3.5 * vp.reverse_kl(s, teacher, mask)).backward()
+    (3.5 * call("reverse_kl", s, teacher, mask, None)).backward()
     _, ref_grad = reference("reverse_kl", student, teacher, mask, labels, 12)
     torch.testing.assert_close(s.grad, 3.5 * ref_grad, rtol=1e-9, atol=1e-15)
 
@@ -371,7 +384,7 @@ def test_backward_scales_the_stored_gradient():
 def test_a_second_backward_fails_clearly():
     student, teacher, mask, _ = make_case(17, 5, 12, 12)
     s = student.clone().requires_grad_()
-    loss = vp.forward_kl(s, teacher, mask)
+    loss = forward_kl(s, teacher, mask)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
@@ -380,7 +393,7 @@ def test_a_second_backward_fails_clearly():
 def test_without_grad_nothing_is_stored():
     student, teacher, mask, labels = make_case(18, 5, 12, 12)
     with torch.no_grad():
-        value = vp.forward_kl(student.clone().requires_grad_(), teacher, mask)
+        value = forward_kl(student.clone().requires_grad_(), teacher, mask)
     assert not value.requires_grad
     ref, _ = reference("forward_kl", student, teacher, mask, labels, 12)
     torch.testing.assert_close(value, ref, rtol=1e-9, atol=0)
@@ -389,7 +402,7 @@ def test_without_grad_nothing_is_stored():
 def test_an_empty_mask_gives_zero():
     student, teacher, _, labels = make_case(19, 4, 12, 12)
     s = student.clone().requires_grad_()
-    loss = vp.forward_kl(s, teacher, torch.zeros(4))
+    loss = forward_kl(s, teacher, torch.zeros(4))
     loss.backward()
     assert loss.item() == 0.0 and torch.all(s.grad == 0)
 
@@ -397,7 +410,7 @@ def test_an_empty_mask_gives_zero():
 def test_fractional_mask_weights_are_a_weighted_mean():
     student, teacher, _, labels = make_case(20, 4, 12, 12)
     weights = torch.tensor([0.5, 2.0, 0.0, 1.0], dtype=torch.float64)
-    value = vp.forward_kl(student, teacher, weights)
+    value = forward_kl(student, teacher, weights)
     ref, _ = reference("forward_kl", student, teacher, weights, labels, 12)
     torch.testing.assert_close(value, ref, rtol=1e-9, atol=0)
 
@@ -413,28 +426,41 @@ def test_fractional_mask_weights_are_a_weighted_mean():
 def test_bad_arguments_raise_value_errors(kwargs, message):
     student, teacher, mask, _ = make_case(21, 4, 12, 12)
     with pytest.raises(ValueError, match=message):
-        vp.forward_kl(student, teacher, mask, **kwargs)
+        forward_kl(student, teacher, mask, **kwargs)
 
 
 def test_shape_mismatches_raise_value_errors():
     student, teacher, mask, labels = make_case(22, 4, 12, 12)
     with pytest.raises(ValueError, match="same"):
-        vp.forward_kl(student, teacher[:, :8], mask)
+        forward_kl(student, teacher[:, :8], mask)
     with pytest.raises(ValueError, match="loss_mask"):
-        vp.forward_kl(student, teacher, mask[:3])
+        forward_kl(student, teacher, mask[:3])
     with pytest.raises(ValueError, match="labels"):
         vp.cross_entropy(student, labels[:2], mask)
     with pytest.raises(ValueError, match="beta"):
-        vp.generalized_jsd(student, teacher, mask, beta=1.5)
+        call("jsd", student, teacher, mask, None, beta=1.5)
     with pytest.raises(ValueError, match="k must be"):
-        vp.topk_kl(student, teacher, mask, k=13)
+        call("topk", student, teacher, mask, None, k=13)
+
+
+def test_vocab_shard_is_built_once_from_a_loss_context():
+    from methods.base import LossContext, Stage
+
+    ctx = LossContext(
+        step=0, total_steps=1, stage=Stage.TASK, loss_mask=torch.ones(2), labels=None,
+        vocab_start=16, vocab_size=30, extras={vp.CHUNK_SIZE_EXTRA: 7},
+    )  # fmt: skip
+    assert vp.VocabShard.of(ctx) == vp.VocabShard(start=16, vocab_size=30, chunk_size=7)
+    assert vp.VocabShard() == vp.UNSHARDED  # one unsharded, unpadded vocabulary
+    with pytest.raises(ValueError, match="vocab_start"):
+        vp.VocabShard(start=-1)
 
 
 @pytest.mark.gpu
 def test_cuda_bf16_matches_reference():
     student, teacher, mask, labels = make_case(23, 64, 1000, 1024, dtype=torch.bfloat16)
     leaf = student.cuda().requires_grad_()
-    loss = vp.forward_kl(leaf, teacher.cuda(), mask.cuda(), vocab_size=1000, temperature=2.0)
+    loss = forward_kl(leaf, teacher.cuda(), mask.cuda(), vocab_size=1000, temperature=2.0)
     loss.backward()
     ref_loss, ref_grad = reference("forward_kl", student, teacher, mask, labels, 1000, 2.0)
     torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=0)
