@@ -397,9 +397,14 @@ def _teacher_taps(kind: FeatureKind, count: int) -> list[Tap]:
 
 
 def _model_size(info: ModelInfo) -> int:
-    """Approximate parameter count (ordering teachers by size)."""
-    h = info.hidden_size
-    return info.num_layers * (4 * h * h + 3 * h * info.ffn_hidden_size) + info.padded_vocab_size * h
+    """The model's parameter count (ordering teachers by size): ``ModelInfo.num_parameters``, the
+    one count the planner and the model use."""
+    if info.num_parameters <= 0:
+        raise ValueError(
+            "a teacher's parameter count is unknown (ModelInfo.num_parameters is 0); build "
+            "ModelInfo with parallel.model.model_info"
+        )
+    return info.num_parameters
 
 
 def _uniform(step: int, seed: int, count: int, salt: int) -> torch.Tensor:

@@ -37,6 +37,9 @@ def info(hidden: int, layers: int = 4) -> ModelInfo:
         ffn_hidden_size=4 * hidden,
         vocab_size=V_REAL,
         padded_vocab_size=V_COLS,
+        # a GPT without biases and norms: attention, a 4h MLP, input and output embeddings
+        num_parameters=layers * (4 * hidden * hidden + 2 * hidden * 4 * hidden)
+        + 2 * V_COLS * hidden,
     )
 
 
