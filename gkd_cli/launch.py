@@ -492,7 +492,8 @@ def slurm_partitions(environ: Mapping[str, str] | None = None) -> dict[str, Part
             part = part[:-1]
             default = part
         nodes.setdefault(part, set()).add(node)
-        count = int(re.match(r"\d*", cpu).group() or 0)  # "32" or "32+" (mixed nodes)
+        digits = re.match(r"\d*", cpu)  # "32" or "32+" (mixed nodes); \d* always matches
+        count = int(digits.group() or 0) if digits else 0
         cpus[part] = min(cpus.get(part, count), count)
         gpus[part] = min(gpus.get(part, _gres_gpus(gres)), _gres_gpus(gres))
     return {
