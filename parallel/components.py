@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from methods.base import FeatureKind, HasModules, ModelInfo, Role, Tap, TeacherAware
+from methods.base import FeatureKind, HasModules, ModelInfo, Role, Tap
 from parallel import checkpoint as ckpt
 from parallel.config import ModelArch, TrainConfig
 from parallel.distributed import ParallelContext
@@ -163,8 +163,6 @@ def plan_methods(
     teacher_infos = [model_info(arch, tp) for arch in teachers]
     entries = list(getattr(pipeline, "entries", ()))
     for entry in entries:
-        if isinstance(entry.method, TeacherAware):  # until methods are built from a BuildContext
-            entry.method.set_teachers(teacher_infos)
         check_method_layout(entry.method, entry.name, teacher_infos, student_info, pp=pp)
     taps = list(pipeline.taps(teacher_infos[0] if teacher_infos else None, student_info))
     check_taps_for_recompute(taps, recompute)

@@ -92,6 +92,17 @@ def test_plan_collects_taps_and_model_infos_and_checks_the_layout():
     )
     assert not no_attention.needs_attention and no_attention.teacher_infos == []
 
+    class Built(_Method):  # a method arrives built from its BuildContext: never changed after
+        def set_teachers(self, teachers):
+            raise AssertionError("the runtime must not change a built method")
+
+        def set_stage(self, stage):
+            raise AssertionError("the runtime must not change a built method")
+
+    plan_methods(
+        _Pipeline(Built([])), student=ARCH, teachers=[ARCH, ARCH], tp=1, pp=1, recompute="none"
+    )
+
     with pytest.raises(ValueError, match="parallel.pp=1"):
         plan_methods(
             _Pipeline(_Method([logits], single_stage=True)),
