@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from methods.base import FeatureKind, HasModules, ModelInfo, Role, Tap
+from methods.base import FeatureKind, HasModules, LossContext, ModelInfo, Role, Tap
 from parallel import checkpoint as ckpt
 from parallel.config import ModelArch, TrainConfig
 from parallel.distributed import ParallelContext
@@ -52,9 +52,14 @@ class MethodPipelineLike(Protocol):
     ``name`` and ``method``), the runtime honours the methods' optional protocols of
     ``methods.base`` (modules, forward modifiers, layout checks)."""
 
-    def taps(self, teacher: ModelInfo | None, student: ModelInfo) -> Sequence[Tap]: ...
+    def taps(self, teacher: Any, student: ModelInfo) -> Sequence[Tap]:
+        """``teacher``: the first teacher's ModelInfo, or ``None`` in a run without a teacher
+        (typed ``Any`` here because ``methods.base.Method.taps`` declares a ModelInfo)."""
+        ...
 
-    def compute(self, features: Mapping[Tap, torch.Tensor], ctx: Any) -> tuple[Any, dict]: ...
+    def compute(
+        self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
+    ) -> tuple[torch.Tensor | None, Mapping[str, torch.Tensor]]: ...
 
 
 # ---------------------------------------------------------------------------- inputs
