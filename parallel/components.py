@@ -2,8 +2,8 @@
 model, optimizer and scheduler): :class:`parallel.runtime.DistillationRuntime` only assembles what
 these return, in this order (each uses only what the ones before it returned)::
 
-    micro = microbatches_per_step(train, ctx)          # batch sizes against the layout
-    plan = plan_methods(pipeline, student, teachers, ...)  # ModelInfo, layout checks, taps
+    n = microbatches_per_step(train, seq_length, ctx)  # batch and sequence against the layout
+    plan = plan_methods(pipeline, ...)                 # ModelInfo, layout checks, taps
     models = build_models(student, teachers, ...)      # frozen teachers, the student
     modules = build_method_modules(plan.entries, ...)  # the methods' trainable modules
     stage = DistillationStage(...)                     # parallel/stage.py
