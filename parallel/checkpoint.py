@@ -397,3 +397,53 @@ def load_model_weights(folder: Path, model) -> dict:
     if missing:
         raise CheckpointError(f"checkpoint {folder} lacks weights {missing[:5]}")
     return meta
+
+
+@dataclass
+class TrainingCheckpoint:
+    """This rank's part of a training run's checkpoint: the student, the methods' modules, the
+    optimizer and the scheduler at one layout (:func:`save` and :func:`load_training_state` with
+    them bound)."""
+
+    model: torch.nn.Module
+    """The student GPTModel (its keys get the ``model.`` prefix)."""
+    optimizer: object
+    scheduler: object
+    layout: Layout
+    method_modules: ExtraShardedState | None = None
+
+    def save(
+        self,
+        root: Path,
+        *,
+        step: int,
+        meta: dict,
+        config_yaml: str,
+        keep_last: int,
+        extra_files: dict[str, Path] | None = None,
+    ) -> Path:
+        """Collective: :func:`save` of this state; returns the final folder."""
+        return save(
+            root,
+            step=step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            layout=self.layout,
+            method_modules=self.method_modules,
+            meta=meta,
+            config_yaml=config_yaml,
+            keep_last=keep_last,
+            extra_files=extra_files,
+        )
+
+    def load(self, folder: Path) -> dict:
+        """Collective: :func:`load_training_state` into this state; returns the checkpoint's meta."""
+        return load_training_state(
+            folder,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            layout=self.layout,
+            method_modules=self.method_modules,
+        )

@@ -52,6 +52,10 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _cpu_current_device() -> torch.device:
+    return _CPU
+
+
 def _cpu_get_rng_state(device=None):
     return torch.get_rng_state()
 
@@ -84,7 +88,9 @@ def activate() -> bool:
     if _active is not None:
         return True
 
-    torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+    # torch types current_device() as returning an int; megatron passes it as ``device=``, so a
+    # device (the CPU) is what it must return here.
+    torch.cuda.current_device = _cpu_current_device  # type: ignore[assignment]
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     torch.cuda.get_rng_state = _cpu_get_rng_state  # type: ignore[assignment]
     torch.cuda.set_rng_state = _cpu_set_rng_state  # type: ignore[assignment]

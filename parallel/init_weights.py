@@ -19,8 +19,12 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.module import MegatronModule
 
 
 def _leaves(sharded_state_dict):
@@ -97,7 +101,7 @@ def value_kind(key: str) -> str:
 
 @torch.no_grad()
 def init_layout_independent(
-    model: torch.nn.Module, *, seed: int, num_layers: int, std: float = 0.02
+    model: MegatronModule, *, seed: int, num_layers: int, std: float = 0.02
 ) -> None:
     """Overwrite ``model``'s parameters with values that depend only on ``seed`` and each tensor's
     global identity, not on the parallel layout."""

@@ -115,9 +115,7 @@ def bind_checkpoint_writer() -> None:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
     except ImportError:
         return
-    if getattr(fsa._get_write_results_queue, "_gkd_bound", False) or not hasattr(
-        fsa, "_results_queue"
-    ):
+    if getattr(fsa, "_gkd_bound", False) or not hasattr(fsa, "_results_queue"):
         return
 
     def results_queue():
@@ -131,8 +129,8 @@ def bind_checkpoint_writer() -> None:
             fsa._gkd_manager = manager  # (megatron keeps only the queue proxy)
         return fsa._results_queue
 
-    results_queue._gkd_bound = True
     fsa._get_write_results_queue = results_queue
+    fsa._gkd_bound = True  # (recorded on the patched module: bound once per process)
 
 
 class _StopFlag:

@@ -120,7 +120,9 @@ class MethodModules(torch.nn.Module):
         for item in self._entries:
             if item.replicated_over_pp and pp_rank > 0:
                 for param in item.module.parameters():
-                    param.shared = True  # counted once (on stage 0) in the gradient norm
+                    # Counted once (on stage 0) in the gradient norm: megatron reads this ad-hoc
+                    # tensor attribute, which torch's Parameter type does not declare.
+                    setattr(param, "shared", True)  # noqa: B010
 
     def __len__(self) -> int:
         return len(self._entries)

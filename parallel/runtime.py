@@ -9,10 +9,11 @@ Build it inside a torchrun worker after :func:`parallel.distributed.initialize`:
         result = runtime.train_step(step, microbatches)   # this dp rank's [b, s+1] token tensors
 
 The method pipeline is any object with ``taps(teacher_info, student_info) -> list[Tap]`` and
-``compute(features, ctx) -> (total | None, terms)`` (see ``methods.pipeline``): ``parallel/`` does
-not know any method. When it also has ``entries`` (``methods.pipeline.PipelineEntry``: ``name``,
-``method``; built for this run's teachers by ``methods.pipeline.build_pipeline``), the runtime
-honours the methods' optional protocols of ``methods.base``:
+``compute(features, ctx) -> (total | None, terms)`` (see ``methods.pipeline``), built before the
+runtime: its methods already know the stage and the teachers, and the runtime never changes them.
+``parallel/`` does not know any method. When the pipeline also has ``entries``
+(``methods.pipeline.PipelineEntry``: ``name``, ``method``), the runtime honours the methods'
+optional protocols of ``methods.base``:
 
 * ``HasModules`` / ``PlacesModules``: their modules train with the student and are checkpointed
   (:mod:`parallel.method_modules`).
@@ -20,6 +21,9 @@ honours the methods' optional protocols of ``methods.base``:
   (layer hooks, doubled microbatches, the gradient-perturbation second pass).
 * ``requires_single_stage`` / ``PairsLayers``: checked against the layout
   (:func:`parallel.method_checks.check_method_layout`).
+
+The constructor only assembles components built by the functions of :mod:`parallel.components`
+(models, method modules, optimizer, scheduler, checkpoint); this module steps them.
 """
 
 from __future__ import annotations
@@ -33,58 +37,44 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from methods.base import (
-    FeatureKind,
-    ForwardModifier,
-    HasModules,
-    LossContext,
-    Role,
-    Stage,
-    Tap,
-)
+from methods.base import LossContext, Stage, Tap
 from parallel import checkpoint as ckpt
+from parallel.components import (
+    MASKED_LOGIT,
+    MethodPipelineLike,
+    Precision,
+    TeacherSpec,
+    VocabRestriction,
+    build_method_modules,
+    build_models,
+    build_optimizer,
+    build_scheduler,
+    checkpoint_layout,
+    install_vocab_restriction,
+    method_modules_checkpoint,
+    microbatches_per_step,
+    plan_methods,
+    resolve_precision,
+    wrap_ddp,
+)
 from parallel.config import ModelArch, TrainConfig
 from parallel.distributed import ParallelContext
-from parallel.init_weights import init_layout_independent
+from parallel.forward_hooks import RuntimeHandles, install_forward_modifiers
 from parallel.memory import allocated_bytes
-from parallel.method_checks import check_method_layout
-from parallel.method_modules import METHODS_PREFIX, MethodModules, wrap_finalize
-from parallel.model import build_gpt, detect_accelerators, freeze, model_info
 from parallel.numerics import step_problem
-from parallel.stage import AttachAuxLoss, DistillationStage
-from parallel.taps import ATTENTION_KINDS, check_taps_for_recompute
+from parallel.stage import AttachAuxLoss, DistillationStage, StepState
+
+__all__ = [
+    "MASKED_LOGIT",
+    "DistillationRuntime",
+    "Precision",
+    "StepResult",
+    "TeacherSpec",
+    "VocabRestriction",
+    "resolve_precision",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TeacherSpec:
-    arch: ModelArch
-    checkpoint: Path | None = None
-    """gkd checkpoint folder (any layout); ``None`` initializes randomly from ``seed`` (tests, demos)."""
-    seed: int = 4321
-
-
-@dataclass
-class VocabRestriction:
-    """A student with a compressed vocabulary (GLMD): this tp rank's view of the mapping.
-
-    Student column ``j`` of this rank's shard corresponds to teacher column ``teacher_index[j]`` of
-    this rank's teacher shard (kept ids are partitioned so that no vocabulary-sized tensor crosses
-    ranks); ``valid[j]`` is false for padding slots, whose logits are masked out for both models.
-    """
-
-    orig_to_comp: torch.Tensor
-    """``[V]`` long: original token id -> compressed id (dropped tokens -> their replacement)."""
-    teacher_index: torch.Tensor
-    """``[V'/tp]`` long: local teacher column of each local student column."""
-    valid: torch.Tensor
-    """``[V'/tp]`` bool."""
-
-
-MASKED_LOGIT = -1.0e4
-"""Logit given to padding slots of a compressed vocabulary: exp() underflows to exactly 0 in fp32
-and bf16, while log-probabilities stay finite (no 0 x inf in KL terms)."""
 
 
 @dataclass
@@ -99,20 +89,6 @@ class StepResult:
     tokens: int
 
 
-@dataclass
-class _Precision:
-    params_dtype: torch.dtype
-    name: str
-
-
-def resolve_precision(setting: str) -> _Precision:
-    if setting == "auto":
-        setting = "bf16" if torch.cuda.is_available() else "fp32"
-    if setting == "bf16":
-        return _Precision(torch.bfloat16, "bf16")
-    return _Precision(torch.float32, "fp32")
-
-
 class DistillationRuntime:
     """Teachers + student on this rank's TP/PP/DP slot, with optimizer, scheduler and checkpoints."""
 
@@ -122,21 +98,13 @@ class DistillationRuntime:
         ctx: ParallelContext,
         student: ModelArch,
         teachers: Sequence[TeacherSpec],
-        pipeline,
+        pipeline: MethodPipelineLike,
         train: TrainConfig,
         seq_length: int,
         pad_id: int | None = None,
         student_init: Path | None = None,
         vocab: VocabRestriction | None = None,
     ) -> None:
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
         self.baseline_memory_bytes = allocated_bytes() or 0
         """Bytes allocated before any model was built, so that the step peak minus this baseline
         is what the runtime itself holds (compared with ``gkd plan`` in the tests)."""
@@ -144,87 +112,48 @@ class DistillationRuntime:
         self.train_cfg = train
         self.seq_length = seq_length
         self.pad_id = pad_id
-        self.vocab = vocab
-        if vocab is not None:
-            vocab.orig_to_comp = vocab.orig_to_comp.to(ctx.device)
-            vocab.teacher_index = vocab.teacher_index.to(ctx.device)
-            vocab.valid = vocab.valid.to(ctx.device)
+        self.vocab = vocab.to(ctx.device) if vocab is not None else None
         self.pipeline = pipeline
         self.stage_kind = Stage(train.stage)
         self.precision = resolve_precision(train.precision)
-        self.accelerators = detect_accelerators()
         self.student_arch = student
         self.teacher_specs = list(teachers)
-        if train.global_batch_size % (train.micro_batch_size * ctx.dp):
-            raise ValueError(
-                f"train.global_batch_size={train.global_batch_size} is not divisible by "
-                f"train.micro_batch_size x dp = {train.micro_batch_size} x {ctx.dp}"
-            )
-        self.num_microbatches = train.global_batch_size // (train.micro_batch_size * ctx.dp)
+        self.step_state = StepState(total_steps=train.steps)
+        self.skipped_steps = 0
+        """Steps skipped for a non-finite loss or gradient (``train.max_skipped_steps``); saved in
+        checkpoints, so the budget spans resumes."""
+        self.num_microbatches = microbatches_per_step(train, seq_length, ctx)
 
-        self.student_info = model_info(student, ctx.tp)
-        self.teacher_infos = [model_info(t.arch, ctx.tp) for t in self.teacher_specs]
-        self.entries = list(getattr(pipeline, "entries", ()))
-        for entry in self.entries:
-            check_method_layout(
-                entry.method, entry.name, self.teacher_infos, self.student_info, pp=ctx.pp
-            )
-        self.taps = list(
-            pipeline.taps(self.teacher_infos[0] if self.teacher_infos else None, self.student_info)
+        plan = plan_methods(
+            pipeline,
+            student=student,
+            teachers=[t.arch for t in self.teacher_specs],
+            tp=ctx.tp,
+            pp=ctx.pp,
+            recompute=train.recompute,
         )
-        check_taps_for_recompute(self.taps, train.recompute)
-        needs_attention = any(t.kind in ATTENTION_KINDS for t in self.taps)
-        use_te = self.accelerators.transformer_engine and not needs_attention
-
-        if ctx.sequence_parallel and seq_length % ctx.tp:
-            raise ValueError(
-                f"parallel.sequence_parallel splits the sequence over tp={ctx.tp} ranks: the sequence "
-                f"length {seq_length} must be a multiple of {ctx.tp} (change data.seq_length or turn "
-                "sequence_parallel off)"
-            )
-        # Teachers: frozen, same TP/PP groups, bf16 on GPU.
-        self.teachers = []
-        for spec in self.teacher_specs:
-            # Weights are loaded or drawn layout-independently below: skip megatron's own init.
-            teacher = build_gpt(
-                spec.arch,
-                params_dtype=self.precision.params_dtype,
-                sequence_parallel=ctx.sequence_parallel,  # the stage concatenates both along h
-                use_te=use_te,
-                perform_initialization=False,
-            )
-            if spec.checkpoint is None:
-                init_layout_independent(teacher, seed=spec.seed, num_layers=spec.arch.num_layers)
-            else:
-                self._load_teacher(teacher, spec)
-            self.teachers.append(freeze(teacher))
-
-        student_model = build_gpt(
+        self.entries, self.taps = plan.entries, plan.taps
+        self.student_info, self.teacher_infos = plan.student_info, plan.teacher_infos
+        models = build_models(
             student,
-            params_dtype=self.precision.params_dtype,
+            self.teacher_specs,
+            seed=train.seed,
+            precision=self.precision,
             recompute=train.recompute,
             sequence_parallel=ctx.sequence_parallel,
-            use_te=use_te,
-            perform_initialization=False,
+            needs_attention=plan.needs_attention,
         )
-        init_layout_independent(student_model, seed=train.seed, num_layers=student.num_layers)
-        self.method_modules = MethodModules(
+        self.teachers = models.teachers
+        self.method_modules = build_method_modules(
             self.entries,
             student_layers=student.num_layers,
-            pp=ctx.pp,
-            pp_rank=ctx.pp_rank,
-            tp_rank=ctx.tp_rank,
-            dp_rank=ctx.dp_rank,
+            ctx=ctx,
             seed=train.seed,
-            device=ctx.device,
             dtype=self.precision.params_dtype,
         )
-        self.method_modules.synchronize(
-            tp_group=ctx.tp_group, pp_group=ctx.pp_group, dp_group=ctx.dp_group
-        )
         self.stage = DistillationStage(
-            student_model,
-            self.teachers,
+            models.student,
+            models.teachers,
             taps=self.taps,
             compute_fn=pipeline.compute,
             context_fn=self._loss_context,
@@ -232,144 +161,31 @@ class DistillationRuntime:
             is_last_stage=ctx.is_last_stage,
             method_modules=self.method_modules if len(self.method_modules) else None,
         )
-        from parallel.forward_hooks import RuntimeHandles
-
-        self.handles = RuntimeHandles(self)
-        for entry in self.entries:
-            if isinstance(entry.method, ForwardModifier):
-                if ctx.sequence_parallel:
-                    # Their hooks see layer inputs of [s/tp, b, h] (per-sequence norms, token swaps).
-                    raise ValueError(
-                        f"method {entry.name!r} changes the forward pass, which gkd does not support "
-                        "with parallel.sequence_parallel=true; turn sequence_parallel off"
-                    )
-                entry.method.install(self.handles)
-        if vocab is not None:
-            self._install_vocab_restriction(vocab)
-        config = student_model.config
-        self.model = DistributedDataParallel(
-            config=config,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=False
-            ),
-            module=self.stage,
+        self.handles = RuntimeHandles(self.stage, self.step_state, seed=train.seed)
+        install_forward_modifiers(
+            self.entries, self.handles, sequence_parallel=ctx.sequence_parallel
         )
-        config.no_sync_func = self.model.no_sync
-        config.finalize_model_grads_func = wrap_finalize(
-            finalize_model_grads, self.method_modules.replicated_parameters(), ctx.pp_group
-        )
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=train.lr,
-                min_lr=train.min_lr,
-                weight_decay=train.weight_decay,
-                adam_beta1=train.adam_beta1,
-                adam_beta2=train.adam_beta2,
-                clip_grad=train.clip_grad,
-                bf16=self.precision.params_dtype == torch.bfloat16,
-                params_dtype=self.precision.params_dtype,
-                use_distributed_optimizer=True,
-            ),
-            [self.model],
-        )
-        decay_steps = max(1, train.steps - train.warmup_steps) + train.warmup_steps
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0 if train.warmup_steps else train.lr,
-            max_lr=train.lr,
-            min_lr=train.min_lr if train.decay != "constant" else train.lr,
-            lr_warmup_steps=train.warmup_steps,
-            lr_decay_steps=decay_steps,
-            lr_decay_style=train.decay,
-            start_wd=train.weight_decay,
-            end_wd=train.weight_decay,
-            wd_incr_steps=decay_steps,
-            wd_incr_style="constant",
+        if self.vocab is not None:
+            install_vocab_restriction(
+                self.stage,
+                self.vocab,
+                shard_size=self.student_info.padded_vocab_size // ctx.tp,
+                vocab_size=student.vocab_size,
+            )
+        self.model = wrap_ddp(self.stage, self.method_modules, pp_group=ctx.pp_group)
+        self.optimizer = build_optimizer(self.model, train, self.precision)
+        self.scheduler = build_scheduler(self.optimizer, train)
+        self.checkpoint = ckpt.TrainingCheckpoint(
+            model=self.stage.module,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            layout=checkpoint_layout(ctx),
+            method_modules=method_modules_checkpoint(self.entries, self.method_modules, tp=ctx.tp),
         )
         if student_init is not None:
             ckpt.load_model_weights(Path(student_init), self.stage.module)
-        self._step = 0
 
-    # ------------------------------------------------------------------ building blocks
-    def _load_teacher(self, teacher, spec: TeacherSpec) -> None:
-        from parallel.hf import is_hf_dir, load_hf_weights
-
-        if spec.checkpoint is not None and is_hf_dir(spec.checkpoint):
-            load_hf_weights(teacher, spec.checkpoint, spec.arch)  # checks the architecture itself
-            return
-        folder = ckpt.resolve(spec.checkpoint)
-        meta = ckpt.read_meta(folder)
-        saved = meta.get("arch")
-        if saved is not None:
-            # Rotary models have no position table: a shorter configured max_seq_len is fine.
-            ignored = {"max_seq_len"} if spec.arch.position_embedding == "rope" else set()
-            mismatched = {
-                k: (saved.get(k), v)
-                for k, v in vars(spec.arch).items()
-                if k in saved and saved[k] != v and k not in ignored
-            }
-            if mismatched:
-                details = ", ".join(
-                    f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items()
-                )
-                raise ckpt.CheckpointError(
-                    f"teacher checkpoint {folder} has another architecture ({details}); set teacher.* to "
-                    "the checkpoint's values (see its meta.json)"
-                )
-        ckpt.verify_manifest(folder, checksums=False)
-        ckpt.load_model_weights(folder, teacher)
-
-    def _restrict_head(self, teacher: torch.nn.Module, index: torch.Tensor) -> None:
-        """In training, the frozen teacher's output layer computes only the columns the student
-        keeps (``hidden @ W[index]^T``): the full ``[s, b, V/tp]`` teacher logits are never
-        materialized, which halves the teacher head's time and memory at V' = V/2. Evaluation
-        (``stage.eval()``) runs the full head. Column-parallel input needs no communication here:
-        the teacher runs without sequence parallelism and under ``no_grad``."""
-        layer = getattr(teacher, "output_layer", None)
-        if layer is None:  # not the last pipeline stage
-            return
-        full_forward = layer.forward
-        stage = self.stage
-
-        def forward(input_, weight=None, runtime_gather_output=None, **kwargs):
-            if not stage.training:
-                return full_forward(
-                    input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs
-                )
-            full_weight = layer.weight if weight is None else weight
-            return torch.nn.functional.linear(input_, full_weight.index_select(0, index)), None
-
-        layer.forward = forward
-
-    def _install_vocab_restriction(self, vocab: VocabRestriction) -> None:
-        shard = self.student_info.padded_vocab_size // self.ctx.tp
-        if vocab.teacher_index.numel() != shard:
-            raise ValueError(
-                f"the vocabulary mapping gives {vocab.teacher_index.numel()} student columns per tp rank, "
-                f"but student.vocab_size={self.student_arch.vocab_size} gives {shard}; set "
-                "student.vocab_size to the mapping's compressed size"
-            )
-        invalid = ~vocab.valid
-        has_padding = bool(invalid.any())
-
-        def student_logits(logits: torch.Tensor) -> torch.Tensor:
-            return logits.masked_fill(invalid, MASKED_LOGIT)
-
-        def teacher_logits(logits: torch.Tensor) -> torch.Tensor:
-            # The teacher's head already computed only the kept columns (see _restrict_head).
-            return logits.masked_fill_(invalid, MASKED_LOGIT) if has_padding else logits
-
-        for teacher in self.teachers:
-            self._restrict_head(teacher, vocab.teacher_index)
-
-        if has_padding:  # without padding slots (balanced selection) the logits need no masked copy
-            self.stage.feature_transforms[Tap(Role.STUDENT, FeatureKind.LOGITS)] = student_logits
-        for index in range(len(self.teachers)):
-            self.stage.training_transforms[
-                Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=index)
-            ] = teacher_logits
-
+    # ------------------------------------------------------------------ one step
     def _loss_context(self, batch: dict) -> LossContext:
         shard = self.student_info.padded_vocab_size // self.ctx.tp
         # With a compressed vocabulary the padding slots are masked in the logits themselves, so
@@ -380,7 +196,7 @@ class DistillationRuntime:
             else self.student_info.vocab_size
         )
         return LossContext(
-            step=self._step,
+            step=self.step_state.step,
             total_steps=self.train_cfg.steps,
             stage=self.stage_kind,
             loss_mask=batch["loss_mask"],
@@ -487,7 +303,7 @@ class DistillationRuntime:
 
     def train_step(self, step: int, microbatches: Sequence[torch.Tensor]) -> StepResult:
         start = time.perf_counter()
-        self._step = step
+        self.step_state.step = step
         self.stage.train()
         for teacher in self.teachers:
             teacher.eval()
@@ -512,7 +328,7 @@ class DistillationRuntime:
         lr = self.optimizer.param_groups[0]["lr"]
         problem = step_problem(step, terms, self.model, rank=self.ctx.rank)
         if problem is not None:  # before optimizer.step(): the weights stay as they were
-            skipped = getattr(self, "skipped_steps", 0)
+            skipped = self.skipped_steps
             if skipped >= self.train_cfg.max_skipped_steps:
                 raise FloatingPointError(
                     f"{problem}; the optimizer step was not applied (train.max_skipped_steps="
@@ -568,10 +384,7 @@ class DistillationRuntime:
         return self._reduce_terms(self.stage.tracker.pop())
 
     def layout(self) -> ckpt.Layout:
-        c = self.ctx
-        return ckpt.Layout(
-            tp=c.tp, pp=c.pp, dp=c.dp, tp_rank=c.tp_rank, pp_rank=c.pp_rank, dp_rank=c.dp_rank
-        )
+        return self.checkpoint.layout
 
     def save(
         self,
@@ -583,20 +396,17 @@ class DistillationRuntime:
         keep_last: int,
         extra_files: dict | None = None,
     ) -> Path:
+        """Collective: a checkpoint of step ``step`` under ``root`` (see :mod:`parallel.checkpoint`);
+        ``meta`` gains the student's architecture, the precision and the skipped steps."""
         meta = {
             **meta,
             "arch": vars(self.student_arch),
             "precision": self.precision.name,
-            "skipped_steps": getattr(self, "skipped_steps", 0),
+            "skipped_steps": self.skipped_steps,
         }
-        return ckpt.save(
+        return self.checkpoint.save(
             root,
             step=step,
-            model=self.stage.module,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            layout=self.layout(),
-            method_modules=self._modules_for_checkpoint(),
             meta=meta,
             config_yaml=config_yaml,
             keep_last=keep_last,
@@ -604,27 +414,10 @@ class DistillationRuntime:
         )
 
     def load(self, folder: Path) -> dict:
-        meta = ckpt.load_training_state(
-            folder,
-            model=self.stage.module,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            layout=self.layout(),
-            method_modules=self._modules_for_checkpoint(),
-        )
+        """Collective: resume from ``folder`` (any layout); returns its meta."""
+        meta = self.checkpoint.load(folder)
         self.skipped_steps = int(meta.get("skipped_steps", 0))  # the skip budget spans resumes
         return meta
-
-    def _modules_for_checkpoint(self):
-        """The method modules as the checkpoint wants them (``None`` when no method has any)."""
-        if not any(isinstance(e.method, HasModules) for e in self.entries):
-            return None
-        return ckpt.ExtraShardedState(
-            sharded_state_dict=lambda: self.method_modules.sharded_state_dict(
-                METHODS_PREFIX, tp=self.ctx.tp
-            ),
-            load=lambda loaded: self.method_modules.load_loaded(loaded, METHODS_PREFIX),
-        )
 
     def parameter_bytes(self) -> dict[str, int]:
         """Bytes of this rank's teacher and student parameters (for benchmarks and the planner)."""

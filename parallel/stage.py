@@ -25,18 +25,37 @@ runtime's :class:`~parallel.forward_hooks.RuntimeHandles` drives them):
   microbatch (``embedding_grads``), ``"perturb"`` adds ``embedding_epsilon`` times that gradient,
   normalized per sequence, to the embedding output (gradient-perturbation second pass).
 * ``microbatch_index``: the microbatch being computed within the current schedule run.
+
+:class:`StepState` is the optimizer step being computed: one small object that the runtime advances
+and that the loss context and the forward handles read (nothing reaches into the runtime for it).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from methods.base import FeatureKind, LossContext, Role, Tap
 from parallel.memory import PeakTracker
 from parallel.taps import TapRecorder
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
+
+
+@dataclass
+class StepState:
+    """The optimizer step being computed: written by the runtime's ``train_step``, read by the loss
+    context (``LossContext.step``) and by the forward handles (``ForwardHandles.step()``)."""
+
+    total_steps: int
+    """``train.steps``."""
+    step: int = 0
+    """0-based step being computed (the last one computed between steps)."""
 
 
 class AttachAuxLoss(torch.autograd.Function):
@@ -84,8 +103,8 @@ class DistillationStage(torch.nn.Module):
 
     def __init__(
         self,
-        student: torch.nn.Module,
-        teachers: Sequence[torch.nn.Module],
+        student: GPTModel,
+        teachers: Sequence[GPTModel],
         *,
         taps: Sequence[Tap],
         compute_fn: Callable,
@@ -142,7 +161,7 @@ class DistillationStage(torch.nn.Module):
             recorder.add(tap)
 
     @property
-    def teachers(self) -> list[torch.nn.Module]:
+    def teachers(self) -> list[GPTModel]:
         return self._teachers
 
     @property

@@ -9,7 +9,7 @@ with 0 (in the calling process), 1, 2, ... worker processes; tokens/s, best of `
 (``methods.vocab_parallel.divergence` with the forward-KL kernel`), forward + backward, at ``V' = V/2`` against ``V' = V`` on
 the same shapes (N tokens, hidden size h). With the compressed vocabulary the teacher's logits
 ``[N, V]`` (an input in both cases) are restricted to the kept ids as the runtime does it
-(``DistillationRuntime._install_vocab_restriction``: ``index_select`` of the kept columns; the
+(``parallel.components.install_vocab_restriction``: ``index_select`` of the kept columns; the
 padding mask is skipped because the balanced selection leaves no padding slot). The kept ids are a
 real balanced selection (:func:`gkd_cli.vocab.select_kept_balanced`) of Zipf-distributed counts.
 Peak memory: each case in a fresh subprocess, the resident-set high-water mark (``VmHWM``, reset
