@@ -6,8 +6,8 @@ corpus counts the corpus (repeated ``--repeat`` times into one file, to amortize
 with 0 (in the calling process), 1, 2, ... worker processes; tokens/s, best of ``--runs``.
 
 ``head``: the student's output layer (hidden -> vocabulary projection) plus the GLMD logit loss
-(``methods.vocab_parallel.divergence` with the forward-KL kernel`), forward + backward, at ``V' = V/2`` against ``V' = V`` on
-the same shapes (N tokens, hidden size h). With the compressed vocabulary the teacher's logits
+(``methods.vocab_parallel.divergence`` with the forward-KL kernel), forward + backward, at
+``V' = V/2`` against ``V' = V`` on the same shapes (N tokens, hidden size h). With the compressed vocabulary the teacher's logits
 ``[N, V]`` (an input in both cases) are restricted to the kept ids as the runtime does it
 (``parallel.components.install_vocab_restriction``: ``index_select`` of the kept columns; the
 padding mask is skipped because the balanced selection leaves no padding slot). The kept ids are a
