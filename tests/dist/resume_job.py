@@ -45,17 +45,29 @@ def _train(ctx, spec: dict, out_dir: Path, *, save_every: int) -> list[dict]:
         steps=spec["steps"], global_batch_size=methods_job.GLOBAL_BATCH, micro_batch_size=methods_job.MICRO,
         lr=5e-3, min_lr=5e-4, warmup_steps=1, seed=11, stage="task",
     )  # fmt: skip
+    from methods.base import BuildContext, Stage
+    from parallel.model import model_info
+
+    student, teacher = ModelArch(**methods_job.STUDENT), ModelArch(**methods_job.TEACHER)
+    build_ctx = BuildContext(
+        stage=Stage.TASK, teachers=(model_info(teacher, ctx.tp),), student=model_info(student, ctx.tp),
+        tp=ctx.tp, pp=ctx.pp,
+    )  # fmt: skip
     runtime = DistillationRuntime(
-        ctx=ctx, student=ModelArch(**methods_job.STUDENT),
-        teachers=[TeacherSpec(ModelArch(**methods_job.TEACHER), seed=300)],
-        pipeline=methods_job.build_pipeline(METHODS, "task"), train=train, seq_length=methods_job.SEQ, pad_id=0,
+        ctx=ctx, student=student, teachers=[TeacherSpec(teacher, seed=300)],
+        pipeline=methods_job.build_pipeline(METHODS, "task", build_ctx), train=train, seq_length=methods_job.SEQ,
+        pad_id=0,
     )  # fmt: skip
     records: list[dict] = []
     train_loop(
         runtime,
         lambda step: methods_job.batches_for(step, ctx.dp_rank, ctx.dp),
         LoopSettings(
-            steps=spec["steps"], save_every=save_every, keep_last=0, out_dir=out_dir, meta={"test": True},
+            steps=spec["steps"],
+            save_every=save_every,
+            keep_last=0,
+            out_dir=out_dir,
+            meta={"test": True},
             config_yaml="test: true\n",
         ),
         on_step=records.append,
