@@ -96,6 +96,10 @@ class _CpuStream:
 _CPU_STREAM = _CpuStream()
 
 
+def _cpu_current_stream(device=None) -> _CpuStream:
+    return _CPU_STREAM
+
+
 def is_active() -> bool:
     return _active is not None
 
@@ -110,7 +114,7 @@ def activate() -> bool:
 
     torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
-    torch.cuda.current_stream = lambda device=None: _CPU_STREAM  # type: ignore[assignment]
+    torch.cuda.current_stream = _cpu_current_stream  # type: ignore[assignment]
     torch.cuda.get_rng_state = _cpu_get_rng_state  # type: ignore[assignment]
     torch.cuda.set_rng_state = _cpu_set_rng_state  # type: ignore[assignment]
     # On CPU the CPU generator plays the device generator's part: megatron's RNG tracker seeds a
