@@ -1,8 +1,9 @@
 """Work-arounds for megatron-core bugs that hit gkd's configurations (not CPU-specific).
 
-Found in 0.16.1; the upstream code of all three is unchanged in 0.19.2 (the newest release checked),
-so each applies to every release in gkd's supported range until :data:`FIXED_IN` names the release
-that fixed it (then it is skipped from that release on).
+Found in 0.16.1; all three are still there in 0.19.2, the newest release checked (upstream code
+unchanged; without each fix tests/dist/test_resume_matrix.py fails there), so each applies to every
+release in gkd's supported range until :data:`FIXED_IN` names the release that fixed it (then it is
+skipped from that release on).
 
 * Loading a ``fully_reshardable`` distributed-optimizer checkpoint with torch's native Adam (no
   apex or Transformer Engine, e.g. on CPU) fails with ``KeyError: 'step'``: the loader copies every
