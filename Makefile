@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install install-test demo test test-unit test-dist test-e2e test-slurm lint bench clean
+.PHONY: install install-test demo test test-unit test-dist test-e2e test-slurm test-py312 lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,35 @@ test-e2e: install-test
 test-slurm: install-test
 	$(BIN)/python -m pytest -q -m slurm tests/slurm $(PYTEST_ARGS)
 
+# The newest megatron-core (0.19.x, which needs Python 3.12, as cluster containers ship) in a venv
+# of its own, .venv312, beside CI's Python 3.11 + megatron-core 0.16.1 in .venv. Runs the unit and
+# distributed tiers. Python: pyenv's newest 3.12 (override with PYTHON312=/path/to/python3.12).
+# Torch: the same release as CI's, from PyTorch's CPU index when it answers (about 200 MB), else
+# from PyPI, whose Linux x86_64 wheel is a CUDA build (about 3 GB with its nvidia-* wheels; it
+# runs on the CPU too). megatron-core: the newest release setup.cfg's range admits.
+PYTHON312 ?= $(or $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python))),python3.12)
+VENV312 ?= .venv312
+BIN312 := $(VENV312)/bin
+TORCH312_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+$(BIN312)/python:
+	$(PYTHON312) -m venv $(VENV312)
+	$(BIN312)/python -m pip install --quiet --upgrade pip
+
+$(VENV312)/.installed-test: $(BIN312)/python setup.cfg pyproject.toml
+	$(BIN312)/pip install --quiet --retries 0 --timeout 20 --index-url $(TORCH_CPU_INDEX) "$(TORCH312_SPEC)" \
+	  || { echo "test-py312: no torch from $(TORCH_CPU_INDEX); taking PyPI's (a CUDA build, runs on CPU)"; \
+	       $(BIN312)/pip install --quiet "$(TORCH312_SPEC)"; }
+	$(BIN312)/pip install --quiet --upgrade --upgrade-strategy only-if-needed -e ".[test]" megatron-core
+	$(BIN312)/python -c "import sys, torch, importlib.metadata as m; \
+	  print('py312 venv: python', sys.version.split()[0], '| torch', torch.__version__, \
+	  '| megatron-core', m.version('megatron-core'))"
+	touch $@
+
+test-py312: $(VENV312)/.installed-test
+	$(BIN312)/python -m pytest -q -p no:cacheprovider -m "unit or dist" $(PYTEST_ARGS)
+
 # CI runs this before the tests: zero findings is the standard, not a goal.
 lint: install-test
 	$(BIN)/ruff check gkd_cli methods parallel scripts tests
@@ -57,4 +86,4 @@ bench: install-test
 	$(BIN)/python scripts/bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(VENV312) .pytest_cache .ruff_cache .mypy_cache

@@ -9,7 +9,8 @@ GPU, :func:`activate` patches exactly those places, and nothing else:
   the CPU generator, so the tracker's named states are real CPU generator states.
 * literal ``device="cuda"`` tensor factories (``total_num_tokens`` in the 1F1B schedule): a
   ``TorchFunctionMode`` rewrites CUDA ``device=`` arguments to CPU.
-* ``torch.cuda.synchronize`` and ``Tensor.cuda()``: no-ops returning the tensor.
+* ``torch.cuda.synchronize`` and ``Tensor.cuda()``: no-ops returning the tensor;
+  ``torch.cuda.current_stream()`` (megatron-core 0.17+): a stream whose waits are no-ops.
 * ``Tensor.type()`` without arguments: megatron's optimizers check parameter dtypes by legacy CUDA
   type names (``'torch.cuda.FloatTensor'``); CPU tensors report those names.
 
@@ -76,6 +77,33 @@ def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
     return _tensor_type(self, dtype, non_blocking, **kwargs)
 
 
+class _CpuStream:
+    """``torch.cuda.current_stream()`` on CPU (megatron-core 0.17+ asks for it in every gradient
+    sync): CPU work is synchronous, so waiting on and recording into it are no-ops."""
+
+    def wait_event(self, event=None) -> None:
+        pass
+
+    def wait_stream(self, stream=None) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _cpu_current_stream(device=None) -> _CpuStream:
+    return _CPU_STREAM
+
+
 def is_active() -> bool:
     return _active is not None
 
@@ -92,6 +120,7 @@ def activate() -> bool:
     # device (the CPU) is what it must return here.
     torch.cuda.current_device = _cpu_current_device  # type: ignore[assignment]
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.cuda.current_stream = _cpu_current_stream  # type: ignore[assignment]
     torch.cuda.get_rng_state = _cpu_get_rng_state  # type: ignore[assignment]
     torch.cuda.set_rng_state = _cpu_set_rng_state  # type: ignore[assignment]
     # On CPU the CPU generator plays the device generator's part: megatron's RNG tracker seeds a

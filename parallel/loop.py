@@ -115,21 +115,26 @@ def bind_checkpoint_writer() -> None:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
     except ImportError:
         return
-    if getattr(fsa, "_gkd_bound", False) or not hasattr(fsa, "_results_queue"):
+    # megatron-core 0.17 renamed _get_write_results_queue to get_write_results_queue(mp_mode).
+    name = next(
+        (n for n in ("get_write_results_queue", "_get_write_results_queue") if hasattr(fsa, n)),
+        None,
+    )
+    if name is None or getattr(fsa, "_gkd_bound", False) or not hasattr(fsa, "_results_queue"):
         return
 
-    def results_queue():
+    def results_queue(mp_mode: str = "spawn"):
         if fsa._results_queue is None:
             import multiprocessing
             from multiprocessing.managers import SyncManager
 
-            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager = SyncManager(ctx=multiprocessing.get_context(mp_mode))
             manager.start(initializer=_die_with_worker)
             fsa._results_queue = manager.Queue()
             fsa._gkd_manager = manager  # (megatron keeps only the queue proxy)
         return fsa._results_queue
 
-    fsa._get_write_results_queue = results_queue
+    setattr(fsa, name, results_queue)
     fsa._gkd_bound = True  # (recorded on the patched module: bound once per process)
 
 

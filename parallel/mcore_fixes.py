@@ -1,4 +1,9 @@
-"""Work-arounds for megatron-core 0.16.1 bugs that hit gkd's configurations (not CPU-specific).
+"""Work-arounds for megatron-core bugs that hit gkd's configurations (not CPU-specific).
+
+Found in 0.16.1; all three are still there in 0.19.2, the newest release checked (upstream code
+unchanged; without each fix tests/dist/test_resume_matrix.py fails there), so each applies to every
+release in gkd's supported range until :data:`FIXED_IN` names the release that fixed it (then it is
+skipped from that release on).
 
 * Loading a ``fully_reshardable`` distributed-optimizer checkpoint with torch's native Adam (no
   apex or Transformer Engine, e.g. on CPU) fails with ``KeyError: 'step'``: the loader copies every
@@ -25,9 +30,40 @@ Applied once by :func:`apply`; each fix names the upstream function it wraps.
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
+
 import torch
 
+#: The first megatron-core release that fixed each bug upstream; None: not fixed in any release
+#: checked (0.16.1 to 0.19.2). A fix is applied only to older releases.
+FIXED_IN: dict[str, str | None] = {
+    "step_not_in_checkpoint": None,
+    "shared_step_tensor": None,
+    "unpadded_world_tensors": None,
+}
+
 _applied = False
+
+
+def _release(version: str) -> tuple[int, int, int]:
+    """``"0.19.2"`` -> ``(0, 19, 2)``; pre-release and local suffixes (``rc1``, ``+cu``) dropped."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if match is None:
+        raise ValueError(f"not a megatron-core release: {version!r}")
+    major, minor, patch = match.groups()
+    return int(major), int(minor), int(patch or 0)
+
+
+def needed(fix: str, version: str | None = None) -> bool:
+    """Whether ``fix`` (a :data:`FIXED_IN` key) applies to megatron-core ``version`` (default:
+    the installed one)."""
+    fixed_in = FIXED_IN[fix]
+    if fixed_in is None:
+        return True
+    if version is None:
+        version = importlib.metadata.version("megatron-core")
+    return _release(version) < _release(fixed_in)
 
 
 def apply() -> None:
@@ -36,6 +72,16 @@ def apply() -> None:
         return
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+    if needed("step_not_in_checkpoint"):
+        _skip_missing_step(DistributedOptimizer)
+    if needed("shared_step_tensor"):
+        _private_steps(DistributedOptimizer)
+    if needed("unpadded_world_tensors"):
+        _world_tensors_in_buffer_space(DistributedOptimizer)
+    _applied = True
+
+
+def _skip_missing_step(DistributedOptimizer) -> None:
     original = DistributedOptimizer._set_main_param_and_optimizer_states
 
     def set_states_skipping_step(self, model_param, tensors):
@@ -53,6 +99,8 @@ def apply() -> None:
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states_skipping_step
 
+
+def _private_steps(DistributedOptimizer) -> None:
     original_load = DistributedOptimizer.load_state_dict
 
     def load_state_dict_with_private_steps(self, state_dict):
@@ -64,6 +112,8 @@ def apply() -> None:
 
     DistributedOptimizer.load_state_dict = load_state_dict_with_private_steps
 
+
+def _world_tensors_in_buffer_space(DistributedOptimizer) -> None:
     original_reshardable = DistributedOptimizer.sharded_param_state_fully_reshardable
 
     def fully_reshardable_in_buffer_space(self, *args, **kwargs):
@@ -79,7 +129,6 @@ def apply() -> None:
             del self.get_parameter_state_dp_zero
 
     DistributedOptimizer.sharded_param_state_fully_reshardable = fully_reshardable_in_buffer_space
-    _applied = True
 
 
 def _buffer_space(optimizer, state: dict | None) -> dict | None:
@@ -92,8 +141,10 @@ def _buffer_space(optimizer, state: dict | None) -> dict | None:
         if not isinstance(gbuf_idx, int):
             continue  # "buckets_coalesced"
         buffer = optimizer.buffers[gbuf_idx]
+        # 0.16.1 names Adam's two; later releases list the optimizer's own (Lion has one).
+        state_keys = getattr(optimizer, "optimizer_state_keys", ("exp_avg", "exp_avg_sq"))
         for world in by_dtype.values():
-            for key in ("param", "exp_avg", "exp_avg_sq"):
+            for key in ("param", *state_keys):
                 compact = world.get(key)
                 if compact is None:
                     continue
