@@ -1,7 +1,7 @@
 """Run megatron-core's real code on CPU with gloo.
 
-megatron-core 0.16.1 assumes CUDA in a handful of places (see ../shared/docs/FACTS.md). Without a
-GPU, :func:`activate` patches exactly those places, and nothing else:
+megatron-core (0.16.1 to 0.19.x) assumes CUDA in a handful of places, listed here. Without a GPU,
+:func:`activate` patches exactly those places, and nothing else:
 
 * ``torch.cuda.current_device()`` is used as a ``device=`` argument (tensor-parallel buffers, the
   pipeline's p2p shape exchange, attention's global memory buffer): it returns the CPU device.
