@@ -44,7 +44,9 @@ def logit_divergence(
 
 
 @dataclass(kw_only=True, frozen=True)
-class ForwardKLParams:
+class TemperatureParams:
+    """The parameters of a divergence that has none besides the temperature."""
+
     temperature: ScheduleLike = 1.0
     """Softmax temperature of both models."""
 
@@ -52,7 +54,7 @@ class ForwardKLParams:
 ForwardKL = logit_divergence(
     "ForwardKL",
     name="forward_kl",
-    params=ForwardKLParams,
+    params=TemperatureParams,
     kernel=lambda p: vk.forward_kl_kernel,
     term="kl",
     paper="Kullback and Leibler 1951 (KD: Hinton et al. 2015)",
@@ -61,16 +63,10 @@ ForwardKL = logit_divergence(
 )
 
 
-@dataclass(kw_only=True, frozen=True)
-class ReverseKLParams:
-    temperature: ScheduleLike = 1.0
-    """Softmax temperature of both models."""
-
-
 ReverseKL = logit_divergence(
     "ReverseKL",
     name="reverse_kl",
-    params=ReverseKLParams,
+    params=TemperatureParams,
     kernel=lambda p: vk.reverse_kl_kernel,
     term="rkl",
     paper="Gu et al. 2024 (MiniLLM), token level",
@@ -142,16 +138,10 @@ SkewRKL = logit_divergence(
 )
 
 
-@dataclass(kw_only=True, frozen=True)
-class TVDParams:
-    temperature: ScheduleLike = 1.0
-    """Softmax temperature of both models."""
-
-
 TVD = logit_divergence(
     "TVD",
     name="tvd",
-    params=TVDParams,
+    params=TemperatureParams,
     kernel=lambda p: vk.tvd_kernel,
     term="tvd",
     paper="Wen et al. 2023 (f-distill)",
