@@ -33,7 +33,9 @@ SELECTION_HELP = (
     "balanced: the most frequent keep/tp tokens of each teacher tensor-parallel shard, so the "
     "student vocabulary is exactly the keep size; global: the most frequent tokens overall "
     "(higher coverage, but at tp > 1 the shards are padded to the fullest one, so the student "
-    "vocabulary can grow well beyond the keep size). Same result at --tp 1."
+    "vocabulary can grow well beyond the keep size). Same result at --tp 1. GLMD's own recipe is "
+    "--selection global --similarity dot; the report compares both selections' coverage at the "
+    "student vocabulary you get."
 )
 
 
@@ -152,6 +154,17 @@ def _summary(result, *, teacher_line: str, tokenizer_line: str, show_dropped: in
         ),
         ("dropped tokens map to", report["replacement"]),
     ]
+    same = report.get("equal_size")
+    if same and report["tp"] > 1:
+        rows.insert(
+            -1,
+            (
+                "at this student size",
+                f"balanced selection covers {100 * same['balanced_coverage']:.2f}% "
+                f"({same['balanced_unseen_kept']:,} kept tokens never seen), global "
+                f"{100 * same['global_coverage']:.2f}% ({same['global_unseen_kept']:,} never seen)",
+            ),
+        )
     params = report.get("parameters")
     if params:
         tie = "tied" if params["tied_embeddings"] else "untied"
@@ -252,8 +265,12 @@ def compress_vocab_command(
         int, typer.Option(help="Round the keep size (per shard) to a multiple of this.")
     ] = 128,
     similarity: Annotated[
-        str, typer.Option(help="Embedding similarity: dot, cosine or euclidean.")
-    ] = "cosine",
+        str,
+        typer.Option(
+            help="Embedding similarity that picks each dropped token's replacement: dot (GLMD's), "
+            "cosine or euclidean."
+        ),
+    ] = "dot",
     selection: Annotated[str, typer.Option(help=SELECTION_HELP)] = "balanced",
     map_to_unk: Annotated[
         bool,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from gkd_cli.data.tokenizer import Tokenizer
 from gkd_cli.vocab.mapping import VocabMapping
-from gkd_cli.vocab.selection import round_up
+from gkd_cli.vocab.selection import equal_size_coverage, round_up
 
 
 def coverage(counts: np.ndarray, kept_mask: np.ndarray) -> float:
@@ -63,6 +64,7 @@ def build_report(
     counts: np.ndarray,
     counting: dict[str, Any],
     forced: dict[str, int],
+    forced_ids: Iterable[int] = (),
     student_hidden_size: int | None,
     tied_embeddings: bool,
     multiple: int,
@@ -113,6 +115,13 @@ def build_report(
         "token_types_seen": int(seen.sum()),
         "token_types_seen_kept": int((seen & kept_mask).sum()),
         "shards": shards,
+        "equal_size": equal_size_coverage(
+            counts,
+            forced_ids,
+            compressed_vocab_size=mapping.compressed_vocab_size,
+            teacher_vocab_padded=mapping.teacher_vocab_padded,
+            tp=tp,
+        ),
         "top_dropped": top,
     }
     if student_hidden_size is not None:
@@ -162,6 +171,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| token types seen / kept among them | {report['token_types_seen']:,} / "
         f"{report['token_types_seen_kept']:,} |",
     ]
+    same = report.get("equal_size")
+    if same:
+        lines.append(
+            f"| coverage at this student vocabulary ({same['compressed_vocab_size']:,}): balanced "
+            f"/ global selection | {100 * same['balanced_coverage']:.3f}% "
+            f"({same['balanced_kept']:,} kept, {same['balanced_unseen_kept']:,} never seen) / "
+            f"{100 * same['global_coverage']:.3f}% ({same['global_kept']:,} kept, "
+            f"{same['global_unseen_kept']:,} never seen) |"
+        )
     params = report.get("parameters")
     if params:
         tie = "tied" if params["tied_embeddings"] else "untied"

@@ -26,7 +26,16 @@ full: ``V' = K`` with no padding. For a given ``V'`` this is the selection of hi
 coverage that the shard rule admits (each student shard holds at most ``V'/tp`` ids of its teacher
 shard, and per shard the most frequent ones cover most); compared with the global top-``K`` it
 keeps as many tokens but trades some frequent tokens of crowded shards for rarer ones of sparse
-shards. At ``tp = 1`` both selections are the same.
+shards. At ``tp = 1`` both selections are the same. Within a shard the selection is by count, so
+a token never seen in the corpus is kept only when every seen token of its shard is kept too
+(forced tokens aside); across shards it can happen (a sparse shard fills its quota with unseen
+tokens while a crowded one drops frequent tokens): :func:`equal_size_coverage` measures what each
+selection covers at the same student vocabulary, and the report prints it.
+
+GLMD's own recipe (Tan et al. 2023, Sec. 3.3; the authors' GLMKD code) is the global selection with
+dot-product similarity of the teacher's (tied) word embeddings: ``--selection global --similarity
+dot``. Similarity defaults to ``dot``; selection defaults to ``balanced``, which is the same set at
+``tp = 1`` and keeps the student vocabulary at the requested size at ``tp > 1``.
 """
 
 from __future__ import annotations
@@ -227,3 +236,71 @@ def select_kept_balanced(
         kept.append(mine)
         kept.append(order[: max(0, quota - len(mine))])
     return np.sort(np.concatenate(kept))
+
+
+def global_prefix_fitting(
+    counts: np.ndarray,
+    forced_ids: Iterable[int],
+    *,
+    teacher_vocab_padded: int,
+    tp: int,
+    shard_width: int,
+) -> np.ndarray:
+    """Sorted ids of the longest prefix of the global order (forced ids, then by descending count,
+    ties by lower id) whose kept ids number at most ``shard_width`` in every teacher shard: the
+    global selection that fits a student vocabulary of ``tp x shard_width``."""
+    counts = np.asarray(counts)
+    vocab = len(counts)
+    forced = np.unique(np.fromiter((int(i) for i in forced_ids), dtype=np.int64))
+    others = np.setdiff1d(np.arange(vocab, dtype=np.int64), forced)
+    order = np.concatenate([forced, others[np.argsort(-counts[others], kind="stable")]])
+    width = teacher_vocab_padded // tp
+    # Number of ids of each shard among the first i of the order; the prefix fits while no shard
+    # count exceeds shard_width.
+    onehot_shard = order // width
+    running = np.zeros((len(order), tp), dtype=np.int64)
+    running[np.arange(len(order)), onehot_shard] = 1
+    running = np.cumsum(running, axis=0)
+    over = np.flatnonzero((running > shard_width).any(axis=1))
+    length = int(over[0]) if len(over) else len(order)
+    return np.sort(order[:length])
+
+
+def equal_size_coverage(
+    counts: np.ndarray,
+    forced_ids: Iterable[int],
+    *,
+    compressed_vocab_size: int,
+    teacher_vocab_padded: int,
+    tp: int,
+) -> dict[str, float | int]:
+    """Corpus coverage of the balanced and of the global selection at the same student vocabulary
+    ``V' = compressed_vocab_size`` (both laid out by the shard rule at ``tp``): the balanced one
+    keeps the top ``V'/tp`` ids of each teacher shard; the global one keeps the longest global
+    top-K that fits ``V'/tp`` slots per shard. Also how many kept ids of each were never seen in
+    the corpus (count 0), forced ids (special, verbalizer, force-keep) not counted."""
+    counts = np.asarray(counts)
+    forced = list(forced_ids)
+    shard_width = compressed_vocab_size // tp
+    balanced = select_kept_balanced(
+        counts, compressed_vocab_size, forced, teacher_vocab_padded=teacher_vocab_padded, tp=tp
+    )
+    global_ = global_prefix_fitting(
+        counts, forced, teacher_vocab_padded=teacher_vocab_padded, tp=tp, shard_width=shard_width
+    )
+    total = max(1, int(counts.sum()))
+    forced_set = np.asarray(sorted({int(i) for i in forced}), dtype=np.int64)
+
+    def unseen(kept: np.ndarray) -> int:
+        chosen = np.setdiff1d(kept, forced_set)
+        return int((counts[chosen] == 0).sum())
+
+    return {
+        "compressed_vocab_size": int(compressed_vocab_size),
+        "balanced_kept": int(len(balanced)),
+        "balanced_coverage": int(counts[balanced].sum()) / total,
+        "balanced_unseen_kept": unseen(balanced),
+        "global_kept": int(len(global_)),
+        "global_coverage": int(counts[global_].sum()) / total,
+        "global_unseen_kept": unseen(global_),
+    }

@@ -1,6 +1,6 @@
 """``gkd compress-vocab`` through CliRunner: the mapping it writes (checked against a plain
-reference: frequencies counted here, balanced per-shard selection, cosine nearest neighbour in
-float64), the Rich summary, the teacher readers (Hugging Face folder, gkd checkpoint folder) and
+reference: frequencies counted here, balanced per-shard selection, dot-product nearest neighbour
+in float64, both selections' coverage at equal student size), the Rich summary, the teacher readers (Hugging Face folder, gkd checkpoint folder) and
 bad input as one red line with exit code 2 and nothing written."""
 
 from __future__ import annotations
@@ -125,13 +125,30 @@ def test_compress_with_hf_teacher(setup, tmp_path):
     forced = _forced(tokenizer, ["xylophone", "zebra", " quixotic"])
     expected = _balanced_reference(counts, forced, 512, 1280, 2)
     assert set(np.flatnonzero(mapping.kept_mask).tolist()) == expected
-    # each dropped token maps to the most cosine-similar kept non-special token
+    # each dropped token maps to the kept non-special token of largest dot product (the default,
+    # GLMD's similarity)
     candidates = np.array(sorted(expected - set(tokenizer.special_ids)))
-    normed = embedding.double().numpy()
-    normed = normed / np.linalg.norm(normed, axis=1, keepdims=True)
+    emb = embedding.double().numpy()
     dropped = np.flatnonzero(~mapping.kept_mask)
-    nearest = candidates[np.argmax(normed[dropped] @ normed[candidates].T, axis=1)]
+    nearest = candidates[np.argmax(emb[dropped] @ emb[candidates].T, axis=1)]
     assert np.array_equal(mapping.comp_to_orig[mapping.orig_to_comp[dropped]], nearest)
+    # coverage of both selections at this student size (512 ids = 256 per shard): the global one
+    # is the longest prefix of (forced, then by count) with at most 256 ids in either shard
+    order = sorted(forced) + sorted(
+        (i for i in range(len(counts)) if i not in forced), key=lambda i: (-counts[i], i)
+    )
+    per_shard, prefix = [0, 0], []
+    for i in order:
+        per_shard[i // 640] += 1
+        if max(per_shard) > 256:
+            break
+        prefix.append(i)
+    same = json.loads((out / "vocab_report.json").read_text())["equal_size"]
+    assert same["global_kept"] == len(prefix) and same["balanced_kept"] == 512
+    assert same["global_coverage"] == pytest.approx(counts[prefix].sum() / counts.sum())
+    assert same["balanced_coverage"] == pytest.approx(counts[sorted(expected)].sum() / counts.sum())
+    assert same["balanced_unseen_kept"] == sum(counts[i] == 0 for i in expected - forced)
+    assert "at this student size" in result.stdout
     # the summary
     for words in ("Vocabulary compression", "512 ids at tp=2", "tokens/s", "coverage",
                   "Most frequent dropped tokens", "student.vocab_size=512"):  # fmt: skip

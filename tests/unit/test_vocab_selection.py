@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gkd_cli.vocab.selection import (
+    equal_size_coverage,
     keep_size,
     layout_kept,
     parse_keep,
@@ -176,6 +177,12 @@ def test_balanced_selection_fills_each_shard_with_its_most_frequent(
         rest = sorted((i for i in ids if i not in forced), key=lambda i: (-counts[i], i))
         expected |= set(must) | set(rest[: quota - len(must)])
     assert kept.tolist() == sorted(expected)
+    # within a shard, an unseen token is never kept while a seen one of that shard is dropped
+    for rank in range(tp):
+        ids = [i for i in range(vocab) if i // shard_width == rank and i not in forced]
+        unseen_kept = [i for i in ids if counts[i] == 0 and i in expected]
+        seen_dropped = [i for i in ids if counts[i] > 0 and i not in expected]
+        assert not (unseen_kept and seen_dropped)
     comp_to_orig = layout_kept(kept, teacher_vocab_padded=teacher_padded, tp=tp, multiple=multiple)
     # no student shard is wider than the quota; exactly the quota when a teacher shard can fill it
     fullest = max(sum(1 for i in range(vocab) if i // shard_width == r) for r in range(tp))
@@ -200,3 +207,17 @@ def test_balanced_keeps_the_requested_size_where_global_pads():
     balanced = select_kept_balanced(counts, 8, [], teacher_vocab_padded=16, tp=2, multiple=1)
     assert balanced.tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
     assert len(layout_kept(balanced, teacher_vocab_padded=16, tp=2, multiple=1)) == 8
+
+
+def test_equal_size_coverage_of_a_crowded_vocabulary():
+    # shard 0 (ids 0-7) holds every frequent token, shard 1 (ids 8-15) only two seen ones: at a
+    # student vocabulary of 8 (4 per shard) balanced keeps 0-3 plus 8, 9 and two unseen ids; the
+    # global top-K (a prefix of the order by count) fits only while shard 0 holds at most 4.
+    counts = np.array([100, 90, 80, 70, 60, 50, 40, 30, 1, 1, 0, 0, 0, 0, 0, 0])
+    same = equal_size_coverage(counts, [], compressed_vocab_size=8, teacher_vocab_padded=16, tp=2)
+    total = counts.sum()
+    assert same["balanced_kept"] == 8 and same["balanced_unseen_kept"] == 2
+    assert same["balanced_coverage"] == pytest.approx((100 + 90 + 80 + 70 + 1 + 1) / total)
+    # global order: 0..7 by count; the 5th (id 4) would put 5 ids in shard 0: prefix 0-3
+    assert same["global_kept"] == 4 and same["global_unseen_kept"] == 0
+    assert same["global_coverage"] == pytest.approx((100 + 90 + 80 + 70) / total)
