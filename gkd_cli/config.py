@@ -65,6 +65,13 @@ class ModelConfig(ModelArch):
     """How the weights start: ``checkpoint`` (load ``checkpoint``) or ``random``. Default:
     ``checkpoint`` when one is given, else ``random`` for the student. A teacher with random
     weights is only useful for tests and demos, so it must be asked for explicitly."""
+    init_layers: list[int] | str | None = None
+    """Student only: initialize by truncating ``checkpoint``, a deeper gkd checkpoint of the same
+    widths (hidden, heads, FFN, vocabulary), keeping one of its layers per student layer: a list
+    of 0-based layer indices, ``first`` (its first ``num_layers`` layers) or ``every:K`` (layers
+    K-1, 2K-1, ...). Embeddings, final norm and output layer are copied. GLMKD starts PKD,
+    Theseus, ALP-KD, Universal-KD, TAKD and DGKD students this way (e.g. the teacher itself as
+    ``checkpoint``)."""
 
     def arch(self) -> ModelArch:
         """The plain architecture, as ``parallel/`` takes it."""
@@ -697,6 +704,19 @@ def _check_models(cfg: DistillConfig) -> None:
         raise ConfigError(
             "student.init=random contradicts student.checkpoint; remove one of them",
             field="student.init",
+        )
+    for index, teacher in enumerate(cfg.teachers):
+        if teacher.init_layers is not None:
+            role = cfg.teacher_role(index)
+            raise ConfigError(
+                f"{role}.init_layers: only the student is initialized by truncation; remove it",
+                field=f"{role}.init_layers",
+            )
+    if student.init_layers is not None and student.checkpoint is None:
+        raise ConfigError(
+            "student.init_layers needs student.checkpoint (the deeper checkpoint to truncate, "
+            "e.g. the teacher's)",
+            field="student.init_layers",
         )
 
 

@@ -102,6 +102,18 @@ def check_checkpoint(cfg: DistillConfig, role: str, model) -> None:
         return
     arch = vars(model.arch())
     ignored = {"max_seq_len"} if arch.get("position_embedding") == "rope" else set()
+    if getattr(model, "init_layers", None) is not None:
+        ignored.add("num_layers")
+        try:
+            ckpt.resolve_layer_map(
+                model.init_layers,
+                student_layers=model.num_layers,
+                saved_layers=int(saved.get("num_layers", 0)),
+            )
+        except ValueError as err:
+            raise ConfigError(
+                f"{role}.init_layers: {err} (checkpoint {folder})", field=f"{role}.init_layers"
+            ) from None
     diff = {
         k: (saved[k], v)
         for k, v in arch.items()

@@ -75,6 +75,18 @@ def _superglue_texts(cfg: DistillConfig, cache: Path, *, rank: int) -> Path:
     return path
 
 
+def _student_layer_map(cfg: DistillConfig) -> list[int] | None:
+    """``student.init_layers`` resolved against the checkpoint's layer count (checked before
+    launch by the preflight)."""
+    from parallel import checkpoint as ckpt
+
+    spec = cfg.student.init_layers
+    if spec is None or cfg.student.checkpoint is None:
+        return None
+    saved = ckpt.read_meta(ckpt.resolve(cfg.student.checkpoint))["arch"]["num_layers"]
+    return ckpt.resolve_layer_map(spec, student_layers=cfg.student.num_layers, saved_layers=saved)
+
+
 def make_batch_fn(dataset, cfg: DistillConfig, ctx):
     from gkd_cli.data import batch_indices
 
@@ -238,6 +250,7 @@ def run(cfg: DistillConfig, pipeline: MethodPipeline) -> str:
             train=cfg.train,
             seq_length=cfg.data.seq_length,
             student_init=Path(cfg.student.checkpoint) if cfg.student.checkpoint else None,
+            student_init_layers=_student_layer_map(cfg),
             vocab=vocab,
         )
         out = Path(cfg.output.dir)

@@ -384,13 +384,117 @@ def _strip(state: dict) -> dict:
     }
 
 
-def load_model_weights(folder: Path, model) -> dict:
-    """Collective: load only the model weights of a gkd checkpoint into ``model`` (any layout)."""
+LAYER_KEY_PREFIX = MODEL_PREFIX + "decoder.layers."
+
+
+def resolve_layer_map(
+    spec: list[int] | str, *, student_layers: int, saved_layers: int
+) -> list[int]:
+    """The checkpoint layer (0-based) that each student layer starts from, for ``spec``:
+
+    * a list of layer indices, one per student layer;
+    * ``"first"``: the checkpoint's first ``student_layers`` layers (PKD, Sun et al. 2019, Sec. 4.1:
+      "initialized with the first k layers");
+    * ``"every:K"``: layers ``K-1, 2K-1, ...`` (the top layer of each group of ``K``, the layers
+      PKD-Skip and uniform layer maps align with; ``every:2`` of 12 layers: 1, 3, ..., 11).
+
+    ``ValueError`` naming the problem and the fix."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text == "first":
+            layers = list(range(student_layers))
+        elif text.startswith("every:") and text[len("every:") :].strip().isdigit():
+            k = int(text[len("every:") :])
+            if k < 1:
+                raise ValueError(f"init_layers={spec!r}: K must be at least 1")
+            layers = [(j + 1) * k - 1 for j in range(student_layers)]
+        else:
+            raise ValueError(
+                f"init_layers={spec!r} is not a list of layer indices, 'first' or 'every:K'"
+            )
+    else:
+        layers = [int(i) for i in spec]
+    if len(layers) != student_layers:
+        raise ValueError(
+            f"init_layers names {len(layers)} layers but the student has num_layers="
+            f"{student_layers}; give one checkpoint layer per student layer"
+        )
+    bad = [i for i in layers if not 0 <= i < saved_layers]
+    if bad:
+        raise ValueError(
+            f"init_layers={spec!r} takes layer(s) {bad} of a checkpoint with {saved_layers} layers "
+            f"(valid: 0-{saved_layers - 1})"
+        )
+    return layers
+
+
+def _remap_layers(tree, layer_map: list[int], saved_layers: int):
+    """``tree`` (a sharded state dict) with every per-layer entry pointing at the checkpoint layer
+    ``layer_map[j]`` of ``saved_layers`` instead of layer ``j`` (megatron-core stacks a block's
+    layers on a prepended axis 0: global offset = global layer number)."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedObject,
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
+
+    def remap(leaf):
+        if not getattr(leaf, "key", "").startswith(LAYER_KEY_PREFIX):
+            return leaf
+        if isinstance(leaf, ShardedTensor):
+            if leaf.prepend_axis_num < 1:
+                raise CheckpointError(f"{leaf.key}: no layer axis to remap")
+            frag = leaf.axis_fragmentations
+            return dataclasses.replace(
+                leaf,
+                global_shape=(saved_layers, *leaf.global_shape[1:]),
+                global_offset=(layer_map[leaf.global_offset[0]], *leaf.global_offset[1:]),
+                axis_fragmentations=None if frag is None else (saved_layers, *frag[1:]),
+            )
+        if isinstance(leaf, ShardedObject):
+            return dataclasses.replace(
+                leaf,
+                global_shape=(saved_layers, *leaf.global_shape[1:]),
+                global_offset=(layer_map[leaf.global_offset[0]], *leaf.global_offset[1:]),
+            )
+        if isinstance(leaf, ShardedTensorFactory):
+            build = leaf.build_fn
+
+            def remapped_build(*args, **kwargs):
+                return _remap_layers(build(*args, **kwargs), layer_map, saved_layers)
+
+            return dataclasses.replace(leaf, build_fn=remapped_build)
+        return leaf
+
+    if isinstance(tree, dict):
+        return {k: _remap_layers(v, layer_map, saved_layers) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_remap_layers(v, layer_map, saved_layers) for v in tree]
+    return remap(tree)
+
+
+def load_model_weights(folder: Path, model, *, layer_map: list[int] | None = None) -> dict:
+    """Collective: load only the model weights of a gkd checkpoint into ``model`` (any layout).
+
+    ``layer_map`` (student initialized by truncating a deeper checkpoint): student layer ``j``
+    loads checkpoint layer ``layer_map[j]``; embeddings, final norm and output layer load as they
+    are, so every width must match (:func:`resolve_layer_map` builds the map)."""
     from megatron.core import dist_checkpointing
 
     meta = read_meta(folder)
+    sharded = model.sharded_state_dict(prefix=MODEL_PREFIX)
+    if layer_map is not None:
+        saved_layers = int(meta.get("arch", {}).get("num_layers", 0))
+        if saved_layers < 1:
+            raise CheckpointError(f"{folder}/meta.json names no arch.num_layers to truncate from")
+        sharded = _remap_layers(sharded, list(layer_map), saved_layers)
+    # A truncated load reads some checkpoint layers and skips others: megatron's check that every
+    # shard is read exactly once does not apply (each student parameter is still loaded: missing
+    # keys are caught below).
     loaded = dist_checkpointing.load(
-        {"model": model.sharded_state_dict(prefix=MODEL_PREFIX)}, str(folder / "dist")
+        {"model": sharded}, str(folder / "dist"), validate_access_integrity=layer_map is None
     )
     missing, unexpected = model.load_state_dict(_strip(loaded["model"]), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

@@ -103,6 +103,7 @@ class DistillationRuntime:
         seq_length: int,
         pad_id: int | None = None,
         student_init: Path | None = None,
+        student_init_layers: list[int] | None = None,
         vocab: VocabRestriction | None = None,
     ) -> None:
         self.baseline_memory_bytes = allocated_bytes() or 0
@@ -183,7 +184,9 @@ class DistillationRuntime:
             method_modules=method_modules_checkpoint(self.entries, self.method_modules, tp=ctx.tp),
         )
         if student_init is not None:
-            ckpt.load_model_weights(Path(student_init), self.stage.module)
+            ckpt.load_model_weights(
+                Path(student_init), self.stage.module, layer_map=student_init_layers
+            )
 
     # ------------------------------------------------------------------ one step
     def _loss_context(self, batch: dict) -> LossContext:

@@ -176,6 +176,40 @@ def test_teacher_checkpoint_of_other_architecture(tmp_path, tokenizer):
     )
 
 
+@pytest.mark.parametrize(
+    ("init_layers", "student_changes", "needles"),
+    [
+        ([0, 5], {"num_layers": 2}, ["student.init_layers", "layer(s) [5]", "with 2 layers"]),
+        ("every:2", {"num_layers": 2}, ["student.init_layers", "layer(s) [3]", "valid: 0-1"]),
+        ([0], {"num_layers": 2}, ["student.init_layers", "names 1 layers", "num_layers=2"]),
+        ("last:1", {}, ["student.init_layers", "'first' or 'every:K'"]),
+        ("first", {"hidden_size": 48}, ["another architecture", "hidden_size: checkpoint"]),
+    ],
+    ids=["out-of-range", "every-too-deep", "count-mismatch", "unknown-spec", "other-width"],
+)
+def test_student_truncation_refusals(tmp_path, tokenizer, init_layers, student_changes, needles):
+    # the checkpoint holds the teacher's architecture (2 layers, hidden 64)
+    _fake_checkpoint(tmp_path, tokenizer)
+    cfg = _cfg(tmp_path, tokenizer)
+    teacher_arch = {k: v for k, v in TEACHER.items() if k != "init"}
+    cfg["student"] = {
+        **teacher_arch,
+        **student_changes,
+        "checkpoint": str(tmp_path / "teacher_ckpt"),
+        "init_layers": init_layers,
+    }
+    _refused(tmp_path, cfg, *needles)
+
+
+def test_teacher_init_layers_and_truncation_without_checkpoint(tmp_path, tokenizer, no_launch):
+    cfg = _cfg(tmp_path, tokenizer)
+    cfg["teacher"]["init_layers"] = "first"
+    _refused(tmp_path, cfg, "teacher.init_layers", "only the student")
+    cfg = _cfg(tmp_path, tokenizer)
+    cfg["student"]["init_layers"] = "first"
+    _refused(tmp_path, cfg, "student.init_layers needs student.checkpoint")
+
+
 def test_output_dir_of_another_run_is_refused(tmp_path, tokenizer):
     cfg = load_config_dict(tmp_path, tokenizer)
     out = Path(cfg.output.dir)
@@ -427,3 +461,24 @@ def test_refusal_through_the_installed_command(tmp_path, tokenizer):
     assert result.returncode == 2, output
     assert "Traceback" not in output and "glmd.temperature=0.0 must be > 0" in output, output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
+
+
+def test_worker_resolves_the_layer_map_from_a_run_directory(tmp_path, tokenizer):
+    from gkd_cli.config import load_config
+    from gkd_cli.worker import _student_layer_map
+
+    _fake_checkpoint(tmp_path, tokenizer, num_layers=12)
+    cfg = _cfg(tmp_path, tokenizer)
+    cfg["student"] = {
+        **{k: v for k, v in TEACHER.items()},
+        "num_layers": 6,
+        "checkpoint": str(tmp_path / "teacher_ckpt"),  # a run directory: its latest checkpoint
+        "init_layers": "every:2",
+    }
+    path = tmp_path / "trunc.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    # PKD-Skip's layers of a 12-layer teacher for a 6-layer student (Sun et al. 2019): 2, 4, ..., 12
+    assert _student_layer_map(load_config(path)) == [1, 3, 5, 7, 9, 11]
+    cfg["student"]["init_layers"] = "first"
+    path.write_text(yaml.safe_dump(cfg))
+    assert _student_layer_map(load_config(path)) == [0, 1, 2, 3, 4, 5]
