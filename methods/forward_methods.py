@@ -183,14 +183,15 @@ class Theseus:
 class DIITOParams:
     temperature: ScheduleLike = 2.0
     """Softmax temperature of the soft KL and of the intervention cross entropy."""
-    soft_weight: ScheduleLike = 5.0
-    """Weight of ``T^2 KL(p_t || p_s)`` (DistilBERT's alpha_ce)."""
-    hard_weight: ScheduleLike = 2.0
+    soft_weight: ScheduleLike = 0.25
+    """Weight of ``T^2 KL(p_t || p_s)`` (alpha_ce; GLMKD's DIITO recipe: 0.25 for each of the
+    four terms, where DistilBERT's own weights are 5/2/1)."""
+    hard_weight: ScheduleLike = 0.25
     """Weight of the student's LM cross entropy (alpha_mlm)."""
-    cosine_weight: ScheduleLike = 1.0
+    cosine_weight: ScheduleLike = 0.25
     """Weight of ``1 - cos`` between the final hidden states (alpha_cos; needs equal widths, 0 drops it)."""
-    iit_weight: ScheduleLike = 1.0
-    """Weight of the interchange-intervention cross entropy."""
+    iit_weight: ScheduleLike = 0.25
+    """Weight of the interchange-intervention cross entropy (alpha_causal_ce)."""
     span: float = 0.3
     """Fraction of the sequence whose hidden states are swapped (consecutive tokens)."""
     student_layer: int | None = None
@@ -203,13 +204,15 @@ class DIITOParams:
 class DIITO:
     """DIITO, causal distillation by interchange intervention training (Wu et al. 2022, "Causal
     Distillation for Language Models", NAACL, sec. 3): DistilBERT's objective,
-    ``5 T^2 KL(p_t^T || p_s^T) + 2 CE(y, p_s) + (1 - cos(h_s, h_t))`` on the final hidden states,
+    ``T^2 KL(p_t^T || p_s^T)``, ``CE(y, p_s)`` and ``1 - cos(h_s, h_t)`` on the final hidden states,
     plus the interchange-intervention objective: in teacher and student alike, the hidden states of
     a span of ``span`` x the sequence at an aligned layer are replaced by those of another sequence
     (the next one in the microbatch; with one sequence, its own states ``span`` positions earlier),
     and the student's counterfactual prediction is trained to the teacher's with a soft cross
     entropy at T. The counterfactual run is the second half of a doubled microbatch (one pipeline
-    pass, not a second pass)."""
+    pass, not a second pass). Weights: 0.25 each, as the authors' GLMKD recipe for GKD
+    (``--diito_alpha_mlm=0.25 --diito_alpha_ce=0.25 --diito_alpha_causal_ce=0.25
+    --diito_alpha_cos=0.25``, T = 2)."""
 
     name: ClassVar[str] = "diito"
     stages: ClassVar[frozenset[Stage]] = PRETRAIN_ONLY

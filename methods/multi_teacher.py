@@ -328,7 +328,12 @@ class Combiner:
 
     def term_weights(self, ctx: LossContext) -> dict[str, float]:
         own = getattr(self.rule, "term_weights", None)
-        return _LogOnly(hard=at(self.params.hard_weight, ctx), **(own(ctx) if own else {}))
+        soft = getattr(self.params, "soft_weight", None)
+        return _LogOnly(
+            teachers=None if soft is None else at(soft, ctx),
+            hard=at(self.params.hard_weight, ctx),
+            **(own(ctx) if own else {}),
+        )
 
     def teacher_terms(
         self,
@@ -381,7 +386,12 @@ class Combiner:
 
 
 class _LogOnly(dict):
-    """Term weights: 0 for every per-teacher term ``t<k>.<term>``, explicit entries otherwise."""
+    """Term weights: 0 for every per-teacher term ``t<k>.<term>``, explicit entries otherwise, and
+    ``teachers`` (when given) for the combined teachers' terms (every other name)."""
+
+    def __init__(self, *, teachers: float | None = None, **weights: float) -> None:
+        super().__init__(**weights)
+        self.teachers = teachers
 
     def get(self, key, default=None):  # noqa: D102
         if key in self:
@@ -389,7 +399,7 @@ class _LogOnly(dict):
         head = key.split(".", 1)[0]
         if len(head) > 1 and head[0] == "t" and head[1:].isdigit() and "." in key:
             return LOG_ONLY
-        return default
+        return default if self.teachers is None else self.teachers
 
 
 def _teacher_taps(kind: FeatureKind, count: int) -> list[Tap]:
@@ -633,14 +643,16 @@ class RLKDParams:
     method: dict[str, Any] | str | None = None
     """The single-teacher method applied to each teacher, as a methods entry or a name; default:
     the soft cross entropy at ``temperature``."""
-    temperature: ScheduleLike = 1.0
-    """Temperature of the default soft cross entropy."""
+    temperature: ScheduleLike = 10.0
+    """Temperature of the default soft cross entropy (GLMKD's RL-KD recipe: 10)."""
     warmup: float = 0.1
     """Fraction of training that uses all teachers (their average) while the policy learns."""
     policy_weight: ScheduleLike = 1.0
     """Weight of the REINFORCE loss (it trains only the policy networks)."""
-    hard_weight: ScheduleLike = 1.0
-    """Weight of the student's own cross entropy on the labels."""
+    soft_weight: ScheduleLike = 0.5
+    """Weight of the selected teachers' averaged terms (GLMKD's ``rl_kd_alpha``: 0.5)."""
+    hard_weight: ScheduleLike = 0.5
+    """Weight of the student's own cross entropy on the labels (GLMKD: 1 - rl_kd_alpha = 0.5)."""
     seed: int = 0
     """Seed of the action draws (combined with the step and microbatch)."""
 
@@ -654,7 +666,13 @@ class RLKD:
     and samples the action. Each sequence learns from the average of its selected teachers (all
     when none is), and the policy is trained by REINFORCE, ``-sum_k (r - mean r) log pi(a_k)``,
     with reward ``r`` = -the student's cross entropy on the sequence (eq. 9). During the first
-    ``warmup`` of training every teacher is used (the average) while the policy already learns."""
+    ``warmup`` of training every teacher is used (the average) while the policy already learns.
+    Defaults follow GLMKD's recipe (soft CE at T = 10, ``rl_kd_alpha`` = 0.5).
+
+    Known defect (open): the reward is the student's loss from the same forward pass, before the
+    selected teachers' loss is applied, so it does not depend on the action and the expected policy
+    gradient is zero; GLMKD rewards the previous step's selection with the loss measured after the
+    update. Until that lands, the policy does not learn which teachers help."""
 
     name: ClassVar[str] = "rl_kd"
     stages: ClassVar[frozenset[Stage]] = BOTH_STAGES
@@ -786,13 +804,15 @@ class RLKD:
 class DGKDParams:
     method: dict[str, Any] | str | None = None
     """The single-teacher method applied to each teacher, as a methods entry or a name; default:
-    ``T^2 KL(p_t^T || p_s^T)`` at ``temperature``."""
-    temperature: ScheduleLike = 4.0
-    """Temperature of the default KL."""
+    the soft cross entropy ``CE(p_t^T, p_s^T)`` at ``temperature`` (GLMKD's DGKD recipe)."""
+    temperature: ScheduleLike = 10.0
+    """Temperature of the default soft cross entropy (GLMKD's recipe: 10)."""
     survival: float = 0.75
     """Probability that a teacher is kept at a step (DGKD's stochastic learning)."""
-    hard_weight: ScheduleLike = 1.0
-    """Weight of the student's own cross entropy on the labels."""
+    soft_weight: ScheduleLike = 0.5
+    """Weight of the surviving teachers' summed terms (GLMKD's recipe: 0.5)."""
+    hard_weight: ScheduleLike = 0.5
+    """Weight of the student's own cross entropy on the labels (GLMKD's recipe: 0.5)."""
     seed: int = 0
     """Seed of the drops (combined with the step)."""
 
@@ -803,14 +823,18 @@ class DGKD:
     ``teachers:`` of the run) teach the student together, ``L = hard + sum_k d_k L_soft(s, t_k)``,
     where each ``d_k`` is kept (1) with probability ``survival`` and dropped (0) otherwise, drawn
     anew each step (stochastic learning; at least one teacher is kept: the one with the smallest
-    draw)."""
+    draw). Defaults follow the authors' GLMKD recipe (``--avgmt_sum_loss --distill_ft_soft
+    --distill_soft_rate=0.5 --distill_hard_rate=0.5 --distill_temperature=10``): soft cross entropy
+    at T = 10, teachers' sum weighted 0.5, hard loss 0.5. The paper's own CIFAR setting (KL x T^2
+    at T = 4, weights 1) is ``method: {name: kd, soft_loss: kl, temperature: 4, hard_weight: 0},
+    soft_weight: 1, hard_weight: 1``."""
 
     name: ClassVar[str] = "dgkd"
     stages: ClassVar[frozenset[Stage]] = BOTH_STAGES
     paper: ClassVar[str] = "Son et al. 2021 (DGKD)"
     signals: ClassVar[str] = "every teacher's logits (or the inner method's signals), labels"
     Params: ClassVar[type] = DGKDParams
-    default_soft: ClassVar[SoftLoss] = "kl"
+    default_soft: ClassVar[SoftLoss] = "ce"
 
     @classmethod
     def from_context(cls, params: DGKDParams, ctx: BuildContext) -> Combiner:

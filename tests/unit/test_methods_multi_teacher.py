@@ -252,7 +252,8 @@ def test_dgkd_sums_the_surviving_teachers_drawn_by_step():
     total, terms = pipe.compute(features(d, student), context(d, step=step))
     total.backward()
     s = d["student"].clone().requires_grad_(True)
-    reference = 16.0 * mean(kl(s, d["teachers"][0], 4.0), d["mask"]) + mean(
+    # GLMKD's DGKD recipe: 0.5 x (sum of the kept teachers' soft CE at T=10) + 0.5 x hard CE
+    reference = 0.5 * mean(soft_ce(s, d["teachers"][0], 10.0), d["mask"]) + 0.5 * mean(
         ce(s, d["labels"]), d["mask"]
     )
     check(total, student.grad, reference, s)
@@ -280,11 +281,17 @@ def test_rl_kd_averages_selected_teachers_and_trains_the_policy_by_reinforce():
     share = chosen / chosen.sum(0)
     tokens = [share[k].repeat(S) for k in range(2)]  # s-major tokens: sample = n % b
     soft = (
-        sum((d["mask"] * tokens[k] * soft_ce(s, t, 1.0)).sum() for k, t in enumerate(d["teachers"]))
+        sum(
+            (d["mask"] * tokens[k] * soft_ce(s, t, 10.0)).sum() for k, t in enumerate(d["teachers"])
+        )
         / d["mask"].sum()
     )
+    # GLMKD's recipe: alpha = 0.5 on the teachers' term, 1 - alpha on the hard loss, T = 10
     check(
-        total - terms["rl_kd/policy"], student.grad, soft + mean(ce(s, d["labels"]), d["mask"]), s
+        total - terms["rl_kd/policy"],
+        student.grad,
+        0.5 * soft + 0.5 * mean(ce(s, d["labels"]), d["mask"]),
+        s,
     )
     # REINFORCE: reward = -the student's mean CE per sequence, baseline the batch mean.
     seq_mask = d["mask"].view(S, B)
@@ -307,7 +314,7 @@ def test_rl_kd_uses_every_teacher_during_the_warm_start():
     method = build("rl_kd")
     pipe = pipeline(method)
     total, terms = pipe.compute(features(d, d["student"]), context(d, step=0, total=100))
-    average = sum(mean(soft_ce(d["student"], t, 1.0), d["mask"]) for t in d["teachers"]) / 2
+    average = sum(mean(soft_ce(d["student"], t, 10.0), d["mask"]) for t in d["teachers"]) / 2
     assert math.isclose(float(terms["rl_kd/soft"]), float(average), rel_tol=1e-9)
     assert float(terms["rl_kd/selected"]) == 1.0
 
