@@ -118,6 +118,8 @@ class GPT2Family(ModelFamily):
             problems.append("GPT-2 has no grouped-query attention")
         if arch.head_dim * arch.num_attention_heads != arch.hidden_size:
             problems.append("GPT-2 needs kv_channels = hidden_size / num_attention_heads")
+        if arch.sliding_window is not None:
+            problems.append("GPT-2 has no sliding-window attention")
         return problems
 
     def export_architecture(self, arch: ModelArch) -> str:
