@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -273,7 +274,7 @@ def set_rope_scaling(model: torch.nn.Module, arch: ModelArch) -> None:
     """Give the model's rotary embedding the inverse frequencies of ``arch.rope_scaling``
     (:func:`parallel.rope.inv_freq`, from the config's own values). megatron-core computes the
     angles as ``positions x inv_freq`` from this attribute; it is not in the checkpoint."""
-    rotary = model.rotary_pos_emb
+    rotary: Any = model.rotary_pos_emb
     inv_freq = rope.inv_freq(arch.head_dim, arch.rotary_base, arch.rope_scaling)
     rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
 
@@ -333,7 +334,8 @@ def add_sliding_window(model: torch.nn.Module, window: int) -> SlidingWindowMask
         if isinstance(module, DotProductAttention):
             module.register_forward_pre_hook(hooks.mask, with_kwargs=True)
             found += 1
-    if not found and len(model.decoder.layers):
+    decoder: Any = model.decoder
+    if not found and len(decoder.layers):
         raise RuntimeError("sliding_window: the model has no local DotProductAttention to mask")
     return hooks
 

@@ -54,6 +54,11 @@ class GPT2Family(ModelFamily):
         "num_query_groups": "n_head",
         "ffn_hidden_size": "n_inner (default 4 x n_embd)",
         "kv_channels": "n_embd / n_head",
+        "vocab_size": "vocab_size",
+        "max_seq_len": "n_positions",
+        "norm_epsilon": "layer_norm_epsilon",
+        "tie_embeddings": "tie_word_embeddings",
+        "activation": "activation_function",
     }
     export_prefix = "transformer."
 

@@ -185,6 +185,16 @@ class LlamaFamily(ModelFamily):
         "num_query_groups": "num_key_value_heads",
         "ffn_hidden_size": "intermediate_size",
         "kv_channels": "head_dim",
+        "vocab_size": "vocab_size",
+        "max_seq_len": "max_position_embeddings",
+        "norm_epsilon": "rms_norm_eps",
+        "rotary_base": "rope_theta",
+        "rope_scaling": "rope_scaling",
+        "sliding_window": "sliding_window",
+        "tie_embeddings": "tie_word_embeddings",
+        "add_qkv_bias": "attention_bias (Qwen2: always)",
+        "add_bias_linear": "attention_bias and mlp_bias",
+        "qk_layernorm": "architectures (Qwen3ForCausalLM)",
     }
 
     # --- config.json <-> ModelArch --------------------------------------------------------------
