@@ -456,3 +456,44 @@ def test_gqa_heads_error_names_both_keys():
         HFConversionError, match="num_attention_heads=4 is not a multiple of num_key_value_heads=3"
     ):
         spec_from_config(dict(BASE, num_key_value_heads=3))
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
+            [
+                "rope_scaling.rope_type=dynamic is not supported; supported: default (unscaled), "
+                "linear, llama3, yarn"
+            ],
+        ),
+        (
+            {
+                "architectures": ["Qwen2ForCausalLM"],
+                "model_type": "qwen2",
+                "use_sliding_window": True,
+                "sliding_window": 16,
+                "max_window_layers": 2,
+            },
+            ["sliding-window attention in 2 of 4 layers only (max_window_layers=2)"],
+        ),
+    ],
+)
+def test_cli_refuses_unsupported_features_before_reading_weights(tmp_path, changes, words):
+    """``gkd convert import-hf`` on a folder with only ``config.json``: one red line naming the
+    key and value, exit code 2, nothing written."""
+    from typer.testing import CliRunner
+
+    from gkd_cli.convert import convert_app
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(BASE, **changes)))
+    result = CliRunner().invoke(
+        convert_app, ["import-hf", str(folder), "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert output.startswith("error: ") and all(w in output for w in words), output
+    assert not (tmp_path / "out").exists()
