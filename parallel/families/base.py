@@ -67,7 +67,7 @@ class HFModelSpec:
     config: dict[str, Any] = field(repr=False)
     """The raw ``config.json``."""
     notes: tuple[str, ...] = ()
-    """Facts a user should see (e.g. ``max_seq_len capped at the sliding window``)."""
+    """Facts a user should see (printed by ``gkd convert import-hf`` and kept in ``meta.json``)."""
 
 
 def require(config: dict[str, Any], key: str, where: str) -> Any:

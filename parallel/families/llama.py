@@ -107,7 +107,9 @@ def _sliding_window(
         sliding = [t == "sliding_attention" for t in layer_types]
         which = "layer_types"
     elif model_type in ("qwen2", "qwen3"):
-        first = int(config.get("max_window_layers") or 0)
+        # transformers' default (Qwen2Config, Qwen3Config) when the file does not say
+        window_layers = config.get("max_window_layers")
+        first = 28 if window_layers is None else int(window_layers)
         sliding = [i >= first for i in range(num_layers)]
         which = f"max_window_layers={first}"
     else:

@@ -241,6 +241,8 @@ def test_qwen_window_settings_that_mean_full_attention_are_accepted():
     assert spec_from_config(dict(qwen, use_sliding_window=False)).arch.sliding_window is None
     off = dict(qwen, use_sliding_window=True, max_window_layers=4)  # no layer at or above 4
     assert spec_from_config(off).arch.sliding_window is None
+    unsaid = dict(qwen, use_sliding_window=True)  # transformers' default max_window_layers: 28
+    assert spec_from_config(unsaid).arch.sliding_window is None
     on = dict(qwen, use_sliding_window=True, max_window_layers=0)
     assert spec_from_config(on).arch.sliding_window == 4096
 
