@@ -127,6 +127,13 @@ def _summary_table(checkpoint, tp: int, pp: int) -> Table:
         ),
         ("layout", f"tp={tp} pp={pp} ({tp * pp} process(es))"),
     ]
+    if arch.position_embedding == "rope":  # issue 16: RoPE details and the attention window
+        scaling = ", ".join(f"{k}={v}" for k, v in (arch.rope_scaling or {}).items())
+        rows.insert(
+            3, ("rotary", f"theta {arch.rotary_base}" + (f"; {scaling}" if scaling else ""))
+        )
+        if arch.sliding_window is not None:
+            rows.insert(4, ("sliding window", f"{arch.sliding_window} tokens, every layer"))
     for name, value in rows:
         table.add_row(name, Text(value))
     return table

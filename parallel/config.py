@@ -59,6 +59,15 @@ class ModelArch:
     """Biases in the QKV projection only (Qwen2); ignored when add_bias_linear is true."""
     qk_layernorm: bool = False
     """Norm on queries and keys per head (Qwen3)."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE scaling in Hugging Face's terms (``config.json`` ``rope_scaling`` without
+    ``rope_theta``), e.g. ``{rope_type: llama3, factor: 8.0, low_freq_factor: 1.0,
+    high_freq_factor: 4.0, original_max_position_embeddings: 8192}``; ``rope_type`` is
+    ``linear``, ``llama3`` or ``yarn`` (see ``parallel/rope.py``). None: unscaled RoPE."""
+    sliding_window: int | None = None
+    """Sliding-window attention (Mistral v0.1, Qwen with ``use_sliding_window``): each token
+    attends to itself and the ``sliding_window - 1`` tokens before it, in every layer. None: full
+    causal attention."""
 
     @classmethod
     def gpt2(cls, **overrides: Any) -> ModelArch:
@@ -157,9 +166,29 @@ class ModelArch:
             total += self.max_seq_len * self.hidden_size
         return total
 
+    def check_attention(self, *, where: str) -> None:
+        """Raise ``ValueError`` naming ``where`` when :attr:`rope_scaling` or
+        :attr:`sliding_window` cannot be built."""
+        from parallel import rope
+
+        if self.rope_scaling is not None:
+            if self.position_embedding != "rope":
+                raise ValueError(
+                    f"{where}.rope_scaling is set but {where}.position_embedding is "
+                    f"{self.position_embedding!r}; RoPE scaling needs position_embedding: rope"
+                )
+            rope.check(self.rope_scaling, where=f"{where}.rope_scaling")
+        window = self.sliding_window
+        if window is not None and (isinstance(window, bool) or window < 1):
+            raise ValueError(
+                f"{where}.sliding_window={window!r} must be a positive number of tokens (or null)"
+            )
+
     def check_parallel(self, tp_size: int, pp_size: int, *, where: str) -> None:
         """Raise ``ValueError`` naming ``where`` (the config section) when this model cannot be
-        sharded at ``tp_size`` x ``pp_size``."""
+        sharded at ``tp_size`` x ``pp_size`` (or its RoPE scaling or sliding window is invalid:
+        :meth:`check_attention`)."""
+        self.check_attention(where=where)
         if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
             raise ValueError(
                 f"{where}.hidden_size={self.hidden_size} is not divisible by "

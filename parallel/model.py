@@ -9,12 +9,15 @@ softmax; Transformer Engine's spec is used on GPU when TE imports.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from methods.base import ModelInfo
+from parallel import rope
 from parallel.config import ModelArch
 from parallel.families import family_of
 
@@ -129,6 +132,11 @@ def transformer_config(
         deallocate_pipeline_outputs=True,
         attention_softmax_in_fp32=True,
     )
+    factor = rope.attention_factor(arch.rope_scaling)
+    if factor != 1.0:
+        # YaRN multiplies cos and sin by the attention factor: rotated queries and keys both
+        # scaled, so the attention logits by its square.
+        kwargs["softmax_scale"] = factor**2 / math.sqrt(arch.head_dim)
     if recompute == "full":
         kwargs.update(
             recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
@@ -231,6 +239,11 @@ def build_gpt(
         sequence_parallel=sequence_parallel,
         perform_initialization=perform_initialization,
     )
+    arch.check_attention(where="model")
+    if arch.sliding_window is not None and use_te:
+        # Transformer Engine takes flash-attention's (left, right) window: left = W - 1 keys
+        # before the query, which with the query itself makes Hugging Face's sliding_window W.
+        config.window_size = (arch.sliding_window - 1, 0)
     spec = layer_spec(arch, use_te=use_te)
     if config.sequence_parallel and not use_te:
         spec = sequence_parallel_block_spec(spec, config)
@@ -246,11 +259,85 @@ def build_gpt(
         position_embedding_type="rope" if arch.position_embedding == "rope" else "learned_absolute",
         rotary_base=arch.rotary_base,
     )
+    if arch.rope_scaling is not None:
+        set_rope_scaling(model, arch)
+    if arch.sliding_window is not None and not use_te:
+        add_sliding_window(model, arch.sliding_window)
     if not perform_initialization:
         mark_tensor_parallel_weights(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def set_rope_scaling(model: torch.nn.Module, arch: ModelArch) -> None:
+    """Give the model's rotary embedding the inverse frequencies of ``arch.rope_scaling``
+    (:func:`parallel.rope.inv_freq`, from the config's own values). megatron-core computes the
+    angles as ``positions x inv_freq`` from this attribute; it is not in the checkpoint."""
+    rotary: Any = model.rotary_pos_emb
+    inv_freq = rope.inv_freq(arch.head_dim, arch.rotary_base, arch.rope_scaling)
+    rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
+
+
+class SlidingWindowMask:
+    """Sliding-window attention on megatron-core's local (torch) attention.
+
+    megatron-core's ``DotProductAttention`` takes ``config.window_size`` but then replaces any
+    attention mask it is given by the window mask, which would undo gkd's explicit masks (the
+    scorer's packed options, :mod:`parallel.scoring`). Instead, a forward pre-hook on each
+    layer's core attention adds the window to the mask it receives (causal when none): key ``j``
+    is hidden from query ``i`` when ``pos_i - pos_j >= window``, with the position ids the model
+    was called with (captured by a pre-hook on the model; row indices when none), so packed rows
+    keep each option's true distances, as Hugging Face measures them."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.position_ids: torch.Tensor | None = None
+
+    def capture(self, module, args, kwargs) -> None:
+        positions = kwargs.get("position_ids")
+        if positions is None and len(args) > 1:
+            positions = args[1]
+        self.position_ids = positions if isinstance(positions, torch.Tensor) else None
+
+    def mask(self, module, args, kwargs):
+        query, key = args[0], args[1]
+        attention_mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
+        sq, sk = query.shape[0], key.shape[0]
+        device = query.device
+        positions = self.position_ids
+        if positions is not None and positions.shape[-1] == sk:
+            key_pos = positions.to(device)[:, None, None, :]  # [b, 1, 1, sk]
+            query_pos = positions.to(device)[:, None, sk - sq :, None]  # [b, 1, sq, 1]
+        else:
+            key_pos = torch.arange(sk, device=device)[None, None, None, :]
+            query_pos = torch.arange(sk - sq, sk, device=device)[None, None, :, None]
+        outside = (query_pos - key_pos) >= self.window
+        if attention_mask is None:
+            causal = torch.ones(sq, sk, dtype=torch.bool, device=device).triu(sk - sq + 1)
+            combined = outside | causal
+        else:
+            combined = outside | attention_mask.bool()
+        if len(args) > 3:
+            return (*args[:3], combined, *args[4:]), kwargs
+        return args, {**kwargs, "attention_mask": combined}
+
+
+def add_sliding_window(model: torch.nn.Module, window: int) -> SlidingWindowMask:
+    """Install :class:`SlidingWindowMask` on ``model`` (a GPTModel with the local layer spec)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    hooks = SlidingWindowMask(window)
+    model.register_forward_pre_hook(hooks.capture, with_kwargs=True)
+    found = 0
+    for module in model.modules():
+        if isinstance(module, DotProductAttention):
+            module.register_forward_pre_hook(hooks.mask, with_kwargs=True)
+            found += 1
+    decoder: Any = model.decoder
+    if not found and len(decoder.layers):
+        raise RuntimeError("sliding_window: the model has no local DotProductAttention to mask")
+    return hooks
 
 
 def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:

@@ -67,7 +67,7 @@ class HFModelSpec:
     config: dict[str, Any] = field(repr=False)
     """The raw ``config.json``."""
     notes: tuple[str, ...] = ()
-    """Facts a user should see (e.g. ``max_seq_len capped at the sliding window``)."""
+    """Facts a user should see (printed by ``gkd convert import-hf`` and kept in ``meta.json``)."""
 
 
 def require(config: dict[str, Any], key: str, where: str) -> Any:
@@ -161,9 +161,9 @@ class ModelFamily(ABC):
     """The :attr:`ModelArch.position_embedding` of this family's models: how an architecture
     that did not come from Hugging Face finds its family (export, error messages)."""
     hf_keys: ClassVar[Mapping[str, str]]
-    """``config.json`` key of each ModelArch field errors may name (``num_layers``,
+    """``config.json`` key of each ModelArch field errors may name (at least ``num_layers``,
     ``hidden_size``, ``num_attention_heads``, ``num_query_groups``, ``ffn_hidden_size``,
-    ``kv_channels``)."""
+    ``kv_channels``, ``vocab_size``)."""
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"

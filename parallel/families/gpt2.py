@@ -54,6 +54,11 @@ class GPT2Family(ModelFamily):
         "num_query_groups": "n_head",
         "ffn_hidden_size": "n_inner (default 4 x n_embd)",
         "kv_channels": "n_embd / n_head",
+        "vocab_size": "vocab_size",
+        "max_seq_len": "n_positions",
+        "norm_epsilon": "layer_norm_epsilon",
+        "tie_embeddings": "tie_word_embeddings",
+        "activation": "activation_function",
     }
     export_prefix = "transformer."
 
@@ -118,6 +123,8 @@ class GPT2Family(ModelFamily):
             problems.append("GPT-2 has no grouped-query attention")
         if arch.head_dim * arch.num_attention_heads != arch.hidden_size:
             problems.append("GPT-2 needs kv_channels = hidden_size / num_attention_heads")
+        if arch.sliding_window is not None:
+            problems.append("GPT-2 has no sliding-window attention")
         return problems
 
     def export_architecture(self, arch: ModelArch) -> str:

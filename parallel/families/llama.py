@@ -7,12 +7,16 @@ grouped-query attention, separate ``q_proj``/``k_proj``/``v_proj`` (fused into m
 ``linear_qkv``) and ``gate_proj``/``up_proj`` (fused into ``linear_fc1`` as ``[gate; up]`` per
 tensor rank).
 
-Not supported (a clear error names them): RoPE scaling (``rope_type`` other than ``default``,
-e.g. Llama 3.1's ``llama3``), partial rotary embeddings, biases on a subset of linears other than
-"q/k/v only" or "all". Sliding-window attention (Mistral v0.1, Qwen with ``use_sliding_window``)
-is not implemented; such a model is imported with ``max_seq_len`` capped at the window, where
-full causal attention is exactly the sliding-window attention (``gkd`` rejects longer
-``data.seq_length``).
+RoPE scaling (``rope_scaling`` / ``rope_parameters`` with ``rope_type`` ``linear``, ``llama3``
+or ``yarn``; :mod:`parallel.rope`) and ``rope_theta`` are carried in
+:class:`~parallel.config.ModelArch` and written back on export. Sliding-window attention (Mistral
+v0.1, Qwen with ``use_sliding_window``) is built when it applies to every layer
+(:attr:`ModelArch.sliding_window`; :func:`parallel.model.build_gpt`).
+
+Not supported (a clear error names the ``config.json`` key and value): other RoPE types
+(``dynamic``, ``longrope``, ...), partial rotary embeddings, per-layer RoPE blocks, a sliding
+window in some layers only (Qwen's ``max_window_layers`` between 0 and the layer count), biases
+on a subset of linears other than "q/k/v only" or "all".
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from parallel import rope
 from parallel.config import ModelArch
 from parallel.families.base import (
     HFConversionError,
@@ -35,38 +40,90 @@ from parallel.families.base import (
 )
 
 
-def _rope_theta(config: dict[str, Any], where: str) -> int | float:
-    """RoPE base, from ``rope_parameters`` (transformers >= 5) or ``rope_theta``/``rope_scaling``
-    (older files). Only unscaled RoPE is supported."""
+def _rope(config: dict[str, Any], where: str) -> tuple[int | float, dict[str, Any] | None]:
+    """RoPE base and scaling (:attr:`ModelArch.rope_scaling`), from ``rope_parameters``
+    (transformers >= 5) or ``rope_theta``/``rope_scaling`` (older files)."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
     for source, block in (("rope_parameters", params), ("rope_scaling", scaling)):
         if not isinstance(block, dict):
-            continue
-        kind = block.get("rope_type", block.get("type"))
-        if kind not in (None, "default"):
+            raise HFConversionError(f"{where}: {source} must be a mapping, got {block!r}")
+        if any(isinstance(v, dict) for v in block.values()):
             raise HFConversionError(
-                f"{where}: {source}.rope_type={kind!r} (RoPE scaling) is not supported; only "
-                "unscaled rotary embeddings ('default') are"
+                f"{where}: {source} holds one block per layer type ({', '.join(block)}); "
+                "per-layer RoPE is not supported"
             )
-        if block.get("partial_rotary_factor", 1.0) != 1.0:
-            raise HFConversionError(f"{where}: partial rotary embeddings are not supported")
+        partial = block.get("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            raise HFConversionError(
+                f"{where}: {source}.partial_rotary_factor={partial} (partial rotary embeddings) "
+                "is not supported; supported: 1.0"
+            )
     if config.get("partial_rotary_factor", 1.0) != 1.0:
-        raise HFConversionError(f"{where}: partial_rotary_factor != 1 is not supported")
+        raise HFConversionError(
+            f"{where}: partial_rotary_factor={config['partial_rotary_factor']} (partial rotary "
+            "embeddings) is not supported; supported: 1.0"
+        )
+    # transformers >= 5 writes rope_parameters; a scaled rope_scaling beside a default
+    # rope_parameters is an older file's (or a hand edit): the scaled block decides.
+    source, block = ("rope_parameters", params)
+    if rope.rope_type_of(params) == "default" and rope.rope_type_of(scaling) != "default":
+        source, block = ("rope_scaling", scaling)
+    elif (
+        rope.rope_type_of(params) != "default"
+        and rope.rope_type_of(scaling) != "default"
+        and rope.rope_type_of(params) != rope.rope_type_of(scaling)
+    ):
+        raise HFConversionError(
+            f"{where}: rope_parameters.rope_type={rope.rope_type_of(params)} and "
+            f"rope_scaling.rope_type={rope.rope_type_of(scaling)} disagree; keep one"
+        )
+    max_pos = config.get("max_position_embeddings")
+    try:
+        scaled = rope.from_hf(
+            block,
+            max_position_embeddings=int(max_pos) if max_pos else None,
+            original_max_position_embeddings=config.get("original_max_position_embeddings"),
+            where=source,
+        )
+    except rope.RopeScalingError as err:
+        raise HFConversionError(f"{where}: {err}") from None
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-    return int(theta) if theta.is_integer() else theta
+    return (int(theta) if theta.is_integer() else theta), scaled
 
 
-def _sliding_window(config: dict[str, Any], model_type: str) -> int | None:
-    """The attention window when sliding-window attention is in effect, else ``None``."""
+def _sliding_window(
+    config: dict[str, Any], model_type: str, num_layers: int, where: str
+) -> int | None:
+    """The attention window when sliding-window attention is in effect (in every layer), else
+    ``None``; a window in some layers only is refused."""
     window = config.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not config.get("use_sliding_window"):
+        return None  # transformers ignores sliding_window then
     if not window:
         return None
     layer_types = config.get("layer_types")
     if isinstance(layer_types, list) and layer_types:
-        return int(window) if "sliding_attention" in layer_types else None
-    if model_type in ("qwen2", "qwen3"):
-        return int(window) if config.get("use_sliding_window") else None
+        sliding = [t == "sliding_attention" for t in layer_types]
+        which = "layer_types"
+    elif model_type in ("qwen2", "qwen3"):
+        # transformers' default (Qwen2Config, Qwen3Config) when the file does not say
+        window_layers = config.get("max_window_layers")
+        first = 28 if window_layers is None else int(window_layers)
+        sliding = [i >= first for i in range(num_layers)]
+        which = f"max_window_layers={first}"
+    else:
+        sliding = [True] * num_layers
+        which = ""
+    if not any(sliding):
+        return None
+    if not all(sliding):
+        raise HFConversionError(
+            f"{where}: sliding-window attention in {sum(sliding)} of {len(sliding)} layers only "
+            f"({which}) is not supported; gkd applies sliding_window={window} to all layers or "
+            "none (set use_sliding_window: false for full attention everywhere, which changes "
+            "the model for sequences longer than the window)"
+        )
     return int(window)
 
 
@@ -130,6 +187,16 @@ class LlamaFamily(ModelFamily):
         "num_query_groups": "num_key_value_heads",
         "ffn_hidden_size": "intermediate_size",
         "kv_channels": "head_dim",
+        "vocab_size": "vocab_size",
+        "max_seq_len": "max_position_embeddings",
+        "norm_epsilon": "rms_norm_eps",
+        "rotary_base": "rope_theta",
+        "rope_scaling": "rope_scaling",
+        "sliding_window": "sliding_window",
+        "tie_embeddings": "tie_word_embeddings",
+        "add_qkv_bias": "attention_bias (Qwen2: always)",
+        "add_bias_linear": "attention_bias and mlp_bias",
+        "qk_layernorm": "architectures (Qwen3ForCausalLM)",
     }
 
     # --- config.json <-> ModelArch --------------------------------------------------------------
@@ -148,16 +215,12 @@ class LlamaFamily(ModelFamily):
         kv_heads = int(config.get("num_key_value_heads") or heads)
         head_dim = int(config.get("head_dim") or hidden // heads)
         max_pos = int(config.get("max_position_embeddings") or 2048)
-        notes = []
-        window = _sliding_window(config, model_type)
-        if window is not None and window < max_pos:
-            notes.append(
-                f"sliding-window attention (window {window}) is not implemented: max_seq_len is "
-                f"capped at {window}, where full causal attention is identical"
-            )
-            max_pos = window
+        num_layers = int(require(config, "num_hidden_layers", where))
+        notes: list[str] = []
+        window = _sliding_window(config, model_type, num_layers, where)
+        rotary_base, rope_scaling = _rope(config, where)
         arch = ModelArch.llama(
-            num_layers=int(require(config, "num_hidden_layers", where)),
+            num_layers=num_layers,
             hidden_size=hidden,
             num_attention_heads=heads,
             vocab_size=int(require(config, "vocab_size", where)),
@@ -165,7 +228,9 @@ class LlamaFamily(ModelFamily):
             num_query_groups=None if kv_heads == heads else kv_heads,
             kv_channels=head_dim if hidden % heads or head_dim != hidden // heads else None,
             norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
-            rotary_base=_rope_theta(config, where),
+            rotary_base=rotary_base,
+            rope_scaling=rope_scaling,
+            sliding_window=window,
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             qk_layernorm=model_type == "qwen3",
             **_bias_flags(config, model_type, where),
@@ -192,6 +257,15 @@ class LlamaFamily(ModelFamily):
             problems.append(f"rotary models need SwiGLU, not {arch.activation}")
         if arch.qk_layernorm and arch.add_qkv_bias and not arch.add_bias_linear:
             problems.append("qk_layernorm with q/k/v-only biases has no Hugging Face counterpart")
+        if arch.sliding_window is not None and arch.add_bias_linear and not arch.qk_layernorm:
+            problems.append(
+                "sliding_window with biases on all linears has no Hugging Face counterpart "
+                "(MistralForCausalLM has no biases, LlamaForCausalLM no sliding window)"
+            )
+        try:
+            rope.check(arch.rope_scaling)
+        except rope.RopeScalingError as err:
+            problems.append(str(err))
         return problems
 
     def export_architecture(self, arch: ModelArch) -> str:
@@ -199,6 +273,8 @@ class LlamaFamily(ModelFamily):
             return "Qwen3ForCausalLM"
         if arch.add_qkv_bias and not arch.add_bias_linear:
             return "Qwen2ForCausalLM"
+        if arch.sliding_window is not None:
+            return "MistralForCausalLM"
         return "LlamaForCausalLM"
 
     def export_config(
@@ -224,9 +300,28 @@ class LlamaFamily(ModelFamily):
             else arch.max_seq_len,
             rms_norm_eps=arch.norm_epsilon,
             rope_theta=theta,
-            rope_parameters={"rope_type": "default", "rope_theta": theta},
+            # transformers >= 5 reads rope_parameters, older versions rope_theta + rope_scaling
+            rope_parameters={
+                **(rope.to_hf(arch.rope_scaling) or {"rope_type": "default"}),
+                "rope_theta": theta,
+            },
+            rope_scaling=rope.to_hf(arch.rope_scaling),
         )
-        config.pop("rope_scaling", None)
+        config.pop("original_max_position_embeddings", None)  # in rope_scaling when used
+        window = arch.sliding_window
+        if architecture == "MistralForCausalLM":
+            config["sliding_window"] = window
+        elif architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+            config["use_sliding_window"] = window is not None
+            config["sliding_window"] = window
+            config["max_window_layers"] = 0 if window is not None else arch.num_layers
+            kind = "full_attention" if window is None else "sliding_attention"
+            config["layer_types"] = [kind] * arch.num_layers
+        else:
+            for key in ("sliding_window", "use_sliding_window", "max_window_layers"):
+                config.pop(key, None)
+            if "layer_types" in config:
+                config["layer_types"] = ["full_attention"] * arch.num_layers
         if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
             config["attention_bias"] = arch.add_bias_linear
         if architecture == "LlamaForCausalLM":

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from parallel.config import ModelArch
+from parallel.families import family_of
 from parallel.hf.files import FLOAT_DTYPES, TOKENIZER_FILES, HFCheckpoint, inspect_hf_dir
 from parallel.hf.layout import Piece, shard_plan
 from parallel.hf.spec import HFConversionError, MlpActivation, check_layout
@@ -221,9 +222,12 @@ def check_arch(arch: ModelArch, expected: ModelArch, hf_dir: Path) -> None:
         details = ", ".join(
             f"{k}: {a!r} here vs {b!r} in {hf_dir}" for k, (a, b) in different.items()
         )
+        keys = family_of(expected).hf_keys
+        named = [f"{k} is {keys[k]}" for k in different if k in keys]
+        hint = f" (in config.json: {', '.join(named)})" if named else ""
         raise HFConversionError(
             f"the model architecture differs from the Hugging Face model ({details}); use the "
-            "model's values (parallel.hf.arch_from_hf reads them from config.json)"
+            f"model's values{hint} (parallel.hf.arch_from_hf reads them from config.json)"
         )
 
 

@@ -88,13 +88,21 @@ def spec_from_config(config: dict[str, Any], *, where: str = CONFIG_FILE) -> HFM
     """The model described by a parsed ``config.json`` (``where`` names it in errors)."""
     name = architecture_of(config, where)
     spec = BY_ARCHITECTURE[name].spec_from_config(config, name, where)
-    if spec.arch.hidden_size % spec.arch.num_attention_heads and spec.arch.kv_channels is None:
-        raise HFConversionError(f"{where}: hidden size is not divisible by the head count")
-    if spec.arch.num_attention_heads % spec.arch.query_groups:
+    keys, arch = spec.family.hf_keys, spec.arch
+    if arch.hidden_size % arch.num_attention_heads and arch.kv_channels is None:
         raise HFConversionError(
-            f"{where}: num_attention_heads={spec.arch.num_attention_heads} is not a multiple of "
-            f"num_key_value_heads={spec.arch.query_groups}"
+            f"{where}: {keys['hidden_size']}={arch.hidden_size} is not divisible by "
+            f"{keys['num_attention_heads']}={arch.num_attention_heads}"
         )
+    if arch.num_attention_heads % arch.query_groups:
+        raise HFConversionError(
+            f"{where}: {keys['num_attention_heads']}={arch.num_attention_heads} is not a multiple "
+            f"of {keys['num_query_groups']}={arch.query_groups}"
+        )
+    try:
+        arch.check_attention(where="config")
+    except ValueError as err:
+        raise HFConversionError(f"{where}: {err}") from None
     return spec
 
 

@@ -122,18 +122,21 @@ def test_transformers5_rope_parameters_are_read():
     assert spec_from_config(config).arch.rotary_base == 250000
 
 
-def test_mistral_sliding_window_caps_the_sequence_length():
+def test_mistral_sliding_window_is_kept_not_capped():
+    """Sliding-window attention is built (ModelArch.sliding_window), so the sequence length is
+    no longer capped at the window (issue 16: never silently capped)."""
     spec = spec_from_config(MISTRAL_7B_V01)
-    assert spec.arch.max_seq_len == 4096
-    assert any("sliding-window" in note for note in spec.notes)
+    assert spec.arch.max_seq_len == 32768 and spec.arch.sliding_window == 4096
     no_window = dict(MISTRAL_7B_V01, sliding_window=None)
     assert spec_from_config(no_window).arch.max_seq_len == 32768
+    assert spec_from_config(no_window).arch.sliding_window is None
 
 
 def test_qwen2_has_qkv_bias_and_tied_embeddings():
     a = spec_from_config(QWEN2_05B).arch
     assert a.add_qkv_bias and not a.add_bias_linear and a.tie_embeddings
     assert a.max_seq_len == 32768  # use_sliding_window is false
+    assert a.sliding_window is None
     assert a.rotary_base == 1000000 and a.query_groups == 2
 
 
