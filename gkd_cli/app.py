@@ -883,6 +883,23 @@ def env() -> None:
     console.print(paths)
 
 
+@app.command()
+@_report_errors
+def report(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run output directories (or their metrics.jsonl).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for report.png and report.html.")
+    ] = Path("gkd-report"),
+) -> None:
+    """Curves (loss terms, lr, grad norm, tokens/s, validation) of runs side by side: a PNG, a
+    self-contained HTML page and a summary table. Needs matplotlib (gkd[report])."""
+    from gkd_cli.report import run_report
+
+    run_report(runs, out, _out())
+
+
 # ---------------------------------------------------------------------------------------------
 # config-help
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ pipeline stages; what is saved is its cross entropy.)
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ from gkd_cli.errors import ConfigError
 
 if TYPE_CHECKING:
     from gkd_cli.config import DistillConfig
+
+log = logging.getLogger("gkd.observe")
 
 BEST_METRICS = ("valid/student_loss", "valid/student_ppl")
 TEACHER_CACHE = "valid_teacher.json"
@@ -138,6 +141,8 @@ def make_validator(runtime, dataset, cfg: DistillConfig, ctx):
         missing = missing.cuda()
     dist.all_reduce(missing, op=dist.ReduceOp.MAX)
     state: dict[str, Any] = {"teacher": None if missing.item() else cached}
+    if has_teacher and state["teacher"] is not None:
+        log.info("teacher validation from %s: %s", out / TEACHER_CACHE, state["teacher"])
 
     def validate(step: int) -> dict[str, float]:
         need_teacher = has_teacher and state["teacher"] is None

@@ -86,7 +86,8 @@ def scalars(record: Mapping[str, Any]) -> dict[str, float]:
     put("memory/peak_gib", record.get("peak_mem_bytes"), gib)
     put("memory/peak_allocated_gib", record.get("peak_allocated_bytes"), gib)
     for name, value in (record.get("valid") or {}).items():
-        put(f"valid/{name}", value)
+        if name not in ("sequences", "seq_length"):  # the set's size, not a result
+            put(f"valid/{name}", value)
     return out
 
 
