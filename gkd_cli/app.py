@@ -1,6 +1,6 @@
 """The ``gkd`` command line (Typer + Rich).
 
-Commands here: ``distill``, ``plan``, ``methods list|show``, ``env``, ``config-help``. Other
+Commands here: ``distill``, ``plan``, ``methods list|show``, ``env``, ``report``, ``config-help``. Other
 areas (``compress-vocab``, ``eval``, ``convert``) register their own sub-apps with
 ``app.add_typer`` or ``app.command`` from their modules.
 

@@ -249,6 +249,7 @@ def draw(runs: Sequence[RunMetrics]):
     """The figure (matplotlib ``Figure``, no pyplot state) and its panel titles."""
     require_matplotlib()
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     layout = panels(runs)
     cols = min(3, len(layout))
@@ -275,6 +276,7 @@ def draw(runs: Sequence[RunMetrics]):
                     linewidth=1.2,
                     label=label,
                 )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
