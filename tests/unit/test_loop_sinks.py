@@ -226,3 +226,26 @@ def test_missing_sink_package_names_the_extra(tmp_path, monkeypatch):
     )
     with pytest.raises(ConfigError, match=r"pip install 'gkd\[wandb\]'"):
         check_observability(cfg)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("log_to", "train", "valid_files", "message"),
+    [
+        (["jsonl", "tensorbord"], {}, [], r"unknown sink 'tensorbord'.*tensorboard"),
+        (["jsonl"], {"eval_every": 5}, [], r"eval_every=5 needs a validation set.*valid_files"),
+        (["jsonl"], {"eval_every": -1}, ["v.txt"], r"eval_every=-1 must be >= 0"),
+        (["jsonl"], {"best_metric": "valid/student_ppl"}, ["v.txt"], r"set train.eval_every"),
+        (["jsonl"], {"eval_every": 5, "best_metric": "loss"}, ["v.txt"], r"not a validation"),
+    ],
+)
+def test_observability_fields_are_checked_before_launch(log_to, train, valid_files, message):
+    from gkd_cli.errors import ConfigError
+    from gkd_cli.observe import check_observability
+
+    cfg = SimpleNamespace(
+        output=SimpleNamespace(log_to=log_to),
+        train=SimpleNamespace(**{"eval_every": 0, "eval_batches": 8, "best_metric": None, **train}),
+        data=SimpleNamespace(valid_files=valid_files),
+    )
+    with pytest.raises(ConfigError, match=message):
+        check_observability(cfg)  # type: ignore[arg-type]
