@@ -1,6 +1,6 @@
 """The ``gkd`` command line (Typer + Rich).
 
-Commands here: ``distill``, ``plan``, ``methods list|show``, ``env``, ``config-help``. Other
+Commands here: ``distill``, ``plan``, ``methods list|show``, ``env``, ``report``, ``config-help``. Other
 areas (``compress-vocab``, ``eval``, ``convert``) register their own sub-apps with
 ``app.add_typer`` or ``app.command`` from their modules.
 
@@ -881,6 +881,23 @@ def env() -> None:
     for name, value in fused:
         paths.add_row(name, Text(value))
     console.print(paths)
+
+
+@app.command()
+@_report_errors
+def report(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run output directories (or their metrics.jsonl).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for report.png and report.html.")
+    ] = Path("gkd-report"),
+) -> None:
+    """Curves (loss terms, lr, grad norm, tokens/s, validation) of runs side by side: a PNG, a
+    self-contained HTML page and a summary table. Needs matplotlib (gkd[report])."""
+    from gkd_cli.report import run_report
+
+    run_report(runs, out, _out())
 
 
 # ---------------------------------------------------------------------------------------------

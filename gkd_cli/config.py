@@ -124,6 +124,19 @@ class OutputConfig:
     """Keep only the newest N checkpoints (0: keep all)."""
     resume: bool = False
     """Continue from the newest checkpoint in ``dir`` (set by ``gkd distill --resume``)."""
+    log_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Metric sinks: ``jsonl`` (``metrics.jsonl``, always written), ``tensorboard`` (event files
+    in ``dir/tensorboard``; extra ``gkd[tensorboard]``), ``wandb`` (Weights & Biases; extra
+    ``gkd[wandb]``)."""
+    wandb_project: str = "gkd"
+    """W&B project of the run."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); default: the account's default."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """``offline``: no network, the run is written to ``dir/wandb/offline-run-*`` (upload later
+    with ``wandb sync``); ``online``: streamed to the W&B server."""
+    wandb_name: str | None = None
+    """W&B display name; default: the name of ``dir``."""
 
 
 @dataclass(kw_only=True)
@@ -639,6 +652,9 @@ def _check_ranges(cfg: DistillConfig) -> None:
     _positive(cfg.data.seq_length, "data.seq_length")
     _positive(cfg.output.save_every, "output.save_every", allow_zero=True)
     _positive(cfg.output.keep_last, "output.keep_last", allow_zero=True)
+    from gkd_cli.observe import check_observability
+
+    check_observability(cfg)
 
 
 def _check_batch(cfg: DistillConfig) -> None:

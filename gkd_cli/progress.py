@@ -5,9 +5,14 @@ Rank 0 of the workers appends one JSON object per logged step::
     {"step": 10, "consumed_tokens": 40960, "loss": 2.31, "terms": {"glmd.kl": 2.31},
      "lr": 0.0003, "grad_norm": 0.8, "tokens_per_s": 12345.6, "peak_mem_bytes": 123456789}
 
-``step`` counts completed optimizer steps. On a terminal the launcher shows a Rich progress bar
-(step of total, tokens/s, ETA, total loss and each method's term); otherwise (a log file, CI) it
-prints one plain line per record.
+``step`` counts completed optimizer steps; validation steps (``train.eval_every``) also carry
+``"valid": {"student_loss": ..., "student_ppl": ..., "teacher_ppl": ...}``. On a terminal the
+launcher shows a Rich progress bar (step of total, tokens/s, ETA, total loss and each method's
+term) and prints validation results above it; otherwise (a log file, CI, a Slurm job's output
+file) it prints one plain line per record. Under Slurm, the launcher's stdout is the job's
+``--output`` file (``logs/slurm-<job>.out``), so the plain lines land there; a Rich bar is never
+drawn into a file there, even when ``FORCE_COLOR`` or ``TTY_COMPATIBLE`` make Rich treat it as a
+terminal.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -137,6 +142,23 @@ def format_terms(record: Record) -> str:
     )
 
 
+def format_validation(record: Record) -> str:
+    """``valid loss 2.3100 ppl 10.07 (teacher ppl 8.00)``, or "" when the record has none."""
+    valid = record.get("valid")
+    if not isinstance(valid, dict):
+        return ""
+    parts = ["valid"]
+    loss, ppl = _number(valid.get("student_loss")), _number(valid.get("student_ppl"))
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if ppl is not None:
+        parts.append(f"ppl {ppl:.2f}")
+    teacher = _number(valid.get("teacher_ppl"))
+    if teacher is not None:
+        parts.append(f"(teacher ppl {teacher:.2f})")
+    return " ".join(parts) if len(parts) > 1 else ""
+
+
 def format_line(record: Record, total_steps: int, eta_s: float | None = None) -> str:
     """One plain progress line (no colour), e.g.
     ``step 10/100 (10%) | loss 2.3100 | glmd.kl 2.3100 | lr 3.00e-04 | grad 0.800 |
@@ -162,6 +184,9 @@ def format_line(record: Record, total_steps: int, eta_s: float | None = None) ->
     mem = _number(record.get("peak_mem_bytes"))
     if mem is not None:
         parts.append(f"mem {mem / 1024**3:.2f} GiB")
+    valid = format_validation(record)
+    if valid:
+        parts.append(valid)
     return " | ".join(parts)
 
 
@@ -240,9 +265,26 @@ class RichSink:
             eta=_format_duration(self.rates.eta(record)),
             losses=losses,
         )
+        valid = format_validation(record)
+        if valid:  # above the bar, so each validation stays on screen
+            self.progress.console.print(f"step {step:.0f}: {valid}", markup=False, highlight=False)
 
     def stop(self) -> None:
         self.progress.stop()
+
+
+def wants_bar(console, environ: Mapping[str, str] | None = None) -> bool:
+    """A Rich bar on a terminal; plain lines otherwise, and always in a Slurm job whose stdout
+    is not a real terminal (its output file), whatever Rich was told by the environment."""
+    environ = os.environ if environ is None else environ
+    if not console.is_terminal:
+        return False
+    if environ.get("SLURM_JOB_ID"):
+        try:
+            return os.isatty(console.file.fileno())
+        except (AttributeError, OSError, ValueError):
+            return False
+    return True
 
 
 @contextlib.contextmanager
@@ -259,7 +301,7 @@ def follow_metrics(
     ``console`` is a terminal and plain lines otherwise; yields the sink (its ``last`` record is
     the final metrics)."""
     if sink is None:
-        if console is not None and console.is_terminal:
+        if console is not None and wants_bar(console):
             sink = RichSink(total_steps, console)
         else:
             sink = LineSink(total_steps, stream=console.file if console is not None else None)

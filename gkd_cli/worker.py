@@ -109,8 +109,9 @@ def make_batch_fn(dataset, cfg: DistillConfig, ctx):
     return batch_fn
 
 
-def lm_eval_fn(pipeline_ctx_vocab):
-    """A compute_fn for :meth:`DistillationRuntime.evaluate`: LM cross entropy of student and teacher."""
+def lm_eval_fn(pipeline_ctx_vocab, *, teacher: bool = True):
+    """A compute_fn for :meth:`DistillationRuntime.evaluate`: LM cross entropy of student and
+    teacher (``teacher=False``: the student's only)."""
     from methods.base import FeatureKind, Role, Tap
     from methods.vocab_parallel import VocabShard, cross_entropy
 
@@ -131,7 +132,7 @@ def lm_eval_fn(pipeline_ctx_vocab):
                 VocabShard(ctx.vocab_start, ctx.vocab_size, ctx.tp_group),
             ).detach()
         }
-        if teacher_tap in features:
+        if teacher and teacher_tap in features:
             terms["teacher_lm"] = cross_entropy(
                 features[teacher_tap],
                 ctx.extras.get("teacher_labels", ctx.labels),
@@ -144,10 +145,10 @@ def lm_eval_fn(pipeline_ctx_vocab):
 
 
 def evaluate(
-    runtime, dataset, cfg: DistillConfig, ctx, *, max_batches: int = 8
+    runtime, dataset, cfg: DistillConfig, ctx, *, max_batches: int = 8, teacher: bool = True
 ) -> dict[str, float]:
-    """Mean LM loss and perplexity of student and teacher over (up to) ``max_batches`` global
-    batches of the validation set, in order."""
+    """Mean LM loss and perplexity of student and teacher (``teacher=False``: the student only)
+    over (up to) ``max_batches`` global batches of the validation set, in order."""
     from methods.base import FeatureKind, Role, Tap
 
     train = cfg.train
@@ -158,12 +159,13 @@ def evaluate(
             f"data.valid_files hold {len(dataset)} sequences of {cfg.data.seq_length} tokens, fewer than "
             f"one global batch ({per_step}); add validation text or lower train.global_batch_size"
         )
-    teacher = runtime.teacher_infos[0] if runtime.teacher_infos else runtime.student_info
-    shard = teacher.padded_vocab_size // ctx.tp
-    compute = lm_eval_fn((ctx.tp_rank * shard, teacher.vocab_size))
+    info = runtime.teacher_infos[0] if runtime.teacher_infos else runtime.student_info
+    shard = info.padded_vocab_size // ctx.tp
+    compute = lm_eval_fn((ctx.tp_rank * shard, info.vocab_size), teacher=teacher)
     # Both models' logits are needed; make sure the taps exist even if no method asked for them.
-    for tap in (Tap(Role.STUDENT, FeatureKind.LOGITS), Tap(Role.TEACHER, FeatureKind.LOGITS)):
-        runtime.ensure_tap(tap)
+    roles = (Role.STUDENT, Role.TEACHER) if teacher else (Role.STUDENT,)
+    for role in roles:
+        runtime.ensure_tap(Tap(role, FeatureKind.LOGITS))
     sums: dict[str, float] = {}
     per_rank = per_step // ctx.dp
     for batch in range(num_batches):
@@ -213,6 +215,7 @@ def vocab_restriction(path: str, tp_rank: int, tp: int):
 
 def run(cfg: DistillConfig, pipeline: MethodPipeline) -> str:
     """Train ``cfg``'s run with its ``pipeline`` (built by :func:`gkd_cli.build.build_methods`)."""
+    from gkd_cli import observe
     from gkd_cli.data import load_tokenizer
     from parallel.distributed import initialize, shutdown
     from parallel.loop import LoopSettings, train_loop
@@ -268,10 +271,18 @@ def run(cfg: DistillConfig, pipeline: MethodPipeline) -> str:
             },
             resume=True,
             extra_files=extra_files,
+            **observe.loop_options(cfg),
         )
-        outcome = train_loop(runtime, make_batch_fn(train_set, cfg, ctx), settings)
+        validate = None
+        if valid_set is not None and cfg.train.eval_every:
+            validate = observe.make_validator(runtime, valid_set, cfg, ctx)
+        outcome = train_loop(
+            runtime, make_batch_fn(train_set, cfg, ctx), settings, validate=validate
+        )
         if outcome.status == "finished" and valid_set is not None:
-            result = evaluate(runtime, valid_set, cfg, ctx)
+            result = outcome.validation or evaluate(
+                runtime, valid_set, cfg, ctx, max_batches=cfg.train.eval_batches
+            )
             if ctx.rank == 0:
                 (out / "eval.json").write_text(json.dumps(result, indent=2))
                 log.info("validation: %s", result)

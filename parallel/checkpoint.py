@@ -330,8 +330,13 @@ def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
     steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    try:  # the checkpoint ``best`` names (train.best_metric) is kept too
+        best = (root / "best").read_text().strip()
+    except OSError:
+        best = None
     for _, path in steps[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.name != best:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load_training_state(

@@ -279,6 +279,18 @@ class TrainConfig:
     """Distillation stage (methods declare which stages they apply to)."""
     log_every: int = 1
     """Write a metrics line every N steps."""
+    eval_every: int = 0
+    """Run the validation set (``data.valid_files``) every N steps and at the last step, logging
+    student LM loss and perplexity (and the teacher's, computed once) to every sink; 0: only
+    at the end of the run (``eval.json``)."""
+    eval_batches: int = 8
+    """Global batches of the validation set each validation reads (at most; in order)."""
+    best_metric: str | None = None
+    """Validation metric that marks the best checkpoint (``valid/student_loss`` or
+    ``valid/student_ppl``): a validation that improves it saves a checkpoint at that step and
+    points ``checkpoints/best`` at it (kept by ``output.keep_last`` pruning). None: no marking."""
+    best_mode: Literal["min", "max"] = "min"
+    """Whether a lower (``min``) or higher (``max``) ``best_metric`` is better."""
     max_skipped_steps: int = 0
     """Steps whose loss or gradient is NaN/inf that may be skipped (no optimizer update) before the
     run stops; 0: the first such step stops the run, naming the step, the term and the rank."""

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import checkpoint as ckpt
+from parallel.sinks import MetricSinks, truncate_metrics  # noqa: F401 (public here too)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,18 @@ class LoopSettings:
     """Files copied into every checkpoint (name -> source)."""
     stop_after: int | None = None
     """Stop (and save) after this many steps of this invocation: tests of interrupted runs."""
+    log_to: Sequence[str] = ("jsonl",)
+    """Metric sinks besides ``metrics.jsonl`` (always written): ``tensorboard``, ``wandb``."""
+    wandb_project: str = "gkd"
+    wandb_entity: str | None = None
+    wandb_mode: str = "offline"
+    wandb_name: str | None = None
+    eval_every: int = 0
+    """Call ``validate`` every N steps and at the last step (0: never)."""
+    best_metric: str | None = None
+    """``valid/<name>`` of the validation results whose best value marks ``checkpoints/best``."""
+    best_mode: str = "min"
+    """``min`` or ``max``: which direction of ``best_metric`` is better."""
 
 
 @dataclass
@@ -49,6 +62,50 @@ class LoopOutcome:
     """``"finished"`` or ``"preempted"``."""
     last_step: int
     checkpoint: Path | None
+    validation: dict | None = None
+    """The validation results of the last step (when it was a validation step), else None."""
+
+
+def read_best(root: Path) -> dict | None:
+    """``checkpoints/best.json`` ({"step", "folder", "metric", "value", "mode"}), or None."""
+    try:
+        data = json.loads((root / "best.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_best(root: Path, folder: Path, step: int, metric: str, value: float, mode: str) -> None:
+    """Point ``checkpoints/best`` (the folder name, like ``latest``) and ``best.json`` at a saved
+    checkpoint; both replaced atomically."""
+    info = {"step": step, "folder": folder.name, "metric": metric, "value": value, "mode": mode}
+    for name, text in (("best.json", json.dumps(info, indent=1)), ("best", folder.name + "\n")):
+        tmp = root / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, root / name)
+
+
+def _improves(value: float | None, best: float | None, mode: str) -> bool:
+    if value is None or value != value:  # NaN never improves
+        return False
+    if best is None:
+        return True
+    return value < best if mode == "min" else value > best
+
+
+def _hparams(settings: LoopSettings) -> dict:
+    try:
+        import yaml
+
+        config = yaml.safe_load(settings.config_yaml) if settings.config_yaml else {}
+    except Exception:  # the sinks record what they can; the run does not depend on it
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    return {
+        "config": config,
+        "config_yaml": settings.config_yaml,
+        "methods": config.get("methods") or [],
+    }
 
 
 _EARLY_SIGNAL: dict[str, int | None] = {"signum": None}
@@ -174,40 +231,23 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records of steps ``<= step`` (the resumed checkpoint's) in ``path``: the steps
-    after it are re-run and logged again, so that every step appears once, as the surviving run
-    computed it. Rewritten atomically (a temporary file, then ``os.replace``); a torn last line
-    left by a killed writer is dropped."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if (
-            isinstance(record, dict)
-            and isinstance(record.get("step"), int)
-            and record["step"] <= step
-        ):
-            kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-
-
 def train_loop(
     runtime,
     batch_fn: Callable[[int], Sequence[torch.Tensor]],
     settings: LoopSettings,
     *,
     on_step: Callable[[dict], None] | None = None,
+    validate: Callable[[int], dict] | None = None,
 ) -> LoopOutcome:
     """Run steps ``[resume point, settings.steps)``. ``batch_fn(step)`` returns this data-parallel
     rank's microbatches for ``step``; it must be a pure function of the step so that resumed runs
-    see the same data as uninterrupted ones."""
+    see the same data as uninterrupted ones.
+
+    ``validate(step)`` (collective, every rank) returns validation results ``{name: value}``; it
+    runs every ``settings.eval_every`` steps and at the last step, and its results go into that
+    step's record as ``valid`` (logged to every sink). With ``settings.best_metric``, a validation
+    that improves it saves a checkpoint at that step (if none is due) and points
+    ``checkpoints/best`` at it; pruning keeps the best checkpoint."""
     root = settings.out_dir / "checkpoints"
     start = 0
     if settings.resume:
@@ -218,15 +258,29 @@ def train_loop(
             start = int(meta["step"])
             log.info("resumed from %s (step %d)", latest, start)
     rank0 = dist.get_rank() == 0
+    sinks: MetricSinks | None = None
+    best: dict | None = None
     if rank0:
         settings.out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = settings.out_dir / "metrics.jsonl"
-    if rank0:
-        truncate_metrics(metrics_path, start)
+        sinks = MetricSinks.from_names(
+            settings.out_dir,
+            settings.log_to,
+            wandb_project=settings.wandb_project,
+            wandb_entity=settings.wandb_entity,
+            wandb_mode=settings.wandb_mode,
+            wandb_name=settings.wandb_name,
+        )
+        sinks.open(start, _hparams(settings))
+        best = read_best(root)
+        if best is not None and (
+            best.get("metric") != settings.best_metric or best["step"] > start
+        ):
+            best = None  # another metric, or a pointer past the resumed checkpoint: start over
     flag = _StopFlag()
     flag.install()
     last_saved: Path | None = None
     step = start
+    validation: dict | None = None
     try:
         if _any_rank(flag.signum is not None):  # preempted while loading: keep what is saved
             return LoopOutcome("preempted", start, ckpt.latest_complete(root))
@@ -242,15 +296,33 @@ def train_loop(
                 "lr": result.lr,
                 "grad_norm": result.grad_norm,
                 "skipped": result.skipped,
+                "skipped_steps": int(getattr(runtime, "skipped_steps", 0)),
                 "step_time_s": result.seconds,
                 "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
                 "peak_mem_bytes": peak_memory_bytes(),
                 "peak_allocated_bytes": runtime.stage.memory.reset(),
                 "baseline_allocated_bytes": runtime.baseline_memory_bytes,
             }
-            if rank0 and (done % settings.log_every == 0 or done == settings.steps):
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+            validation = None
+            if (
+                validate is not None
+                and settings.eval_every
+                and (done % settings.eval_every == 0 or done == settings.steps)
+            ):
+                validation = dict(validate(done))  # collective: every rank runs it
+                record["valid"] = validation
+            improved = False
+            if validation is not None and settings.best_metric:
+                name = settings.best_metric.removeprefix("valid/")
+                value = validation.get(name)
+                improved = rank0 and _improves(
+                    value, best["value"] if best else None, settings.best_mode
+                )
+                improved = _any_rank(improved)  # rank 0 decides; a save is collective
+            if sinks is not None and (
+                done % settings.log_every == 0 or done == settings.steps or validation is not None
+            ):
+                sinks.write(record)
             if on_step is not None:
                 on_step(record)
             interrupted = settings.stop_after is not None and done - start >= settings.stop_after
@@ -259,6 +331,7 @@ def train_loop(
                 (settings.save_every and done % settings.save_every == 0)
                 or done == settings.steps
                 or stop
+                or improved
             ):
                 last_saved = runtime.save(
                     root,
@@ -268,8 +341,14 @@ def train_loop(
                     keep_last=settings.keep_last,
                     extra_files=settings.extra_files or None,
                 )
+            if improved and rank0 and last_saved is not None and settings.best_metric:
+                value = float(validation[settings.best_metric.removeprefix("valid/")])  # type: ignore[index]
+                _write_best(root, last_saved, done, settings.best_metric, value, settings.best_mode)
+                best = {"step": done, "metric": settings.best_metric, "value": value}
             if stop:
                 return LoopOutcome("preempted", done, last_saved)
-        return LoopOutcome("finished", settings.steps, last_saved)
+        return LoopOutcome("finished", settings.steps, last_saved, validation)
     finally:
         flag.restore()
+        if sinks is not None:
+            sinks.close()

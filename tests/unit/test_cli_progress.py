@@ -121,3 +121,30 @@ def test_rich_sink_on_a_terminal(tmp_path):
         sink.update(RECORD)
     text = stream.getvalue()
     assert "step 10/100" in text and "12,346 tok/s" in text and "glmd.kl 2.0000" in text
+
+
+VALID = {"student_loss": 2.31, "student_ppl": 10.074, "teacher_loss": 2.0, "teacher_ppl": 7.389}
+
+
+def test_validation_steps_show_their_results_in_plain_lines_and_above_the_bar():
+    line = format_line({"step": 6, "loss": 2.5, "valid": VALID}, total_steps=12)
+    assert line == "step 6/12 (50%) | loss 2.5000 | valid loss 2.3100 ppl 10.07 (teacher ppl 7.39)"
+    stream = io.StringIO()
+    sink = RichSink(12, Console(file=stream, force_terminal=True, width=160))
+    sink.start()
+    sink.update({"step": 6, "loss": 2.5, "valid": VALID})
+    sink.stop()
+    assert "step 6: valid loss 2.3100 ppl 10.07 (teacher ppl 7.39)" in stream.getvalue()
+
+
+def test_slurm_output_file_gets_plain_lines_even_when_rich_is_forced(tmp_path):
+    """Under Slurm the launcher's stdout is the job's output file: FORCE_COLOR (or
+    TTY_COMPATIBLE) makes Rich call it a terminal, but a bar must not be drawn into it."""
+    from gkd_cli.progress import wants_bar
+
+    with open(tmp_path / "slurm-42.out", "w") as handle:
+        console = Console(file=handle, force_terminal=True)
+        assert console.is_terminal
+        assert not wants_bar(console, {"SLURM_JOB_ID": "42"})
+        assert wants_bar(console, {})  # outside Slurm, forcing a terminal is the user's choice
+        assert not wants_bar(Console(file=handle, force_terminal=False), {})
