@@ -219,6 +219,12 @@ def _dequantizable(gguf, qtype) -> bool:
     return out.size == block
 
 
+def _short(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that is the same float32 (``1e-05``, not
+    ``9.999999747378752e-06``), as the source model's ``config.json`` wrote it."""
+    return float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
+
+
 def _hf_config(arch: str, meta: dict[str, Any], tensor_names: set[str], path: Path) -> dict:
     """``config.json`` from the ``{arch}.*`` metadata (llama.cpp's key names)."""
     hf_arch, model_type, _ = ARCHITECTURES[arch]
@@ -270,8 +276,8 @@ def _hf_config(arch: str, meta: dict[str, Any], tensor_names: set[str], path: Pa
         "head_dim": head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": int(get("context_length", 2048, required=False)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6, required=False)),
-        "rope_theta": float(get("rope.freq_base", 10000.0, required=False)),
+        "rms_norm_eps": _short(get("attention.layer_norm_rms_epsilon", 1e-6, required=False)),
+        "rope_theta": _short(get("rope.freq_base", 10000.0, required=False)),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "vocab_size": vocab,
         "torch_dtype": "float32",

