@@ -12,6 +12,7 @@ loader: tiny Llama (grouped-query attention, untied, Q/K rows permuted by llama.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,18 @@ def test_refuses_not_a_gguf(tmp_path):
     path = tmp_path / "m.gguf"
     path.write_text("{}")
     _refused(tmp_path, path, "is not a GGUF file")
+
+
+def test_real_teacher_config_describes_smollm2():
+    """gkd_cli/configs/smollm2_student.yaml (scripts/real_teacher.sh): SmolLM2-135M's published
+    shape (30 x 576, 9 heads / 3 key/value heads, MLP 1536, 49152 tokens, tied: 134.5M
+    parameters) and a student on the compressed vocabulary."""
+    from gkd_cli.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "gkd_cli" / "configs" / "smollm2_student.yaml"
+    config = load_config(path, check_paths=False)
+    teacher = config.teacher.arch()
+    assert (teacher.num_layers, teacher.hidden_size, teacher.query_groups) == (30, 576, 3)
+    assert teacher.ffn_size == 1536 and teacher.tie_embeddings and teacher.rotary_base == 100000
+    assert round(config.teacher.num_parameters() / 1e6, 1) == 134.5
+    assert config.student.vocab_size == 8192 and config.data.vocab_mapping
