@@ -4,6 +4,11 @@
   (architecture, shards, tensor shapes, tokenizer; nothing heavy), then launches ``tp x pp`` local
   workers (``python -m parallel.hf.worker`` through torchrun's Python API) that each read only their
   slices and write a weights-only gkd checkpoint, usable as ``teacher.checkpoint`` at any layout.
+* ``gkd convert import-gguf FILE.gguf --out CKPT [--tp N --pp N]``: checks the GGUF file in this
+  process (architecture, tensor names, quantization types, shapes, length, tokenizer; nothing is
+  dequantized), writes it dequantized as a Hugging Face folder in a staging folder
+  (:mod:`parallel.hf.gguf`, one block of rows in memory at a time) and imports that as
+  ``import-hf`` does.
 * ``gkd convert export-hf CKPT --out HF_DIR``: loads the student of a gkd checkpoint in this
   process (TP1 x PP1) and writes ``config.json`` + ``model.safetensors`` that
   ``transformers.AutoModelForCausalLM.from_pretrained`` loads, plus the tokenizer.
@@ -220,6 +225,116 @@ def import_hf(
     with console.status(f"importing on {tp * pp} process(es) ..."):
         run_local(plan)  # a failure keeps the logs and names them
     shutil.rmtree(log_dir, ignore_errors=True)
+    console.print(f"[green]wrote[/] {out} (gkd checkpoint, tp={tp} pp={pp}; loads at any layout)")
+
+
+# ---------------------------------------------------------------------------------------------
+# import-gguf
+# ---------------------------------------------------------------------------------------------
+
+
+def _gguf_summary_table(model, tp: int, pp: int) -> Table:
+    arch, config = model.spec.arch, model.config
+    table = Table(title=f"GGUF model {model.path}", title_justify="left", show_header=False)
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    quant = ", ".join(f"{n} x {q}" for q, n in sorted(model.quantization.items()))
+    heads = f"{arch.num_attention_heads} ({arch.query_groups} key/value, head dim {arch.head_dim})"
+    meta = model.tokenizer
+    rows = [
+        ("architecture", f"{model.architecture} -> {model.spec.architecture}"),
+        ("layers x hidden", f"{arch.num_layers} x {arch.hidden_size} (MLP {arch.ffn_size})"),
+        ("attention heads", heads),
+        ("vocabulary", f"{arch.vocab_size} (padded to {arch.padded_vocab(tp)} at tp={tp})"),
+        ("embeddings", "tied" if config["tie_word_embeddings"] else "untied"),
+        ("tensors", quant),
+        (
+            "tokenizer",
+            f"{meta['ggml.model']} ({len(meta['ggml.tokens'])} tokens, pre-tokenizer "
+            f"{meta.get('ggml.pre', 'default')}), chat template: "
+            + ("yes" if meta.get("chat_template") else "no"),
+        ),
+        ("layout", f"tp={tp} pp={pp} ({tp * pp} process(es))"),
+    ]
+    for name, value in rows:
+        table.add_row(name, Text(value))
+    return table
+
+
+@convert_app.command("import-gguf")
+@_report_errors
+def import_gguf(
+    gguf_file: Annotated[
+        Path, typer.Argument(help="GGUF file (llama.cpp's format).", show_default=False)
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="gkd checkpoint folder to write.", show_default=False)
+    ],
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size of the import.")] = 1,
+    pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel size of the import.")] = 1,
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="float32 (auto: dequantized weights), bfloat16 or float16."),
+    ] = "auto",
+    staging: Annotated[
+        Path | None,
+        typer.Option(
+            "--staging",
+            help="Folder for the dequantized Hugging Face copy (default: beside --out; removed "
+            "afterwards; needs 4 bytes per parameter).",
+            show_default=False,
+        ),
+    ] = None,
+    keep_hf: Annotated[
+        Path | None,
+        typer.Option(
+            "--keep-hf",
+            help="Also keep the dequantized Hugging Face folder here (transformers loads it).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty --out.")
+    ] = False,
+) -> None:
+    """Convert a GGUF file (weights dequantized, tokenizer and chat template included) into a gkd
+    checkpoint, through a Hugging Face folder that import-hf reads."""
+    from parallel.hf import inspect_hf_dir
+    from parallel.hf.gguf import inspect_gguf, write_hf_folder
+    from parallel.hf.spec import check_layout
+
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise GkdError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+    model = inspect_gguf(gguf_file)
+    check_layout(model.spec.arch, tp, pp, where=f"{gguf_file} (metadata)", family=model.spec.family)
+    _check_out(out, overwrite)
+    if keep_hf is not None:
+        _check_out(keep_hf, overwrite)
+    console = _out()
+    console.print(_gguf_summary_table(model, tp, pp))
+    for note in model.notes:
+        console.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+    parent = staging if staging is not None else out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".gkd-gguf-", dir=parent))
+    try:
+        with console.status(f"dequantizing {gguf_file.name} into {stage} ..."):
+            write_hf_folder(model, stage)
+        inspect_hf_dir(stage)  # import-hf's own checks on what was written
+        from gkd_cli.launch import run_local
+
+        log_dir = Path(tempfile.mkdtemp(prefix="gkd-convert-logs-"))
+        plan = import_plan(stage, out, tp=tp, pp=pp, dtype=dtype, log_dir=log_dir)
+        with console.status(f"importing on {tp * pp} process(es) ..."):
+            run_local(plan)
+        shutil.rmtree(log_dir, ignore_errors=True)
+        if keep_hf is not None:
+            if keep_hf.exists():
+                shutil.rmtree(keep_hf)
+            shutil.move(str(stage), str(keep_hf))
+            console.print(f"[green]wrote[/] {keep_hf} (Hugging Face folder, float32)")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     console.print(f"[green]wrote[/] {out} (gkd checkpoint, tp={tp} pp={pp}; loads at any layout)")
 
 
