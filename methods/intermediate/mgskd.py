@@ -257,8 +257,8 @@ class MGSKD:
                     s_span, t_span, span_valid, p.relation_heads, p.anchors, p.neighbors
                 ))  # fmt: skip
             else:
-                s_vec, valid = pool(student, mask, "mean")
-                t_vec, _ = pool(teacher, mask, "mean")
+                s_vec, valid = pool(student, mask, "mean", ctx)
+                t_vec, _ = pool(teacher, mask, "mean", ctx)
                 sample.append(sample_relations(s_vec, t_vec, valid, p.relation_heads))
         terms = {}
         for name, values in (("token", token), ("span", span), ("sample", sample)):
