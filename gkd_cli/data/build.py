@@ -429,7 +429,7 @@ def build_example_store(
         if workers > 1:
             pool = _start_pool(encoder, workers)
         for plan in plans:
-            first = writer.num_examples
+            first_example = writer.num_examples
             first_token = writer.num_tokens
             truncated = dropped = 0
             if plan.fmt == "indexed":
@@ -452,7 +452,7 @@ def build_example_store(
                 done_bytes += nbytes
                 if progress is not None:
                     progress(min(done_bytes, total_bytes), total_bytes, writer.num_tokens)
-            if writer.num_examples == first:
+            if writer.num_examples == first_example:
                 raise ValueError(
                     f"data source {plan.source.path} gave no examples (format {plan.fmt}, kind "
                     f"{plan.kind}); every example was empty or dropped"
@@ -464,8 +464,8 @@ def build_example_store(
                     "kind": plan.kind,
                     "weight": plan.source.weight,
                     "sha256": plan.sha256,
-                    "first_example": first,
-                    "num_examples": writer.num_examples - first,
+                    "first_example": first_example,
+                    "num_examples": writer.num_examples - first_example,
                     "num_tokens": writer.num_tokens - first_token,
                     "truncated": truncated,
                     "dropped": dropped,
