@@ -50,52 +50,57 @@ def build_dataset(
     shuffle: bool | None = None,
 ):
     """The rows of ``cfg.data.mode`` over ``files`` (a :class:`gkd_cli.data.batching.RowDataset`),
-    tokenized on rank 0 first. ``shuffle`` defaults to ``data.shuffle`` (validation: False)."""
-    from gkd_cli.data import TokenDataset, build_token_stream
-    from gkd_cli.data.batching import StreamRows, make_rows
+    tokenized into an example store on rank 0 first. ``shuffle`` defaults to ``data.shuffle``
+    (validation: False). In ``stream`` mode the store's tokens are the token stream of
+    :func:`gkd_cli.data.corpus.build_token_stream` (same samples, same order)."""
+    from gkd_cli.data.batching import make_rows
+    from gkd_cli.data.build import build_example_store
 
     out = Path(cfg.output.dir)
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
-    fmt = cfg.data.format
     data = cfg.data
-    shuffle = data.shuffle if shuffle is None else shuffle
+    fmt: str = data.format
     if data.source == "superglue" and name == "train":
         files, fmt = [str(_superglue_texts(cfg, cache, rank=rank))], "jsonl"
-    if data.mode == "stream":
-        stream = _barrier_build(
-            lambda: build_token_stream(
-                files, tokenizer, cache / name, fmt=fmt, text_field=data.text_field
-            ),
-            rank=rank,
-        )
-        samples = TokenDataset(stream, data.seq_length)
-        return StreamRows(
-            None, data.seq_length, seed=cfg.train.seed, shuffle=shuffle, samples=samples
-        )
+    sources = data_sources(cfg, files, fmt)
+    examples = data.mode != "stream"
     store = _barrier_build(
-        lambda: _build_example_store(cfg, tokenizer, files, cache / name, fmt=fmt), rank=rank
+        lambda: build_example_store(
+            sources,
+            tokenizer,
+            cache / name,
+            max_length=data.seq_length if examples else None,
+            overlong=data.overlong,
+        ),
+        rank=rank,
     )
     return make_rows(
         store,
         data.mode,
         data.seq_length,
         seed=cfg.train.seed,
-        shuffle=shuffle,
+        shuffle=data.shuffle if shuffle is None else shuffle,
         overlong=data.overlong,
         pad_id=tokenizer.eos_id,
         name=f"data.{name}_files",
     )
 
 
-def _build_example_store(cfg: DistillConfig, tokenizer, files, cache: Path, *, fmt: str):
-    try:
-        from gkd_cli.data.build import build_example_store  # type: ignore[import-not-found]
-    except ImportError:  # pragma: no cover (the builder lands with issue 14's formats)
-        raise ValueError(
-            f"data.mode={cfg.data.mode!r} needs the example-store builder "
-            "(gkd_cli/data/build.py), which this installation lacks; use data.mode: stream"
-        ) from None
-    return build_example_store(files, tokenizer, cache, fmt=fmt, text_field=cfg.data.text_field)
+def data_sources(cfg: DistillConfig, files: Sequence[str], fmt: str) -> list:
+    """The :class:`gkd_cli.data.formats.DataSource` of each file (the one place that maps the
+    ``data`` section to the builder's sources): plain text, or records whose kind (text,
+    prompt/completion, chat) is decided per file from its first record."""
+    from gkd_cli.data.formats import DataSource
+
+    return [
+        DataSource(
+            path=str(f),
+            format=fmt,  # type: ignore[arg-type]
+            kind="text" if fmt == "text" else "auto",
+            text_field=cfg.data.text_field,
+        )
+        for f in files
+    ]
 
 
 def _superglue_texts(cfg: DistillConfig, cache: Path, *, rank: int) -> Path:

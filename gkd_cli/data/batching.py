@@ -36,8 +36,10 @@ An example fits a row when it has at most ``seq_length`` tokens (its last token 
 input position it needs). Longer ones are refused with an error naming the example and the fix, or
 cut to their first ``seq_length`` tokens and counted (``data.overlong: truncate``).
 
-Order. Epoch ``e`` visits the examples (rows in ``stream`` mode) in ``sample_order(n, seed, e)``
-(a permutation drawn from ``(seed, e)``; the identity with ``shuffle=False``); ``packed`` packs
+Order. Epoch ``e`` visits the examples in ``mixture_order(store, seed, e)``
+(:mod:`gkd_cli.data.build`: a permutation drawn from ``(seed, e)``, or each source's weighted
+share), the windows of ``stream`` mode in ``sample_order(n, seed, e)`` (what
+:func:`~gkd_cli.data.corpus.batch_indices` walks); with ``shuffle=False``, the stored order. ``packed`` packs
 each epoch's order anew, so the rows of every epoch are deterministic too. The rows of all epochs
 follow each other without gaps: global row position ``p = step * global_batch_size + j``.
 :func:`step_microbatches` cuts the step's ``global_batch_size`` rows by the rule of
@@ -95,6 +97,7 @@ class RowDataset:
         self.seq_length = seq_length
         self.seed = int(seed)
         self.shuffle = shuffle
+        self._orders = functools.lru_cache(maxsize=4)(self._order)
 
     # -- per epoch
     def units(self) -> int:
@@ -102,7 +105,10 @@ class RowDataset:
         return len(self.store)
 
     def order(self, epoch: int) -> np.ndarray:
-        """The units of ``epoch`` in order."""
+        """The units of ``epoch`` in order (cached)."""
+        return self._orders(int(epoch))
+
+    def _order(self, epoch: int) -> np.ndarray:
         n = self.units()
         if not self.shuffle:
             return np.arange(n, dtype=np.int64)
@@ -143,6 +149,11 @@ def _check_overlong(store: ExampleStore, seq_length: int, overlong: str, where: 
     return len(over)
 
 
+def _weighted(store: ExampleStore | None) -> bool:
+    sources = store.meta.get("sources") if store is not None else None
+    return any(s.get("weight") is not None for s in sources or [])
+
+
 class _ExampleRows(RowDataset):
     """Shared by padded and packed: placing whole examples into rows."""
 
@@ -158,11 +169,25 @@ class _ExampleRows(RowDataset):
         name: str = "",
     ) -> None:
         super().__init__(store, seq_length, seed=seed, shuffle=shuffle)
+        if not shuffle and _weighted(store):
+            raise ValueError(
+                "the data sources have mixture weights, which are drawn per epoch: set "
+                "data.shuffle: true (or drop the weights)"
+            )
         where = name or str(store.paths["json"])
         self.truncated = _check_overlong(store, seq_length, overlong, where)
         """Examples longer than ``seq_length`` (cut to their first ``seq_length`` tokens)."""
         self.pad_id = int(pad_id)
         self.lengths = np.minimum(store.lengths(), seq_length)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """Examples: :func:`gkd_cli.data.build.mixture_order` (a permutation per epoch; with
+        source weights, each source's share of the epoch)."""
+        if not self.shuffle:
+            return np.arange(self.units(), dtype=np.int64)
+        from gkd_cli.data.build import mixture_order
+
+        return mixture_order(self.store, self.seed, epoch)
 
     def place(self, examples: Sequence[int]) -> Row:
         """The row holding ``examples`` one after the other, then padding."""
@@ -268,6 +293,11 @@ class StreamRows(RowDataset):
             raise ValueError("StreamRows needs an example store or a TokenDataset")
         super().__init__(store, seq_length, seed=seed, shuffle=shuffle)  # type: ignore[arg-type]
         self.samples = samples
+        if _weighted(store):
+            raise ValueError(
+                "data.mode: stream reads every document once per epoch; mixture weights need "
+                "data.mode: padded or packed"
+            )
         if samples is None:
             assert store is not None
             total = store.num_tokens

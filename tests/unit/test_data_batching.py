@@ -170,11 +170,13 @@ def test_stream_mode_is_todays_token_stream_and_order(tmp_path):
     tokenizer = train_bpe([corpus], 300, tmp_path / "tok.json")
     stream = build_token_stream([corpus], tokenizer, tmp_path / "cache")
     samples = TokenDataset(stream, 16)
-    # the same documents as an example store (each example ends with the end-of-document id)
-    writer = ExampleStoreWriter(tmp_path, "docs", vocab_size=tokenizer.vocab_size)
-    for doc in iter_documents(corpus):
-        writer.add([*tokenizer.encode(doc), tokenizer.eos_id])
-    store = writer.finish()
+    # the same corpus through the example-store builder: stream mode is a view over it
+    from gkd_cli.data.build import build_example_store
+    from gkd_cli.data.formats import DataSource
+
+    source = DataSource(path=str(corpus), format="text", kind="text")
+    store = build_example_store([source], tokenizer, tmp_path / "examples")
+    assert len(store) == sum(1 for _ in iter_documents(corpus))
     view = StreamRows(store, 16, seed=9)
     legacy = StreamRows(None, 16, seed=9, samples=samples)
     assert len(view) == len(samples)
