@@ -447,13 +447,6 @@ def microbatches(
 
 
 def epochs_covered(dataset: RowDataset, steps: int, global_batch_size: int) -> float:
-    """How many epochs ``steps`` steps read (for the log line at the start of a run)."""
-    total = steps * global_batch_size
-    epoch = 0
-    while total > 0 and epoch < 10_000:
-        n = dataset.rows_in_epoch(epoch)
-        if total < n:
-            return epoch + total / n
-        total -= n
-        epoch += 1
-    return float(epoch)
+    """About how many epochs ``steps`` steps read (for the log line at the start of a run; in
+    ``packed`` mode epochs after the first may pack into a few more or fewer rows)."""
+    return steps * global_batch_size / dataset.rows_in_epoch(0)
