@@ -450,3 +450,25 @@ def epochs_covered(dataset: RowDataset, steps: int, global_batch_size: int) -> f
     """About how many epochs ``steps`` steps read (for the log line at the start of a run; in
     ``packed`` mode epochs after the first may pack into a few more or fewer rows)."""
     return steps * global_batch_size / dataset.rows_in_epoch(0)
+
+
+def check_packed_method(method: object, taps: Sequence, where: str) -> None:
+    """``ValueError`` when ``method`` relates the token positions of a whole sequence (it taps
+    attention maps or Q/K/V, or declares ``relates_positions``: token relations): in
+    ``data.mode: packed`` a sequence holds several examples, which such terms would mix (the
+    methods apply a plain causal mask to the captured maps)."""
+    from methods.base import FeatureKind
+
+    kinds = {
+        FeatureKind.ATTENTION_SCORES,
+        FeatureKind.ATTENTION_PROBS,
+        FeatureKind.QUERY,
+        FeatureKind.KEY,
+        FeatureKind.VALUE,
+    }
+    if any(t.kind in kinds for t in taps) or getattr(method, "relates_positions", False):
+        raise ValueError(
+            f"{where} relates the token positions of a whole sequence (attention maps, Q/K/V "
+            "or token relations); with data.mode: packed a sequence holds several examples, "
+            "which these terms would mix: use data.mode: padded"
+        )

@@ -189,3 +189,25 @@ def test_stream_mode_is_todays_token_stream_and_order(tmp_path):
     row = view.row(0, 0)
     assert row.label_mask.all() and row.distill_mask is None
     assert len(set(row.example_ids.tolist())) == 1  # the window is the sample
+
+
+def test_packed_mode_refuses_methods_that_relate_positions_of_a_sequence(tmp_path):
+    from gkd_cli.build import build_methods
+    from gkd_cli.errors import ConfigError
+    from tests.unit.test_config_load import base_config, load
+
+    data = base_config(tmp_path)
+    data["data"]["mode"] = "packed"
+    data["train"]["stage"] = "task"
+    data["methods"] = [{"name": "pkd"}, {"name": "tinybert"}]
+    with pytest.raises(ConfigError, match=r"methods.1 \(tinybert\).*data.mode: padded") as info:
+        build_methods(load(tmp_path, data))
+    assert info.value.field == "data.mode"
+    data["methods"] = [{"name": "mgskd", "relation_heads": 8}]
+    with pytest.raises(ConfigError, match="token relations"):
+        build_methods(load(tmp_path, data))
+    data["methods"] = [{"name": "mgskd", "relation_heads": 8, "token_levels": 0}, {"name": "pkd"}]
+    assert len(build_methods(load(tmp_path, data)).entries) == 2
+    data["data"]["mode"] = "padded"
+    data["methods"] = [{"name": "tinybert"}]
+    assert len(build_methods(load(tmp_path, data)).entries) == 1
