@@ -49,3 +49,58 @@ def test_dp_and_resume_invariance_and_isolation(tmp_path):
     rows = [r for step in one["padded"]["seen"] for r in step]
     first = {x for r in rows[:10] for x in r if x >= 0}
     assert first == set(range(10))
+
+
+def _contrastive_examples_rank():
+    import torch
+    import torch.distributed as dist
+
+    from methods.forward_methods import LRCBERT, LRCBERTParams
+
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(rank)
+    s, b = 6, 2
+    student = torch.randn(s, b, 4, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(s, b, 6, generator=gen, dtype=torch.float64)
+    # rank 0: 3 examples, rank 1: 4 (a packed microbatch's count varies); s-major ids
+    rows = [[0, 0, 0, 1, 1, -1], [2, 2, 2, 2, 2, 2]]
+    if rank == 1:
+        rows = [[0, 0, 1, 1, 1, -1], [2, 2, 3, 3, 3, 3]]
+    ids = torch.tensor(rows).t().reshape(-1)
+    mask = (ids >= 0).double()
+    torch.manual_seed(0)
+    projection = torch.nn.Linear(4, 6).double()
+    loss = LRCBERT(LRCBERTParams(tau=0.5)).contrastive(
+        student, teacher, mask, projection, dist.group.WORLD, ids
+    )
+    return float(loss), student, teacher, rows
+
+
+def test_lrc_bert_contrastive_per_example_with_unequal_counts_over_dp():
+    """Per-example vectors (means over each example's tokens) are the samples; negatives come
+    from every example on every dp rank, though the ranks hold different numbers."""
+    import torch
+
+    from tests.distributed import run_on_ranks
+
+    results = run_on_ranks(_contrastive_examples_rank, 2)
+
+    def means(x, rows):
+        out = []
+        for r, row in enumerate(rows):
+            for e in sorted(set(row) - {-1}):
+                out.append(x[[i for i, v in enumerate(row) if v == e], r].mean(0))
+        return torch.stack(out)
+
+    teachers = torch.cat([means(t, rows) for _, _, t, rows in results])
+    torch.manual_seed(0)
+    projection = torch.nn.Linear(4, 6).double()
+    offset = 0
+    for value, student, _, rows in results:
+        z = projection(means(student, rows))
+        sims = torch.nn.functional.cosine_similarity(z[:, None], teachers[None], dim=-1) / 0.5
+        n = z.shape[0]
+        reference = -torch.log_softmax(sims, -1)[torch.arange(n), torch.arange(n) + offset].mean()
+        assert abs(value - float(reference)) < 1e-10
+        offset += n
+    assert offset == 7
