@@ -80,6 +80,13 @@ def build_methods(cfg: DistillConfig) -> MethodPipeline:
                 "parallel.sequence_parallel=true; set parallel.sequence_parallel=false",
                 field="parallel.sequence_parallel",
             )
+        if cfg.data.mode == "packed":  # issue 14: packed rows hold several examples
+            from gkd_cli.data.batching import check_packed_method
+
+            try:
+                check_packed_method(method, taps, where)
+            except ValueError as err:
+                raise ConfigError(str(err), field="data.mode") from None
         try:
             check_method_layout(method, entry.name, teachers, student, pp=ctx.pp, where=where)
         except ValueError as err:

@@ -98,6 +98,20 @@ class DataConfig:
     """JSON key holding the text when ``format`` is ``jsonl``."""
     seq_length: int = 1024
     """Tokens per training sequence; at most both models' ``max_seq_len``."""
+    mode: Literal["stream", "padded", "packed"] = "stream"
+    """How examples become sequences: ``stream`` (all documents as one token stream cut into
+    ``seq_length`` windows, for pre-training corpora), ``padded`` (one example per sequence,
+    padded; an example never straddles two) or ``packed`` (whole examples packed into each
+    sequence; attention never crosses examples and positions restart). ``padded`` and
+    ``packed`` carry per-token loss masks (prompts and padding never count) and example ids."""
+    overlong: Literal["refuse", "truncate"] = "refuse"
+    """An example longer than ``seq_length`` in ``padded``/``packed`` mode: ``refuse`` (an
+    error naming it, before the first step) or ``truncate`` (keep its first ``seq_length``
+    tokens; the count is logged)."""
+    shuffle: bool = True
+    """Reshuffle the examples (windows in ``stream`` mode) every epoch, by ``train.seed`` and
+    the epoch; ``false``: their stored order in every epoch. Epochs follow each other for
+    ``train.steps`` steps."""
     cache_dir: str | None = None
     """Where tokenized shards are cached; default ``<output.dir>/cache``."""
     vocab_mapping: str | None = None

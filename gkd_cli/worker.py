@@ -40,21 +40,67 @@ def _barrier_build(build, *, rank: int):
     return result if rank == 0 else build()
 
 
-def build_dataset(cfg: DistillConfig, tokenizer, files: Sequence[str], *, rank: int, name: str):
-    from gkd_cli.data import TokenDataset, build_token_stream
+def build_dataset(
+    cfg: DistillConfig,
+    tokenizer,
+    files: Sequence[str],
+    *,
+    rank: int,
+    name: str,
+    shuffle: bool | None = None,
+):
+    """The rows of ``cfg.data.mode`` over ``files`` (a :class:`gkd_cli.data.batching.RowDataset`),
+    tokenized into an example store on rank 0 first. ``shuffle`` defaults to ``data.shuffle``
+    (validation: False). In ``stream`` mode the store's tokens are the token stream of
+    :func:`gkd_cli.data.corpus.build_token_stream` (same samples, same order)."""
+    from gkd_cli.data.batching import make_rows
+    from gkd_cli.data.build import build_example_store
 
     out = Path(cfg.output.dir)
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
-    fmt = cfg.data.format
-    if cfg.data.source == "superglue" and name == "train":
+    data = cfg.data
+    fmt: str = data.format
+    if data.source == "superglue" and name == "train":
         files, fmt = [str(_superglue_texts(cfg, cache, rank=rank))], "jsonl"
-    stream = _barrier_build(
-        lambda: build_token_stream(
-            files, tokenizer, cache / name, fmt=fmt, text_field=cfg.data.text_field
+    sources = data_sources(cfg, files, fmt)
+    examples = data.mode != "stream"
+    store = _barrier_build(
+        lambda: build_example_store(
+            sources,
+            tokenizer,
+            cache / name,
+            max_length=data.seq_length if examples else None,
+            overlong=data.overlong,
         ),
         rank=rank,
     )
-    return TokenDataset(stream, cfg.data.seq_length)
+    return make_rows(
+        store,
+        data.mode,
+        data.seq_length,
+        seed=cfg.train.seed,
+        shuffle=data.shuffle if shuffle is None else shuffle,
+        overlong=data.overlong,
+        pad_id=tokenizer.eos_id,
+        name=f"data.{name}_files",
+    )
+
+
+def data_sources(cfg: DistillConfig, files: Sequence[str], fmt: str) -> list:
+    """The :class:`gkd_cli.data.formats.DataSource` of each file (the one place that maps the
+    ``data`` section to the builder's sources): plain text, or records whose kind (text,
+    prompt/completion, chat) is decided per file from its first record."""
+    from gkd_cli.data.formats import DataSource
+
+    return [
+        DataSource(
+            path=str(f),
+            format=fmt,  # type: ignore[arg-type]
+            kind="text" if fmt == "text" else "auto",
+            text_field=cfg.data.text_field,
+        )
+        for f in files
+    ]
 
 
 def _superglue_texts(cfg: DistillConfig, cache: Path, *, rank: int) -> Path:
@@ -88,23 +134,20 @@ def _student_layer_map(cfg: DistillConfig) -> list[int] | None:
 
 
 def make_batch_fn(dataset, cfg: DistillConfig, ctx):
-    from gkd_cli.data import batch_indices
+    """``step -> this rank's microbatches`` (:func:`gkd_cli.data.batching.microbatches`)."""
+    from gkd_cli.data.batching import microbatches
 
     train = cfg.train
 
-    def batch_fn(step: int) -> list[torch.Tensor]:
-        micro = batch_indices(
+    def batch_fn(step: int) -> list[dict]:
+        return microbatches(
+            dataset,
             step,
             train.global_batch_size,
             ctx.dp_rank,
             ctx.dp,
             train.micro_batch_size,
-            len(dataset),
-            train.seed,
         )
-        return [
-            torch.from_numpy(np.stack([dataset[i] for i in ids]).astype(np.int64)) for ids in micro
-        ]
 
     return batch_fn
 
@@ -149,14 +192,16 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean LM loss and perplexity of student and teacher (``teacher=False``: the student only)
     over (up to) ``max_batches`` global batches of the validation set, in order."""
+    from gkd_cli.data.batching import collate
     from methods.base import FeatureKind, Role, Tap
 
     train = cfg.train
     per_step = train.global_batch_size
-    num_batches = max(1, min(max_batches, len(dataset) // per_step))
-    if len(dataset) < per_step:
+    rows = dataset.rows_in_epoch(0)
+    num_batches = max(1, min(max_batches, rows // per_step))
+    if rows < per_step:
         raise ValueError(
-            f"data.valid_files hold {len(dataset)} sequences of {cfg.data.seq_length} tokens, fewer than "
+            f"data.valid_files hold {rows} sequences of {cfg.data.seq_length} tokens, fewer than "
             f"one global batch ({per_step}); add validation text or lower train.global_batch_size"
         )
     info = runtime.teacher_infos[0] if runtime.teacher_infos else runtime.student_info
@@ -170,10 +215,9 @@ def evaluate(
     per_rank = per_step // ctx.dp
     for batch in range(num_batches):
         start = batch * per_step + ctx.dp_rank * per_rank
-        rows = [dataset[i] for i in range(start, start + per_rank)]
-        tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
+        mine = [dataset.row(0, i) for i in range(start, start + per_rank)]
         micro = [
-            tokens[i : i + train.micro_batch_size]
+            collate(mine[i : i + train.micro_batch_size], packed=dataset.packed)
             for i in range(0, per_rank, train.micro_batch_size)
         ]
         for name, value in runtime.evaluate(micro, compute).items():
@@ -226,7 +270,9 @@ def run(cfg: DistillConfig, pipeline: MethodPipeline) -> str:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         train_set = build_dataset(cfg, tokenizer, cfg.data.train_files, rank=ctx.rank, name="train")
         valid_set = (
-            build_dataset(cfg, tokenizer, cfg.data.valid_files, rank=ctx.rank, name="valid")
+            build_dataset(
+                cfg, tokenizer, cfg.data.valid_files, rank=ctx.rank, name="valid", shuffle=False
+            )
             if cfg.data.valid_files
             else None
         )
@@ -255,7 +301,18 @@ def run(cfg: DistillConfig, pipeline: MethodPipeline) -> str:
             student_init=Path(cfg.student.checkpoint) if cfg.student.checkpoint else None,
             student_init_layers=_student_layer_map(cfg),
             vocab=vocab,
+            attention_masks=train_set.packed,
         )
+        if ctx.rank == 0:
+            from gkd_cli.data.batching import epochs_covered
+
+            log.info(
+                "data.mode=%s: %d sequences in the first epoch; train.steps=%d read %.2f epochs",
+                cfg.data.mode,
+                train_set.rows_in_epoch(0),
+                cfg.train.steps,
+                epochs_covered(train_set, cfg.train.steps, cfg.train.global_batch_size),
+            )
         out = Path(cfg.output.dir)
         settings = LoopSettings(
             steps=cfg.train.steps,

@@ -21,6 +21,14 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
+from methods.examples import (
+    ExamplePooling,
+    answer_positions,
+    column_ids,
+    count_examples,
+    pool_by_example,
+)
+
 
 class Stage(str, enum.Enum):  # noqa: UP042 (keeps str() as it was)
     """Distillation stage a method applies to (GLMD's two stages)."""
@@ -159,7 +167,11 @@ class LossContext:
     total_steps: int
     stage: Stage
     loss_mask: torch.Tensor
-    """``[N]`` float, 1.0 for tokens that count, 0.0 for padding and ignored positions."""
+    """``[N]`` float, 1.0 for tokens that count, 0.0 for padding and ignored positions. In
+    example-aware batches (``data.mode: padded | packed``) position ``k`` counts when its label
+    (the next token) is a target of the same example (a completion or assistant token, every
+    token of plain text) and ``k`` is not padding: prompts, the boundary between two packed
+    examples and padding never count."""
     labels: torch.Tensor | None
     """``[N]`` long next-token ids in the student's vocabulary (``lm`` and hard-label terms)."""
     vocab_start: int
@@ -177,13 +189,72 @@ class LossContext:
     document."""
     token_mask: torch.Tensor | None = None
     """``[N]`` float, 1.0 for every non-padding position whether or not it has a label (GLMD
-    distills at every such position); ``None`` means the same as ``loss_mask``."""
+    distills at every such position); ``None`` means the same as ``loss_mask``. In
+    example-aware batches: the ``loss_mask`` positions plus each example's last position when
+    that token is a target (its prediction has no label), so prompts and padding never count."""
+
+    example_ids: torch.Tensor | None = None
+    """``[N]`` int64, s-major like ``labels``: the example each position belongs to, numbered
+    ``0 .. E-1`` within this microbatch (in row order), ``-1`` on padding. An example never
+    straddles rows. In ``data.mode: stream`` every row (window) is one example. ``None`` (unit
+    tests, old callers): every row is one sample, as :meth:`segment_ids` says."""
+    batch_size: int | None = None
+    """``b``, the rows of this microbatch's ``[s, b]`` token grid (``N = s * b``); ``None`` when
+    the caller did not say (then helpers take it from the features)."""
 
     @property
     def distill_mask(self) -> torch.Tensor:
         """``[N]`` float mask of the positions a label-free method distills: ``token_mask`` when the
         runtime provides it, else ``loss_mask``."""
         return self.loss_mask if self.token_mask is None else self.token_mask
+
+    # -- per-example helpers (methods.examples); all indices are flat s-major token indices
+
+    def segment_ids(self, batch_size: int | None = None) -> torch.Tensor:
+        """``[N]`` int64: ``example_ids`` when the runtime gives them, else each row's index
+        (``k % b``: one segment per row, the per-window behaviour)."""
+        if self.example_ids is not None:
+            return self.example_ids
+        b = batch_size or self.batch_size
+        if b is None:
+            raise ValueError("segment_ids needs batch_size when the context has no example_ids")
+        return column_ids(self.loss_mask.numel(), b, self.loss_mask.device)
+
+    def num_segments(self, batch_size: int | None = None) -> int:
+        """``E``: examples in this microbatch (rows when there are no ``example_ids``)."""
+        if self.example_ids is not None:
+            return count_examples(self.example_ids)
+        b = batch_size or self.batch_size
+        if b is None:
+            raise ValueError("num_segments needs batch_size when the context has no example_ids")
+        return b
+
+    def pool_examples(
+        self,
+        features: torch.Tensor,
+        how: ExamplePooling = "mean",
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One vector per example (per row without ``example_ids``) from ``[s, b, h]`` features:
+        ``([E, h], [E] bool valid)``. ``how``: ``first``, ``last`` or ``mean`` over the example's
+        tokens where ``mask`` (``[N]`` or ``[s, b]``) is > 0; ``mask=None``: all its tokens."""
+        b = features.shape[1] if features.dim() == 3 else self.batch_size
+        ids = self.segment_ids(b)
+        return pool_by_example(features, ids, how, mask=mask, num_examples=self.num_segments(b))
+
+    def answer_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(last_prompt [E], first_target [E])``: per example, the flat index of the last
+        context token (whose label is the first target token, e.g. a completion's first token)
+        and of that first target token; ``-1`` for an example without targets. Needs
+        ``batch_size``."""
+        if self.batch_size is None:
+            raise ValueError("answer_positions needs LossContext.batch_size")
+        return answer_positions(
+            self.segment_ids(),
+            self.loss_mask,
+            self.batch_size,
+            num_examples=self.num_segments(),
+        )
 
 
 @runtime_checkable

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from methods.base import FeatureKind, ForwardHandles, LossContext, ModelInfo, Role, Stage, Tap
+from methods.examples import pool_by_example
 from methods.layer_mapping import uniform_layer
 from methods.logit_common import (
     BOTH_LOGITS,
@@ -427,24 +428,38 @@ class LRCBERT:
         mask: torch.Tensor,
         projection: torch.nn.Module,
         dp_group: dist.ProcessGroup | None,
+        example_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One layer pair's loss. ``student`` ``[s, b, h_s]`` and ``teacher`` ``[s, b, h_t]``,
-        replicated over tp; ``mask`` ``[s*b]``."""
-        weights = mask.view(student.shape[0], student.shape[1], 1).to(student.dtype)
-        count = weights.sum(0).clamp_min(1.0)
+        replicated over tp; ``mask`` ``[s*b]``. Samples are the rows, or the examples of
+        ``example_ids`` (``[s*b]``, -1 on padding) when given; negatives come from every
+        sample of the data-parallel group (ranks may hold different numbers of examples)."""
         acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-        z_s = projection((student * weights).sum(0) / count).to(acc)  # [b, h_t]
-        z_t = (
-            ((teacher * weights.to(teacher.dtype)).sum(0) / count.to(teacher.dtype))
-            .detach()
-            .to(acc)
-        )
+        if example_ids is None:
+            weights = mask.view(student.shape[0], student.shape[1], 1).to(student.dtype)
+            count = weights.sum(0).clamp_min(1.0)
+            z_s = projection((student * weights).sum(0) / count).to(acc)  # [b, h_t]
+            z_t = (
+                ((teacher * weights.to(teacher.dtype)).sum(0) / count.to(teacher.dtype))
+                .detach()
+                .to(acc)
+            )
+        else:
+            z_s = projection(pool_by_example(student, example_ids, "mean", mask=mask)[0]).to(acc)
+            z_t = pool_by_example(teacher, example_ids, "mean", mask=mask)[0].detach().to(acc)
         offset = 0
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
-            gathered = [torch.empty_like(z_t) for _ in range(dist.get_world_size(dp_group))]
-            dist.all_gather(gathered, z_t.contiguous(), group=dp_group)
-            offset = dist.get_rank(dp_group) * z_t.shape[0]
-            z_t = torch.cat(gathered)
+            world = dist.get_world_size(dp_group)
+            sizes_t = torch.tensor([z_t.shape[0]], dtype=torch.long, device=z_t.device)
+            all_sizes = [torch.zeros_like(sizes_t) for _ in range(world)]
+            dist.all_gather(all_sizes, sizes_t, group=dp_group)
+            sizes = [int(x.item()) for x in all_sizes]
+            padded = torch.zeros(max(sizes), z_t.shape[1], dtype=z_t.dtype, device=z_t.device)
+            padded[: z_t.shape[0]] = z_t
+            gathered = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(gathered, padded.contiguous(), group=dp_group)
+            offset = sum(sizes[: dist.get_rank(dp_group)])
+            z_t = torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)])
         sims = (
             F.cosine_similarity(z_s[:, None, :], z_t[None, :, :], dim=-1) / self.params.tau
         )  # [b, B]
@@ -465,7 +480,12 @@ class LRCBERT:
                 "lrc_bert: the runtime builds the projections first"
             )
             value = self.contrastive(
-                student, teacher, ctx.distill_mask, self._projections[f"proj_l{s}"], ctx.dp_group
+                student,
+                teacher,
+                ctx.distill_mask,
+                self._projections[f"proj_l{s}"],
+                ctx.dp_group,
+                ctx.example_ids,
             )
             contrastive = value if contrastive is None else contrastive + value
         if contrastive is not None:

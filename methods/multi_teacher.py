@@ -69,6 +69,7 @@ from methods.base import (
     Tap,
     WeightsTerms,
 )
+from methods.examples import per_example_mean, pool_by_example
 from methods.logit_common import (
     BOTH_LOGITS,
     STUDENT_LOGITS,
@@ -734,12 +735,13 @@ class RLKD:
     def states(
         features: Mapping[Tap, torch.Tensor], ctx: LossContext, count: int, batch: int
     ) -> list[torch.Tensor]:
-        """Each teacher's ``[b, h_k + 3]`` state (no gradient)."""
-        mask = ctx.distill_mask.view(-1, batch)  # [s, b]
-        tokens = mask.sum(0).clamp_min(1.0)
+        """Each teacher's ``[E, h_k + 3]`` state (no gradient), one row per example
+        (``ctx.example_ids``), or per sequence of the microbatch (``E = b``) without them."""
+        ids, num = ctx.segment_ids(batch), ctx.num_segments(batch)
+        mask = ctx.distill_mask.reshape(-1).float()
 
         def mean(x: torch.Tensor) -> torch.Tensor:
-            return (x.view(-1, batch).float() * mask).sum(0) / tokens
+            return per_example_mean(x.reshape(-1).float(), ids, mask, num)
 
         out = []
         for k in range(count):
@@ -747,7 +749,7 @@ class RLKD:
             logits = features[Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=k)]
             stats = _stats_of(logits, ctx)
             assert stats.cross_entropy is not None
-            pooled = (hidden.float() * mask[..., None]).sum(0) / tokens[:, None]
+            pooled = pool_by_example(hidden.float(), ids, "mean", mask=mask, num_examples=num)[0]
             scalars = torch.stack(
                 [
                     mean(stats.cross_entropy),
@@ -777,21 +779,24 @@ class RLKD:
                 torch.sigmoid(policy(state.to(policy.weight.dtype))).squeeze(1).float()
                 for policy, state in zip(policies, states, strict=True)
             ]
-        )  # [K, b]
-        actions = self.sample(probs.detach(), ctx)  # [K, b]
+        )  # [K, E]
+        actions = self.sample(probs.detach(), ctx)  # [K, E]
         warm = ctx.step < self.params.warmup * ctx.total_steps
         chosen = torch.ones_like(actions) if warm else actions
         none = chosen.sum(0) == 0
         chosen = torch.where(none[None, :], torch.ones_like(chosen), chosen)
-        share = chosen / chosen.sum(0, keepdim=True)  # [K, b], the average of the selected teachers
-        repeat = ctx.loss_mask.shape[0] // batch
+        share = chosen / chosen.sum(0, keepdim=True)  # [K, E], the average of the selected teachers
+        ids = ctx.segment_ids(batch)
+        real = ids >= 0
         weights: TokenWeights = {
-            k: share[k].to(ctx.loss_mask.dtype).repeat(repeat) for k in range(count)
-        }  # s-major tokens
-        # REINFORCE: reward = -the student's cross entropy per sequence, baseline = the batch mean.
-        ce = _cross_entropy(student, ctx).view(-1, batch).float()
-        label_mask = ctx.loss_mask.view(-1, batch).float()
-        reward = -(ce * label_mask).sum(0) / label_mask.sum(0).clamp_min(1.0)
+            k: torch.where(real, share[k][ids.clamp_min(0)], 0.0).to(ctx.loss_mask.dtype)
+            for k in range(count)
+        }  # s-major tokens; padding (id -1) gets no teacher
+        # REINFORCE: reward = -the student's cross entropy per sequence (per example when the
+        # batch has example ids), baseline = the batch mean.
+        ce = _cross_entropy(student, ctx).reshape(-1).float()
+        label_mask = ctx.loss_mask.reshape(-1).float()
+        reward = -per_example_mean(ce, ids, label_mask, ctx.num_segments(batch))
         advantage = reward - reward.mean()
         log_prob = actions * torch.log(probs.clamp_min(1e-12)) + (1 - actions) * torch.log(
             (1 - probs).clamp_min(1e-12)

@@ -105,6 +105,7 @@ class DistillationRuntime:
         student_init: Path | None = None,
         student_init_layers: list[int] | None = None,
         vocab: VocabRestriction | None = None,
+        attention_masks: bool = False,
     ) -> None:
         self.baseline_memory_bytes = allocated_bytes() or 0
         """Bytes allocated before any model was built, so that the step peak minus this baseline
@@ -142,7 +143,10 @@ class DistillationRuntime:
             precision=self.precision,
             recompute=train.recompute,
             sequence_parallel=ctx.sequence_parallel,
-            needs_attention=plan.needs_attention,
+            # Packed rows (data.mode: packed) carry a block-diagonal attention mask, which only
+            # megatron-core's local attention honours (Transformer Engine's causal attention
+            # ignores an explicit mask; its packed-sequence path needs thd inputs).
+            needs_attention=plan.needs_attention or attention_masks,
         )
         self.teachers = models.teachers
         self.method_modules = build_method_modules(
@@ -212,12 +216,21 @@ class DistillationRuntime:
             student=self.student_info,
             extras={"teachers": self.teacher_infos, "teacher_labels": batch["teacher_labels"]},
             token_mask=batch["token_mask"],
+            example_ids=batch.get("example_ids"),
+            batch_size=batch["input_ids"].shape[0],
         )
 
-    def _make_batch(self, tokens: torch.Tensor) -> dict:
-        """``tokens [b, s+1]`` -> inputs ``[b, s]``; labels and mask flattened s-major ``[s*b]`` to
-        match the ``[s, b, ...]`` layout of features and logits."""
-        tokens = tokens.to(self.ctx.device, non_blocking=True)
+    def _make_batch(self, micro: torch.Tensor | dict) -> dict:
+        """A microbatch -> the stage's batch. ``micro`` is ``tokens [b, s+1]`` (a token window
+        per row, every label counts) or a mapping from :func:`gkd_cli.data.batching.collate`
+        with ``tokens``, ``loss_mask [b, s]``, ``token_mask [b, s]`` (or ``None``),
+        ``example_ids [b, s]`` (``-1`` padding), ``position_ids [b, s]`` and ``packed`` (rows
+        hold several examples: attention is masked block-diagonally, no token sees another
+        example). Inputs stay ``[b, s]``; labels, masks and example ids are flattened s-major
+        ``[s*b]`` to match the ``[s, b, ...]`` layout of features and logits."""
+        if isinstance(micro, dict):
+            return self._make_example_batch(micro)
+        tokens = micro.to(self.ctx.device, non_blocking=True)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         b, s = inputs.shape
         if self.pad_id is None:
@@ -236,6 +249,30 @@ class DistillationRuntime:
             "teacher_labels": labels.t().reshape(-1),
             "loss_mask": mask.t().reshape(-1),
             "token_mask": token_mask,
+        }
+
+    def _make_example_batch(self, micro: dict) -> dict:
+        device = self.ctx.device
+        tokens = micro["tokens"].to(device, non_blocking=True)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        ids = micro["example_ids"].to(device, non_blocking=True)
+        student_tokens = tokens if self.vocab is None else self.vocab.orig_to_comp[tokens]
+        token_mask = micro.get("token_mask")
+        attention_mask = None
+        if micro.get("packed"):
+            attention_mask = block_causal_mask(ids)
+        return {
+            "input_ids": inputs,
+            "student_input_ids": student_tokens[:, :-1],
+            "position_ids": micro["position_ids"].to(device, non_blocking=True),
+            "attention_mask": attention_mask,
+            "labels": student_tokens[:, 1:].t().reshape(-1),
+            "teacher_labels": labels.t().reshape(-1),
+            "loss_mask": micro["loss_mask"].to(device).float().t().reshape(-1),
+            "token_mask": (
+                None if token_mask is None else token_mask.to(device).float().t().reshape(-1)
+            ),
+            "example_ids": ids.t().reshape(-1),
         }
 
     def _forward_step(self, data_iterator, model):
@@ -427,6 +464,16 @@ class DistillationRuntime:
         teacher = sum(p.numel() * p.element_size() for t in self.teachers for p in t.parameters())
         student = sum(p.numel() * p.element_size() for p in self.stage.module.parameters())
         return {"teacher": teacher, "student": student}
+
+
+def block_causal_mask(example_ids: torch.Tensor) -> torch.Tensor:
+    """``[b, 1, s, s]`` bool attention mask, True = hidden (megatron-core's convention): query
+    ``i`` sees key ``j`` when ``j <= i`` and both belong to the same example (padding, id -1, sees
+    padding only). Packed rows thus attend within each example, as if each ran alone."""
+    s = example_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=example_ids.device).tril()
+    same = example_ids[:, :, None] == example_ids[:, None, :]
+    return (~(causal & same)).unsqueeze(1)
 
 
 def _loss_passthrough(output: torch.Tensor):

@@ -208,11 +208,14 @@ class DistillationStage(torch.nn.Module):
         input_ids = batch["input_ids"]
         student_ids = batch.get("student_input_ids", input_ids)
         position_ids = batch["position_ids"]
+        attention_mask = batch.get("attention_mask")  # [b, 1, s, s] for packed rows, else None
         if self.doubled:
             input_ids, student_ids, position_ids = (
                 torch.cat([x, x]) for x in (input_ids, student_ids, position_ids)
             )
-        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=None)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask])
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
         teacher_outputs = []
         with torch.no_grad():
             for teacher in self._teachers:

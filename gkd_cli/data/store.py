@@ -110,6 +110,39 @@ class ExampleStoreWriter:
         m.tofile(self._mask)
         self._offsets.append(self._offsets[-1] + len(ids))
 
+    def add_batch(
+        self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None
+    ) -> None:
+        """Append ``len(lengths)`` examples at once: ``tokens`` their ids concatenated,
+        ``lengths`` their token counts (each >= 1), ``mask`` their masks concatenated or ``None``
+        (every token a target). The same checks as :meth:`add`, done once per call."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        sizes = np.asarray(lengths, dtype=np.int64)
+        if ids.ndim != 1 or sizes.ndim != 1 or len(sizes) == 0 or int(sizes.sum()) != len(ids):
+            raise ValueError(
+                f"lengths (sum {int(sizes.sum()) if sizes.size else 0}) must add up to the "
+                f"{len(ids)} tokens, with at least one example"
+            )
+        if (sizes < 1).any():
+            raise ValueError("an example must be a non-empty 1-D sequence of token ids")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            bad = int(ids.max() if ids.max() >= self.vocab_size else ids.min())
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if mask is None:
+            m = np.ones(len(ids), dtype=np.uint8)
+        else:
+            m = np.asarray(mask, dtype=np.uint8)
+            if m.shape != ids.shape:
+                raise ValueError(f"mask has {len(m)} entries for {len(ids)} tokens")
+            if m.max(initial=0) > 1:
+                raise ValueError("mask values must be 0 or 1")
+            self._any_masked |= bool((m == 0).any())
+        self._targets += int(m.sum())
+        ids.astype(self.dtype).tofile(self._bin)
+        m.tofile(self._mask)
+        ends = self._offsets[-1] + np.cumsum(sizes)
+        self._offsets.extend(ends.tolist())
+
     def abort(self) -> None:
         """Close and remove the temporary files; nothing is published."""
         self._bin.close()

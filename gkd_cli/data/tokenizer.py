@@ -59,6 +59,14 @@ class _HuggingFaceBackend:
         encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
+    def encode_batch_framed(self, texts: Sequence[str]) -> list[list[int]]:
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=True)]
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -95,6 +103,15 @@ class _SentencePieceBackend:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(ids) for ids in self.processor.encode(list(texts), out_type=int)]
+
+    def encode_batch_framed(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.encode_batch(texts)  # SentencePiece models add nothing by themselves
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        raise ValueError(
+            "chat data needs a Hugging Face tokenizer.json (character offsets map the chat "
+            "template's assistant turns to tokens); this tokenizer is a SentencePiece model"
+        )
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         ids = [int(i) for i in ids]
@@ -165,10 +182,15 @@ class Tokenizer:
         orig_to_comp: np.ndarray | None = None,
         comp_to_orig: np.ndarray | None = None,
         source: str = "<memory>",
+        template_config: dict[str, Any] | None = None,
     ) -> None:
         self._backend = backend
         self.source = source
         """Where the tokenizer was read from (for messages)."""
+        self.template_config: dict[str, Any] = dict(template_config or {})
+        """What chat rendering needs from the tokenizer's Hugging Face files: ``chat_template``
+        (a string, or a list of ``{"name", "template"}``), ``bos_token``, ``eos_token`` (strings)
+        and ``origin`` (the file they came from); empty when there were none."""
         self._eos_id = self._find_role(backend, "eos", eos_token, _EOS_CANDIDATES)
         if self._eos_id is None:
             raise ValueError(
@@ -328,11 +350,25 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """:meth:`encode` of each text (multi-threaded for Hugging Face tokenizers)."""
-        batches = self._backend.encode_batch(texts)
+        return self._map_batch(self._backend.encode_batch(texts))
+
+    def _map_batch(self, batches: list[list[int]]) -> list[list[int]]:
         if self._orig_to_comp is not None:
             table = self._orig_to_comp
             batches = [table[np.asarray(ids, dtype=np.int64)].tolist() for ids in batches]
         return batches
+
+    def encode_batch_framed(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text as the tokenizer frames a single text (its post-processor's special tokens,
+        e.g. Llama's beginning-of-text, as ``tokenizer(text)`` in transformers); SentencePiece
+        models add nothing."""
+        return self._map_batch(self._backend.encode_batch_framed(texts))
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """:meth:`encode` plus each token's ``(start, end)`` character span in ``text``
+        (Hugging Face tokenizers only)."""
+        ids, offsets = self._backend.encode_offsets(text)
+        return self._map_batch([list(ids)])[0], [tuple(o) for o in offsets]  # type: ignore[misc]
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (compressed ids are mapped back to the original tokens first;
@@ -367,6 +403,7 @@ class Tokenizer:
             "file": self._backend.file_name,
             **self._role_names(),
             "vocab_mapping": None,
+            "template_config": self.template_config or None,
         }
         atomic_write(directory / self._backend.file_name, self._backend.write)
         orig_to_comp, comp_to_orig = self._orig_to_comp, self._comp_to_orig
@@ -396,6 +433,7 @@ class Tokenizer:
             orig_to_comp=np.asarray(orig_to_comp, dtype=np.int64),
             comp_to_orig=np.asarray(comp_to_orig, dtype=np.int64),
             source=self.source,
+            template_config=self.template_config,
         )
 
     def base(self) -> Tokenizer:
@@ -408,6 +446,7 @@ class Tokenizer:
             orig_to_comp=None,
             comp_to_orig=None,
             source=self.source,
+            template_config=self.template_config,
         )
 
     def __reduce__(self):
@@ -421,6 +460,7 @@ class Tokenizer:
                 self._orig_to_comp,
                 self._comp_to_orig,
                 self.source,
+                self.template_config,
             ),
         )
 
@@ -429,7 +469,7 @@ class Tokenizer:
         return f"Tokenizer({self.kind}, vocab_size={self.vocab_size}{compressed}, {self.source})"
 
 
-def _rebuild(kind, data, roles, orig_to_comp, comp_to_orig, source) -> Tokenizer:
+def _rebuild(kind, data, roles, orig_to_comp, comp_to_orig, source, template_config=None):
     if kind == "huggingface":
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -443,7 +483,12 @@ def _rebuild(kind, data, roles, orig_to_comp, comp_to_orig, source) -> Tokenizer
         processor.LoadFromSerializedProto(data)
         backend = _SentencePieceBackend(processor, data)
     return Tokenizer(
-        backend, **roles, orig_to_comp=orig_to_comp, comp_to_orig=comp_to_orig, source=source
+        backend,
+        **roles,
+        orig_to_comp=orig_to_comp,
+        comp_to_orig=comp_to_orig,
+        source=source,
+        template_config=template_config,
     )
 
 
@@ -507,6 +552,39 @@ def _roles_from_hf_config(directory: Path) -> dict[str, str | None]:
     return roles
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def _template_config_from_hf(directory: Path) -> dict[str, Any]:
+    """The chat template and the bos/eos strings from a Hugging Face tokenizer folder:
+    ``chat_template.jinja`` (newer transformers) or ``tokenizer_config.json``'s
+    ``chat_template``."""
+    found: dict[str, Any] = {}
+    config_path = directory / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            config = {}
+        if isinstance(config, dict):
+            for role in ("bos_token", "eos_token"):
+                value = config.get(role)
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if isinstance(value, str):
+                    found[role] = value
+            if config.get("chat_template") is not None:
+                found["chat_template"] = config["chat_template"]
+                found["origin"] = str(config_path)
+    jinja_path = directory / CHAT_TEMPLATE_FILE
+    if jinja_path.is_file():
+        found["chat_template"] = jinja_path.read_text(encoding="utf-8")
+        found["origin"] = str(jinja_path)
+    if found and "origin" not in found:
+        found["origin"] = str(config_path)
+    return found
+
+
 def load_tokenizer(
     path: str | os.PathLike,
     *,
@@ -537,14 +615,17 @@ def load_tokenizer(
                     f"tokenizer metadata {sidecar_path} is malformed: {error!r}"
                 ) from None
             roles = {k: sidecar.get(k) for k in explicit}
+            template_config = sidecar.get("template_config") or _template_config_from_hf(path)
             if sidecar.get("vocab_mapping"):
                 from gkd_cli.vocab.mapping import read_mapping_arrays
 
                 mapping = read_mapping_arrays(path / sidecar["vocab_mapping"])
         elif (path / HF_FILE).is_file():
             file, roles = path / HF_FILE, _roles_from_hf_config(path)
+            template_config = _template_config_from_hf(path)
         elif (path / SENTENCEPIECE_FILE).is_file():
             file, roles = path / SENTENCEPIECE_FILE, _roles_from_hf_config(path)
+            template_config = _template_config_from_hf(path)
         else:
             raise ValueError(
                 f"tokenizer folder {path} holds none of {SIDECAR_FILE}, {HF_FILE}, "
@@ -552,13 +633,19 @@ def load_tokenizer(
             )
     else:
         file, roles = path, _roles_from_hf_config(path.parent)
+        template_config = _template_config_from_hf(path.parent)
     if not file.is_file():
         raise ValueError(f"tokenizer file {file} does not exist")
     backend = _load_file(file)
     roles.update({k: v for k, v in explicit.items() if v is not None})
     orig_to_comp, comp_to_orig = mapping if mapping is not None else (None, None)
     return Tokenizer(
-        backend, **roles, orig_to_comp=orig_to_comp, comp_to_orig=comp_to_orig, source=str(path)
+        backend,
+        **roles,
+        orig_to_comp=orig_to_comp,
+        comp_to_orig=comp_to_orig,
+        source=str(path),
+        template_config=template_config,
     )
 
 

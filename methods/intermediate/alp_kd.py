@@ -34,10 +34,15 @@ H = FeatureKind.HIDDEN
 
 
 def pooled_layers(
-    layers: list[torch.Tensor], mask: torch.Tensor, how: Pooling, dtype: torch.dtype
+    layers: list[torch.Tensor],
+    mask: torch.Tensor,
+    how: Pooling,
+    dtype: torch.dtype,
+    ctx: LossContext | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``L`` hidden states ``[s, b, h]`` -> ``([b, L, h] pooled vectors, [b] valid samples)``."""
-    pooled = [pool(acc(x, dtype), mask, how) for x in layers]
+    """``L`` hidden states ``[s, b, h]`` -> ``([b, L, h] pooled vectors, [b] valid samples)``
+    (``b`` examples when ``ctx`` carries ``example_ids``)."""
+    pooled = [pool(acc(x, dtype), mask, how, ctx) for x in layers]
     return torch.stack([v for v, _ in pooled], dim=1), pooled[0][1]
 
 
@@ -116,8 +121,8 @@ class ALPKD:
             check_hidden(students[0], "student hidden state")
             dtype = acc(students[0]).dtype
             mask = token_mask(ctx, students[0], dtype)
-            s_vec, valid = pooled_layers(students, mask, p.pooling, dtype)  # [b, Ls, h_s]
-            t_vec, _ = pooled_layers(teachers, mask, p.pooling, dtype)  # [b, Lt, h_t]
+            s_vec, valid = pooled_layers(students, mask, p.pooling, dtype, ctx)  # [b, Ls, h_s]
+            t_vec, _ = pooled_layers(teachers, mask, p.pooling, dtype, ctx)  # [b, Lt, h_t]
             s_vec = to_teacher_width(self.projections, s_vec)
             alpha = torch.softmax(torch.matmul(s_vec, t_vec.transpose(1, 2)), dim=-1)
             fused = torch.matmul(alpha, t_vec)  # [b, Ls, h_t]

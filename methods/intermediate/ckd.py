@@ -153,6 +153,9 @@ class CKD:
     signals: ClassVar[str] = "word and layer-transforming relations of hidden states, logits"
     Params: ClassVar[type] = CKDParams
     requires_single_stage: bool = True
+    relates_positions: ClassVar[bool] = True
+    """Word relations relate the positions of a whole sequence (refused with ``data.mode:
+    packed``, whose sequences hold several examples)."""
 
     def __init__(self, params: CKDParams | None = None) -> None:
         self.params = params or CKDParams()

@@ -11,7 +11,9 @@ Conventions every intermediate method follows:
   whose first position has seen one token only. ``pooling: last`` takes each sample's last
   non-padding token (the one position that attended to the whole sequence, the decoder's
   analogue of [CLS]); ``pooling: mean`` averages the non-padding tokens. Each method documents
-  its default.
+  its default. Samples are examples when the batch carries ``ctx.example_ids`` (``data.mode:
+  padded | packed``: a packed row holds several examples, each pooled alone), rows otherwise
+  (``stream``: a window is the sample, as in GKD).
 - **Precision.** Losses are computed in fp32 (fp64 when the student's features are fp64, which
   the tests use), whatever the features' dtype.
 - **Tensor parallelism.** Hidden states (embedding, hidden, final norm) are replicated over tp:
@@ -36,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from methods.base import FeatureKind, LossContext, ModelInfo, Role, Tap
+from methods.examples import pool_by_example
 from methods.logit_common import hard_term, soft_term  # noqa: F401 (re-exported)
 
 Tensor = torch.Tensor
@@ -147,18 +150,24 @@ def check_hidden(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be [s, b, h], got shape {tuple(x.shape)}")
 
 
-def pool(hidden: Tensor, mask: Tensor, how: Pooling) -> tuple[Tensor, Tensor]:
-    """One vector per sample.
+def pool(
+    hidden: Tensor, mask: Tensor, how: Pooling, ctx: LossContext | None = None
+) -> tuple[Tensor, Tensor]:
+    """One vector per sample: per example when ``ctx`` carries ``example_ids`` (example-aware
+    batches: a packed row holds several examples), else per row of the microbatch.
 
     Args:
         hidden: ``[s, b, h]``, replicated over tp.
         mask: ``[s, b]`` float, 1.0 for tokens that count.
         how: ``last`` (each sample's last token with mask 1) or ``mean`` (mean over them).
+        ctx: the loss context (its ``example_ids``); ``None``: rows.
 
     Returns:
-        ``([b, h] pooled vectors, [b] bool: the sample has at least one token)``; samples without
-        tokens get a zero vector.
+        ``([E, h] pooled vectors, [E] bool: the sample has at least one token)`` (``E = b``
+        without example ids); samples without tokens get a zero vector.
     """
+    if ctx is not None and ctx.example_ids is not None:
+        return pool_by_example(hidden, ctx.example_ids, how, mask=mask)
     valid = mask > 0
     count = valid.sum(0)
     has_tokens = count > 0

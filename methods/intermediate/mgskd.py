@@ -180,6 +180,12 @@ class MGSKD:
 
     def __init__(self, params: MGSKDParams | None = None) -> None:
         self.params = params or MGSKDParams()
+
+    @property
+    def relates_positions(self) -> bool:
+        """Token and span relations relate the positions of a whole sequence (refused with
+        ``data.mode: packed``, whose sequences hold several examples)."""
+        return self.params.token_levels > 0
         p = self.params
         for field in ("token_levels", "anchors", "neighbors", "relation_heads"):
             if getattr(p, field) < (0 if field == "token_levels" else 1):
@@ -257,8 +263,8 @@ class MGSKD:
                     s_span, t_span, span_valid, p.relation_heads, p.anchors, p.neighbors
                 ))  # fmt: skip
             else:
-                s_vec, valid = pool(student, mask, "mean")
-                t_vec, _ = pool(teacher, mask, "mean")
+                s_vec, valid = pool(student, mask, "mean", ctx)
+                t_vec, _ = pool(teacher, mask, "mean", ctx)
                 sample.append(sample_relations(s_vec, t_vec, valid, p.relation_heads))
         terms = {}
         for name, values in (("token", token), ("span", span), ("sample", sample)):

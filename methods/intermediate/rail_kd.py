@@ -142,9 +142,9 @@ class RailKD:
             check_hidden(students[0], "student hidden state")
             dtype = acc(students[0]).dtype
             mask = token_mask(ctx, students[0], dtype)
-            s_cat = torch.cat([pool(acc(x, dtype), mask, p.pooling)[0] for x in students], -1)
-            t_cat = torch.cat([pool(acc(x, dtype), mask, p.pooling)[0] for x in teachers], -1)
-            _, valid = pool(students[0], mask, p.pooling)
+            s_cat = torch.cat([pool(acc(x, dtype), mask, p.pooling, ctx)[0] for x in students], -1)
+            t_cat = torch.cat([pool(acc(x, dtype), mask, p.pooling, ctx)[0] for x in teachers], -1)
+            _, valid = pool(students[0], mask, p.pooling, ctx)
             u_s = F.normalize(self.projections.apply("student", s_cat), dim=-1)
             u_t = F.normalize(self.projections.apply("teacher", t_cat), dim=-1)
             terms["intermediate"] = sample_mean((u_s - u_t).pow(2).sum(-1), valid)

@@ -143,8 +143,8 @@ class SID:
                 check_hidden(hidden[0], "student hidden state")
                 student = acc(hidden[0])
                 mask = token_mask(ctx, student, student.dtype)
-                s_vec, valid = pool(student, mask, self.params.pooling)
-                t_vec, _ = pool(acc(hidden[1], student.dtype), mask, self.params.pooling)
+                s_vec, valid = pool(student, mask, self.params.pooling, ctx)
+                t_vec, _ = pool(acc(hidden[1], student.dtype), mask, self.params.pooling, ctx)
                 s_vec = to_teacher_width(self.projections, s_vec)
                 cosine.append(cosine_distance(s_vec, t_vec, valid))
         if attention:

@@ -110,10 +110,10 @@ class UniversalKD:
             "hard": at(p.hard_weight, ctx),
         }
 
-    def _project(self, layers, prefix: str, mask, dtype):
+    def _project(self, layers, prefix: str, mask, dtype, ctx=None):
         vectors, valid = [], None
         for index, hidden in enumerate(layers):
-            vec, valid = pool(acc(hidden, dtype), mask, self.params.pooling)
+            vec, valid = pool(acc(hidden, dtype), mask, self.params.pooling, ctx)
             vectors.append(self.projections.apply(f"{prefix}_{index}", vec))
         return torch.stack(vectors, dim=1), valid  # [b, L, size]
 
@@ -131,8 +131,8 @@ class UniversalKD:
             check_hidden(students[0], "student hidden state")
             dtype = acc(students[0]).dtype
             mask = token_mask(ctx, students[0], dtype)
-            u_s, valid = self._project(students, "student", mask, dtype)
-            u_t, _ = self._project(teachers, "teacher", mask, dtype)
+            u_s, valid = self._project(students, "student", mask, dtype, ctx)
+            u_t, _ = self._project(teachers, "teacher", mask, dtype, ctx)
             alpha = torch.softmax(torch.matmul(u_s, u_t.transpose(1, 2)), dim=-1)
             target = torch.matmul(alpha, u_t)  # [b, Ls, size]
             log_q = torch.log_softmax(target, dim=-1)

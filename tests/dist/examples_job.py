@@ -1,0 +1,198 @@
+"""Example-aware batches through the real runtime, under torchrun (tests/dist/test_example_batches.py).
+
+    torchrun --nproc-per-node N tests/dist/examples_job.py SPEC.json
+
+SPEC keys: modes (list of data.mode), steps, out_dir, result, stop_after (optional: stop there,
+then build a fresh runtime in this process and resume from the checkpoint), isolation (optional:
+also run each packed example alone through the teacher (Llama: rotary) and the student (GPT-2:
+learned absolute positions) and compare with the packed rows).
+
+A store of prompt/completion examples of varying lengths is written with ExampleStoreWriter; the
+methods are real ones (glmd, pkd with per-example pooling, lm) at the task stage. Rank 0 writes the
+per-step records and the store indices each step read (all ranks, in rank order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+TEACHER = dict(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=120,
+    max_seq_len=32,
+)
+STUDENT = dict(num_layers=2, hidden_size=16, num_attention_heads=2, vocab_size=120, max_seq_len=32)
+SEQ, GLOBAL_BATCH, MICRO, NUM_EXAMPLES = 16, 4, 1, 10
+METHODS = [
+    {"name": "glmd", "temperature": 2.0},
+    {"name": "pkd", "pooling": "last"},
+    {"name": "lm", "weight": 0.5},
+]
+
+
+def write_store(folder: Path):
+    from gkd_cli.data.store import ExampleStoreWriter
+
+    rng = np.random.default_rng(0)
+    writer = ExampleStoreWriter(folder, "examples", vocab_size=TEACHER["vocab_size"])
+    for _ in range(NUM_EXAMPLES):
+        length = int(rng.integers(3, 11))
+        prompt = int(rng.integers(1, length))
+        writer.add(rng.integers(1, 120, length), [0] * prompt + [1] * (length - prompt))
+    return writer.finish()
+
+
+def build_runtime(ctx, steps):
+    from methods.base import BuildContext, Stage
+    from methods.pipeline import MethodPipeline
+    from parallel.config import ModelArch, TrainConfig
+    from parallel.model import model_info
+    from parallel.runtime import DistillationRuntime, TeacherSpec
+
+    teacher, student = ModelArch.llama(**TEACHER), ModelArch.gpt2(**STUDENT)
+    build_ctx = BuildContext(
+        stage=Stage.TASK,
+        teachers=(model_info(teacher, ctx.tp),),
+        student=model_info(student, ctx.tp),
+        tp=ctx.tp,
+        pp=ctx.pp,
+    )
+    train = TrainConfig(
+        steps=steps,
+        global_batch_size=GLOBAL_BATCH,
+        micro_batch_size=MICRO,
+        lr=5e-3,
+        min_lr=5e-4,
+        warmup_steps=1,
+        seed=11,
+        stage="task",
+    )
+    return DistillationRuntime(
+        ctx=ctx,
+        student=student,
+        teachers=[TeacherSpec(teacher, checkpoint=None)],
+        pipeline=MethodPipeline.from_config(METHODS, stage="task", ctx=build_ctx),
+        train=train,
+        seq_length=SEQ,
+        attention_masks=True,
+    )
+
+
+def isolation(runtime, rows) -> dict:
+    """Max |difference| between each example's logits in its packed row and run alone."""
+    from gkd_cli.data.batching import collate
+
+    worst = {"teacher": 0.0, "student": 0.0}
+    micro = collate([rows.row(0, r) for r in range(3)], packed=True)
+    batch = runtime._make_batch(micro)
+    ctx = runtime._loss_context(batch)
+    pooled = {}
+    with torch.no_grad():
+        for who, model in (("teacher", runtime.teachers[0]), ("student", runtime.student)):
+            model.eval()
+            packed = model(
+                input_ids=batch["input_ids"],
+                position_ids=batch["position_ids"],
+                attention_mask=batch["attention_mask"],
+            )  # [b, s, V]
+            pooled[who] = ctx.pool_examples(packed.transpose(0, 1), "mean")[0]
+            ids = micro["example_ids"]
+            for e in range(int(ids.max()) + 1):
+                r, where = (ids == e).nonzero(as_tuple=True)
+                r = int(r[0])
+                tokens = batch["input_ids"][r, where].unsqueeze(0)
+                alone = model(
+                    input_ids=tokens,
+                    position_ids=torch.arange(tokens.shape[1]).unsqueeze(0),
+                    attention_mask=None,
+                )[0]
+                worst[who] = max(worst[who], float((packed[r, where] - alone).abs().max()))
+                # per-example pooling of the packed batch = pooling of the example run alone
+                pool_gap = float((pooled[who][e] - alone.mean(0)).abs().max())
+                worst[who + "_pool"] = max(worst.get(who + "_pool", 0.0), pool_gap)
+            # the same rows with the default causal mask (attention across examples) differ
+            crossed = model(
+                input_ids=batch["input_ids"],
+                position_ids=batch["position_ids"],
+                attention_mask=None,
+            )
+            worst[who + "_without_mask"] = float((crossed - packed).abs().max())
+            model.train()
+    return worst
+
+
+def main(spec_path: str) -> None:
+    from gkd_cli.data.batching import make_rows, microbatches
+    from gkd_cli.data.store import ExampleStore
+    from parallel.config import ParallelConfig
+    from parallel.distributed import initialize, shutdown
+    from parallel.loop import LoopSettings, train_loop
+
+    spec = json.loads(Path(spec_path).read_text())
+    ctx = initialize(ParallelConfig(tp=1, pp=1, dp=int(os.environ["WORLD_SIZE"])), seed=7)
+    out = Path(spec["out_dir"])
+    if ctx.rank == 0:
+        write_store(out / "store")
+    dist.barrier()
+    store = ExampleStore.open(out / "store", "examples")
+    result: dict = {}
+    for mode in spec["modes"]:
+        rows = make_rows(store, mode, SEQ, seed=3)
+        seen: list = []
+
+        def batch_fn(step, rows=rows, seen=seen):
+            micro = microbatches(rows, step, GLOBAL_BATCH, ctx.dp_rank, ctx.dp, MICRO)
+            mine = [m["example_index"].tolist() for m in micro]
+            everyone: list = [None] * ctx.dp
+            dist.all_gather_object(everyone, mine, group=ctx.dp_group)
+            seen.append([row for part in everyone for m in part for row in m])
+            return micro
+
+        records: list = []
+        settings = dict(
+            steps=spec["steps"],
+            save_every=1000,
+            out_dir=out / mode,
+            meta={"test": True},
+            config_yaml="t: 1\n",
+        )
+        runtime = build_runtime(ctx, spec["steps"])
+        if spec.get("isolation") and mode == "packed":
+            result["isolation"] = isolation(runtime, rows)
+        stop = spec.get("stop_after")
+        train_loop(
+            runtime,
+            batch_fn,
+            LoopSettings(**settings, stop_after=stop, resume=True),
+            on_step=records.append,
+        )
+        if stop:
+            runtime = build_runtime(ctx, spec["steps"])  # a fresh runtime: what a relaunch builds
+            train_loop(
+                runtime, batch_fn, LoopSettings(**settings, resume=True), on_step=records.append
+            )
+        result[mode] = {
+            "losses": [r["loss"] for r in records],
+            "terms": [r["terms"] for r in records],
+            "steps": [r["step"] for r in records],
+            "seen": seen,
+        }
+    if ctx.rank == 0:
+        Path(spec["result"]).write_text(json.dumps(result))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
