@@ -104,9 +104,7 @@ class _Encoder:
             raise AssertionError(kind)
         return self.collect(examples)
 
-    def collect(
-        self, examples: Sequence[tuple[str, Sequence[int], Sequence[int] | None]]
-    ) -> _Chunk:
+    def collect(self, examples: Sequence[tuple[str, Any, Any]]) -> _Chunk:
         limit = self.max_length
         ids_parts: list[Sequence[int]] = []
         mask_parts: list[Sequence[int]] = []
@@ -131,14 +129,18 @@ class _Encoder:
             lengths.append(len(ids))
             if any_mask:
                 mask_parts.append(mask if mask is not None else [1] * len(ids))
-        flat = np.fromiter(
-            (t for part in ids_parts for t in part), dtype=np.int64, count=sum(lengths)
+        flat = (
+            np.concatenate([np.asarray(p, dtype=np.int64) for p in ids_parts])
+            if ids_parts
+            else np.zeros(0, dtype=np.int64)
         )
-        flat_mask = (
-            np.fromiter((m for part in mask_parts for m in part), dtype=np.uint8, count=len(flat))
-            if any_mask
-            else None
-        )
+        flat_mask = None
+        if any_mask:
+            flat_mask = (
+                np.concatenate([np.asarray(m, dtype=np.uint8) for m in mask_parts])
+                if mask_parts
+                else np.zeros(0, dtype=np.uint8)
+            )
         return _Chunk(flat, np.asarray(lengths, dtype=np.int64), flat_mask, truncated, dropped)
 
 
@@ -268,7 +270,9 @@ def _check_source(source: DataSource, encoder: _Encoder | None) -> _Plan:
     if fmt == "indexed":
         from gkd_cli.data.indexed import check_indexed
 
-        check_indexed(source.path)
+        if encoder is None:
+            raise AssertionError("the vocabulary check needs the tokenizer")
+        check_indexed(source.path, encoder.tokenizer.vocab_size)
     else:
         checked = []
         for n, record in enumerate(_records(source, fmt, kind, files[0])):
@@ -437,9 +441,7 @@ def build_example_store(
 
                 chunks: Iterator[tuple[_Chunk, int]] = (
                     (encoder.collect(examples), nbytes)
-                    for examples, nbytes in iter_indexed_chunks(
-                        plan.source.path, tokenizer.vocab_size
-                    )
+                    for examples, nbytes in iter_indexed_chunks(plan.source.path)
                 )
             else:
                 records = _records(plan.source, plan.fmt, plan.kind, plan.files[0])

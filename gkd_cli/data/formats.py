@@ -47,6 +47,8 @@ from typing import Any, Literal, get_args
 
 from gkd_cli.data.documents import _JSON_TYPES, DocSplit, _lookup
 
+_TYPES: dict[type, str] = {**_JSON_TYPES, str: "a string"}
+
 SourceFormat = Literal["auto", "text", "jsonl", "parquet", "arrow", "indexed"]
 ExampleKind = Literal["auto", "text", "prompt_completion", "chat"]
 OverlongPolicy = Literal["truncate", "refuse"]
@@ -106,7 +108,12 @@ def resolve_format(source: DataSource) -> str:
         )
     if source.format != "auto":
         return source.format
-    return _SUFFIXES.get(Path(source.path).suffix.lower(), "text")
+    suffix = Path(source.path).suffix.lower()
+    if suffix not in _SUFFIXES and all(
+        Path(source.path + ext).is_file() for ext in (".bin", ".idx")
+    ):
+        return "indexed"  # a megatron path prefix, as Megatron-LM's --data-path names it
+    return _SUFFIXES.get(suffix, "text")
 
 
 def indexed_prefix(path: str | os.PathLike) -> str:
@@ -289,7 +296,7 @@ def _string_field(record: Any, field: str, where: str, what: str) -> str:
         return value
     if not isinstance(record, dict):
         raise ValueError(
-            f"{where}: the record is {_JSON_TYPES.get(type(record), 'a value')}, not an object "
+            f"{where}: the record is {_TYPES.get(type(record), 'a value')}, not an object "
             f"with a string field {field!r}: fix or remove it"
         )
     if not _has(record, field):
@@ -299,7 +306,7 @@ def _string_field(record: Any, field: str, where: str, what: str) -> str:
             f"record or set the source's {what}_field"
         )
     raise ValueError(
-        f"{where}: field {field!r} ({what}) is {_JSON_TYPES.get(type(value), 'a value')} "
+        f"{where}: field {field!r} ({what}) is {_TYPES.get(type(value), 'a value')} "
         f"({json.dumps(value, default=str)[:60]}), not a string; fix or remove the record"
     )
 
@@ -343,7 +350,7 @@ def chat_payload(record: Any, source: DataSource, where: str) -> list[dict[str, 
     messages = _lookup(record, field)
     if not isinstance(messages, list):
         raise ValueError(
-            f"{where}: field {field!r} is {_JSON_TYPES.get(type(messages), 'a value')}, not a "
+            f"{where}: field {field!r} is {_TYPES.get(type(messages), 'a value')}, not a "
             'list of {"role": ..., "content": ...} messages'
         )
     if not messages:
@@ -354,7 +361,7 @@ def chat_payload(record: Any, source: DataSource, where: str) -> list[dict[str, 
         at = f"{where}: message {n}"
         if not isinstance(message, dict):
             raise ValueError(
-                f"{at} is {_JSON_TYPES.get(type(message), 'a value')}, not an object with "
+                f"{at} is {_TYPES.get(type(message), 'a value')}, not an object with "
                 "'role' and 'content'"
             )
         role = message.get("role")
@@ -367,7 +374,7 @@ def chat_payload(record: Any, source: DataSource, where: str) -> list[dict[str, 
             if role == "assistant" and content is None and message.get("tool_calls"):
                 continue
             raise ValueError(
-                f"{at} ({role}) has content {_JSON_TYPES.get(type(content), 'a value')} "
+                f"{at} ({role}) has content {_TYPES.get(type(content), 'a value')} "
                 f"({json.dumps(content, default=str)[:60]}), not a string; multimodal or "
                 "structured content is not supported: flatten it to text"
             )
