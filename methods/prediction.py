@@ -31,7 +31,7 @@ from methods.logit_common import (
     soft_hard_weights,
     soft_loss,
 )
-from methods.schedules import Linear, ScheduleLike
+from methods.schedules import ScheduleLike
 
 BOTH_STAGES = frozenset({Stage.PRETRAIN, Stage.TASK})
 TASK_ONLY = frozenset({Stage.TASK})
@@ -231,33 +231,102 @@ AnnealingKD = logit_method(
 @dataclass(kw_only=True, frozen=True)
 class ContinuationKDParams:
     max_temperature: int = 10
-    """tau_max of the annealed teacher scale, as in annealing_kd (GKD uses 10)."""
+    """tau_max of the annealed teacher scale ``Phi``, as in annealing_kd (GLMKD's recipe: 10)."""
     margin: float = 1.0
-    """Differences between the student's and the scaled teacher's logits smaller than this are
-    not penalized (GKD uses 1)."""
-    soft_weight: ScheduleLike = 1.0
-    """Weight of the annealed margin-MSE term."""
-    hard_weight: ScheduleLike = Linear(start=0.0, end=1.0, until=0.66)
-    """Weight of the hard-label term: ramps from 0 to 1 by 66% of training."""
+    """Per-sample threshold of the soft term, relative to ``Phi``: a sample whose soft MSE is at
+    most ``margin x Phi`` contributes nothing (GLMKD's recipe: 1)."""
+    psi_denominator: float = 1.333
+    """The hard weight is ``psi = step / (psi_denominator x steps)`` (GLMKD: 1.333)..."""
+    psi_switch: float = 0.666
+    """... until ``psi_switch`` of training, after which ``psi = 1``: hard loss only (GLMKD:
+    0.666)."""
+
+
+def continuation_psi(step: int, total_steps: int, denominator: float, switch: float) -> float:
+    """Continuation KD's hard-loss weight ``psi`` (the soft weight is ``1 - psi``): linear from 0
+    at ``step / (denominator x total)``, then 1 once ``step > switch x total`` (GLMKD's
+    Continuation_KD.pre_loss with ``--continuation_kd_psi_denominator=1.333
+    --continuation_kd_psi_sep=0.666``: 0 -> 0.5 over the first two thirds, then 1)."""
+    total = max(total_steps, 1)
+    if step > switch * total:
+        return 1.0
+    return min(step / (denominator * total), 1.0)
+
+
+def _check_continuation(params: Any) -> None:
+    _check_annealing("continuation_kd")(params)
+    if params.psi_denominator <= 0:
+        raise ValueError(
+            f"continuation_kd.psi_denominator must be > 0, got {params.psi_denominator}"
+        )
+    if not 0.0 <= params.psi_switch <= 1.0:
+        raise ValueError(f"continuation_kd.psi_switch must be in [0, 1], got {params.psi_switch}")
+
+
+def per_sample_annealed_mse(
+    logits: tuple[torch.Tensor, torch.Tensor], ctx: LossContext, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([E] per-sample MSE, [E] bool has tokens)``: for each sample (example; each row without
+    example ids), the mean over its ``loss_mask`` tokens and the real vocabulary of
+    ``(z_s - scale z_t)^2``. Vocab-parallel: each rank sums its own columns, and the per-token
+    sums are added over the tensor-parallel group (forward all-reduce, backward identity)."""
+    from methods.intermediate.common import tp_sum
+
+    student, teacher = logits
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    diff = student.to(acc) - scale * teacher.to(acc)
+    columns = torch.arange(diff.shape[-1], device=diff.device) + ctx.vocab_start
+    diff = diff.masked_fill(columns >= ctx.vocab_size, 0.0)
+    per_token = tp_sum((diff * diff).sum(-1), ctx.tp_group) / ctx.vocab_size  # [N]
+    ids = ctx.segment_ids()
+    count = ctx.num_segments()
+    weights = ctx.loss_mask.to(acc) * (ids >= 0).to(acc)
+    index = ids.clamp_min(0)
+    sums = torch.zeros(count, dtype=acc, device=diff.device).index_add(
+        0, index, per_token * weights
+    )
+    tokens = torch.zeros(count, dtype=acc, device=diff.device).index_add(0, index, weights)
+    return sums / tokens.clamp_min(1.0), tokens > 0
+
+
+def _continuation_terms(
+    params: ContinuationKDParams,
+    logits: tuple[torch.Tensor, torch.Tensor],
+    ctx: LossContext,
+    name: str,
+) -> dict[str, torch.Tensor]:
+    phi = _annealing_factor(ctx.step, ctx.total_steps, params.max_temperature)
+    per_sample, valid = per_sample_annealed_mse(logits, ctx, phi)
+    # GLMKD: loss_soft x (loss_soft > margin x Phi), a hinge per sample, then the batch mean.
+    active = (per_sample.detach() > params.margin * phi) & valid
+    soft = (per_sample * active).sum() / valid.sum().clamp_min(1)
+    return {"soft": soft, "hard": cross_entropy(logits[0], ctx, name)}
+
+
+def _continuation_weights(params: ContinuationKDParams, ctx: LossContext) -> dict[str, float]:
+    psi = continuation_psi(ctx.step, ctx.total_steps, params.psi_denominator, params.psi_switch)
+    return {"soft": 1.0 - psi, "hard": psi}
 
 
 ContinuationKD = logit_method(
     "ContinuationKD",
     name="continuation_kd",
     params=ContinuationKDParams,
-    terms=lambda p, logits, ctx, name: {
-        "soft": _annealed_mse(logits, ctx, p.max_temperature, p.margin),
-        "hard": cross_entropy(logits[0], ctx, name),
-    },
-    weights=soft_hard_weights,
-    check=_check_annealing("continuation_kd"),
+    terms=_continuation_terms,
+    weights=_continuation_weights,
+    check=_check_continuation,
     stages=TASK_ONLY,
     paper="Jafari et al. 2022",
     signals="logits, labels",
     doc="""Continuation KD (Jafari et al. 2022, "Continuation KD: Improved Knowledge Distillation
-    through the Lens of Continuation Optimization", arXiv 2212.05998): the annealed teacher target
-    ``Phi(T) z_t`` of Annealing KD, an MSE that ignores differences below a margin,
-    ``mean_i max(|z_s,i - Phi z_t,i| - margin, 0)^2`` (the student is not pushed to fit the
-    teacher's small, noisy differences), and a hard-label cross entropy whose weight ramps up to 1
-    (continuation: start from the smooth objective, end with the full one).""",
+    through the Lens of Continuation Optimization", EMNLP Findings, arXiv 2212.05998), as the
+    authors of GKD implement it (GLMKD's Continuation_KD): the annealed teacher target ``Phi z_t``
+    of Annealing KD (``Phi`` rising in ``tau_max`` steps from ``1/tau_max`` to 1), a soft MSE per
+    sample ``m_i = mean over its tokens and the vocabulary of (z_s - Phi z_t)^2`` that counts
+    only when it exceeds the margin, ``soft = mean_i m_i 1[m_i > margin Phi]`` (samples already
+    close to the annealed teacher are left alone), and the hard cross entropy, mixed as
+    ``(1 - psi) soft + psi hard`` with ``psi = step / (1.333 steps)`` rising to 0.5 over the first
+    two thirds of training and 1 after (the objective continues from the smooth teacher-matching
+    one to the task loss). A sample is an example in example-aware batches (``data.mode: padded |
+    packed``), a sequence row otherwise.""",
 )

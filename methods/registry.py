@@ -145,7 +145,13 @@ REGISTRY: dict[str, MethodSpec] = {
     "pd": _spec(PD),
     "glmd": _spec(GLMD),
     "annealing_kd": _spec(AnnealingKD, max_temperature=AT_LEAST_ONE),
-    "continuation_kd": _spec(ContinuationKD, max_temperature=AT_LEAST_ONE, margin=NON_NEGATIVE),
+    "continuation_kd": _spec(
+        ContinuationKD,
+        max_temperature=AT_LEAST_ONE,
+        margin=NON_NEGATIVE,
+        psi_denominator=POSITIVE,
+        psi_switch=UNIT,
+    ),
     # modern logit divergences
     "forward_kl": _spec(ForwardKL),
     "reverse_kl": _spec(ReverseKL),

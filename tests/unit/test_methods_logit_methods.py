@@ -3,6 +3,7 @@ torch on gathered fp64 logits."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -122,22 +123,46 @@ def test_annealing_kd_scales_the_teacher_from_one_seventh_to_one():
     assert min(seen) == pytest.approx(1 / 7) and max(seen) == 1.0 and len(seen) == 7
 
 
-def test_continuation_kd_margin_mse_and_ramped_hard_weight():
+def _glmkd_psi(step, total):
+    """GLMKD's Continuation_KD: psi = iteration / (1.333 x train_iters), 1 after 66.6%."""
+    return 1.0 if step > 0.666 * total else step / (1.333 * total)
+
+
+@pytest.mark.parametrize("segments", ["rows", "examples"])
+def test_continuation_kd_is_glmkd_per_sample_hinge_with_psi_weights(segments):
     student, teacher, mask, labels = _case(5)
-    method = build_method("continuation_kd", {})
     total = 100
-    for step in (0, 33, 66, 90):
-        ctx = _ctx(mask, labels, step=step, total_steps=total)
-        terms = method.compute(_features(student, teacher), ctx)
+    if segments == "rows":  # 10 tokens as a [5, 2] grid, s-major: sample = k % 2
+        ids = torch.arange(TOKENS) % 2
+        extra = {"batch_size": 2}
+    else:  # three examples and one padding position
+        ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, -1])
+        extra = {"example_ids": ids, "batch_size": 1}
+    samples = sorted(int(i) for i in ids.unique() if i >= 0)
+    for step in (0, 33, 66, 67, 90):
         phi = _paper_phi(step, total, 10)
-        gap = (student[:, :VOCAB] - phi * teacher[:, :VOCAB]).abs()
-        soft = ((gap - 1.0).clamp(min=0) ** 2).mean(-1)
+        per_token = ((student[:, :VOCAB] - phi * teacher[:, :VOCAB]) ** 2).mean(-1)
+        m = torch.stack(
+            [
+                (per_token * mask * (ids == i)).sum() / (mask * (ids == i)).sum().clamp(min=1)
+                for i in samples
+            ]
+        )
+        # a margin that leaves some samples below the threshold and some above
+        margin = float(m.min() + m.max()) / 2 / phi
+        method = build_method("continuation_kd", {"margin": margin})
+        ctx = dataclasses.replace(_ctx(mask, labels, step=step, total_steps=total), **extra)
+        terms = method.compute(_features(student, teacher), ctx)
+        soft = (m * (m > margin * phi)).sum() / len(samples)
+        assert 0 < int((m > margin * phi).sum()) < len(samples)
+        torch.testing.assert_close(terms["soft"], soft, rtol=1e-9, atol=0)
         hard = F.cross_entropy(student[:, :VOCAB], labels.clamp(min=0), reduction="none")
-        torch.testing.assert_close(terms["soft"], _masked_mean(soft, mask), rtol=1e-9, atol=0)
         torch.testing.assert_close(terms["hard"], _masked_mean(hard, mask), rtol=1e-9, atol=0)
         weights = method.term_weights(ctx)
-        assert weights["soft"] == 1.0
-        assert weights["hard"] == pytest.approx(min(1.0, step / 66))
+        psi = _glmkd_psi(step, total)
+        assert weights["hard"] == pytest.approx(psi) and weights["soft"] == pytest.approx(1 - psi)
+    # psi: 0 at the start, 0.5 just before two thirds, then 1
+    assert _glmkd_psi(66, 100) == pytest.approx(0.4951, abs=1e-4) and _glmkd_psi(67, 100) == 1.0
 
 
 @pytest.mark.parametrize(

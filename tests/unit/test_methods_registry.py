@@ -119,10 +119,12 @@ def test_describe_lists_defaults_and_help():
     assert docs["temperature"].type == "number or schedule"
     assert "temperature" in docs["temperature"].help.lower()
     assert not docs["temperature"].required
-    continuation = {d.name: d for d in describe("continuation_kd")}
-    assert continuation["hard_weight"].default == {
-        "type": "linear", "start": 0.0, "end": 1.0, "until": 0.66,
+    theseus = {d.name: d for d in describe("theseus")}
+    assert theseus["replace_rate"].default == {
+        "type": "linear", "start": 0.3, "end": 1.0, "until": 0.66,
     }  # fmt: skip
+    continuation = {d.name: d for d in describe("continuation_kd")}
+    assert continuation["psi_switch"].default == 0.666
     assert describe("glmd")[0].default == 15.0
 
 
