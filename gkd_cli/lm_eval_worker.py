@@ -183,6 +183,13 @@ def evaluate(job: LmEvalJob, ctx) -> dict | None:
             torch_random_seed=job.seed,
             fewshot_random_seed=job.seed,
         )
+    except ConnectionError as error:
+        raise ConnectionError(
+            f"{error}: the workers run offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1) and this "
+            "task's dataset is not in the local Hugging Face cache; fetch it into the cache "
+            "first, run with HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 where the hub is reachable, "
+            "or write the task over local files (dataset_path: json) and pass --include-path"
+        ) from error
     finally:
         service.stop()
         service.scorer.close()
