@@ -52,7 +52,7 @@ def _mount_subcommands() -> None:
 
     app.add_typer(convert_app, name="convert", help="Hugging Face checkpoints in and out.")
     app.command("compress-vocab")(compress_vocab_command)
-    app.add_typer(eval_app, name="eval", help="Score checkpoints on benchmarks (SuperGLUE).")
+    app.add_typer(eval_app, name="eval", help="Score checkpoints (SuperGLUE, lm-eval).")
 
 
 _mount_subcommands()

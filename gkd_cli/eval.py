@@ -4,6 +4,12 @@
         [--out results.json] [--tp N --pp N --dp N] [--limit N] [--predictions]
         [--tokenizer PATH] [--add-bos/--no-add-bos]
     gkd eval superglue --compare A B [...]   # A, B: results JSON files or checkpoints
+    gkd eval lm-eval CHECKPOINT --tasks a,b [--include-path DIR] [--num-fewshot K] [--limit N]
+        [--tp N --pp N --dp N] [--max-length L] [--log-samples] [--out results.json]
+
+``lm-eval`` runs lm-evaluation-harness (an optional extra, ``pip install 'gkd[lm-eval]'``) with
+:class:`gkd_cli.lm_eval_model.GkdLM`: rank 0 of :mod:`gkd_cli.lm_eval_worker` drives
+``lm_eval.simple_evaluate``, the other ranks serve its scoring calls.
 
 A checkpoint is scored by torchrun workers (:mod:`gkd_cli.eval_worker`, started through
 :func:`gkd_cli.launch.run_local`) at the requested TP/PP/DP layout, whatever layout it was saved
@@ -39,7 +45,7 @@ WORKER_MODULE = "gkd_cli.eval_worker"
 PRECISIONS = ("auto", "bf16", "fp32")
 
 eval_app = typer.Typer(
-    help="Evaluate checkpoints on benchmarks (SuperGLUE).",
+    help="Evaluate checkpoints on benchmarks (SuperGLUE, lm-evaluation-harness).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -48,7 +54,7 @@ eval_app = typer.Typer(
 
 @eval_app.callback()
 def _group() -> None:
-    """Evaluate checkpoints on benchmarks (SuperGLUE)."""
+    """Evaluate checkpoints on benchmarks (SuperGLUE, lm-evaluation-harness)."""
 
 
 def _out() -> Console:
@@ -572,6 +578,257 @@ def superglue(
     if labels[0] == labels[1]:
         labels = [f"A: {labels[0]}", f"B: {labels[1]}"]
     console.print(render_compare(compare_rows(*documents), a_label=labels[0], b_label=labels[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-evaluation-harness
+# ---------------------------------------------------------------------------------------------
+
+LM_EVAL_WORKER = "gkd_cli.lm_eval_worker"
+LM_EVAL_EXTRA = "pip install 'gkd[lm-eval]'"
+
+
+def require_lm_eval() -> None:
+    """lm-evaluation-harness must be importable (an optional extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(
+            f"lm-evaluation-harness (the lm_eval package) is not installed; install it with "
+            f"{LM_EVAL_EXTRA}",
+            field="lm_eval",
+        )
+
+
+def check_lm_eval_tasks(tasks: list[str], include_paths: list[Path]) -> bool:
+    """Check that every task name is known to lm-eval (its own tasks or the YAMLs under the
+    include paths; glob patterns allowed). Returns whether lm-eval's own tasks are needed: only the
+    include paths are indexed when they hold every task (indexing lm-eval's thousands of task
+    files takes tens of seconds)."""
+    import inspect
+
+    from lm_eval.tasks import TaskManager
+
+    include = [str(p) for p in include_paths] or None
+    candidates = [True]
+    if include and "include_defaults" in inspect.signature(TaskManager).parameters:
+        candidates.insert(0, False)
+    missing: list[str] = []
+    for defaults in candidates:
+        if defaults:
+            manager = TaskManager(include_path=include)
+        else:
+            manager = TaskManager(include_path=include, include_defaults=False)
+        known = set(manager.all_tasks)
+        missing = [t for t in tasks if t not in known and not manager.match_tasks([t])]
+        if not missing:
+            return defaults
+    where = f" or under --include-path {', '.join(include)}" if include else ""
+    raise ConfigError(
+        f"--tasks: unknown lm-eval task(s) {', '.join(missing)}: not among lm-eval's tasks{where}; "
+        "list them with lm_eval ls tasks, or pass --include-path DIR with your task YAMLs",
+        field="tasks",
+    )
+
+
+def lm_eval_launch_plan(job_path: Path, world_size: int, log_dir: Path):
+    from gkd_cli.lm_eval_worker import OFFLINE_ENV
+
+    plan = launch_plan(job_path, world_size, log_dir)
+    plan.entry_module = LM_EVAL_WORKER
+    plan.rdzv_id = f"gkd-lm-eval-{uuid.uuid4().hex[:12]}"
+    plan.env = {**plan.env, **{k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()}}
+    return plan
+
+
+def print_lm_eval_results(document: dict, console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title="lm-evaluation-harness")
+    for column in ("task", "metric", "value", "examples"):
+        table.add_column(column)
+    counts = document.get("n-samples") or {}
+    for task, metrics in (document.get("results") or {}).items():
+        shown = False
+        for key, value in metrics.items():
+            if key in ("name", "alias", "sample_len") or "_stderr" in key:
+                continue
+            if not isinstance(value, int | float):
+                continue
+            examples = (counts.get(task) or {}).get("effective", "")
+            table.add_row(
+                task if not shown else "", key.split(",")[0], f"{value:.4f}", str(examples)
+            )
+            shown = True
+    console.print(table)
+
+
+@eval_app.command("lm-eval")
+@_report_errors
+def lm_eval_command(
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="gkd checkpoint folder, checkpoints/ root or run directory.",
+            show_default=False,
+            metavar="CHECKPOINT",
+        ),
+    ],
+    tasks: Annotated[
+        str,
+        typer.Option(help="Comma list of lm-eval task, group or tag names (globs allowed)."),
+    ],
+    out: Annotated[Path, typer.Option(help="Results JSON to write.")] = Path(
+        "lm_eval_results.json"
+    ),
+    include_path: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--include-path",
+            help="Folder of extra lm-eval task YAMLs (repeatable), e.g. tasks over local "
+            "data files (dataset_path: json).",
+            show_default=False,
+        ),
+    ] = None,
+    num_fewshot: Annotated[
+        int | None,
+        typer.Option(help="Few-shot examples (default: each task's).", show_default=False),
+    ] = None,
+    limit: Annotated[
+        float | None,
+        typer.Option(
+            help="Examples per task (a fraction of each task when < 1).", show_default=False
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="Tokenizer (default: the one recorded with the checkpoint).", show_default=False
+        ),
+    ] = None,
+    tp: Annotated[int, typer.Option(help="Tensor-parallel size.")] = 1,
+    pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
+    dp: Annotated[int, typer.Option(help="Data-parallel replicas.")] = 1,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            help="The model's window for lm-eval in tokens (rolling windows, context "
+            "truncation; default: the model's max_seq_len).",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="lm-eval requests per scoring call.")] = 64,
+    micro_batch_size: Annotated[int, typer.Option(help="Packed rows per forward pass.")] = 8,
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
+    ] = "auto",
+    add_bos: Annotated[
+        bool | None,
+        typer.Option(
+            "--add-bos/--no-add-bos",
+            help="Put the tokenizer's BOS token before every text, or nothing (default: as the "
+            "tokenizer does, like lm-eval's hf model).",
+            show_default=False,
+        ),
+    ] = None,
+    log_samples: Annotated[
+        bool,
+        typer.Option("--log-samples", help="Also write every example's requests and responses."),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="lm-eval's seeds (few-shot draws).")] = 1234,
+) -> None:
+    """Run lm-evaluation-harness tasks on a checkpoint at any TP/PP/DP layout (loglikelihood,
+    loglikelihood_rolling and greedy generate_until requests)."""
+    from gkd_cli import launch
+
+    console = _out()
+    for name, value, least in (
+        ("tp", tp, 1),
+        ("pp", pp, 1),
+        ("dp", dp, 1),
+        ("batch-size", batch_size, 1),
+        ("micro-batch-size", micro_batch_size, 1),
+    ):
+        if value < least:
+            raise ConfigError(f"--{name} must be >= {least}, got {value}", field=name)
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot must be >= 0, got {num_fewshot}", field="num_fewshot")
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit must be > 0, got {limit}", field="limit")
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}", field="precision"
+        )
+    names = [part.strip() for part in tasks.split(",") if part.strip()]
+    if not names:
+        raise ConfigError(
+            "--tasks is empty; give lm-eval task names such as hellaswag,arc_easy", field="tasks"
+        )
+    includes = list(include_path or [])
+    for folder in includes:
+        if not folder.is_dir():
+            raise ConfigError(
+                f"--include-path {folder}: no such directory; point it at a folder of lm-eval "
+                "task YAMLs",
+                field="include_path",
+            )
+    folder, meta = checkpoint_info(checkpoint, tp, pp)
+    tokenizer_path = tokenizer or default_tokenizer(folder, meta)
+    if not tokenizer_path.exists():
+        raise ConfigError(f"--tokenizer {tokenizer_path} does not exist", field="tokenizer")
+    prefix = _check_tokenizer(tokenizer_path, folder, meta, add_bos)
+    max_len = int(meta["arch"].get("max_seq_len", 1024))
+    if max_length is not None and not 2 <= max_length <= max_len:
+        raise ConfigError(
+            f"--max-length {max_length} must lie in [2, {max_len}] (the model's max_seq_len)",
+            field="max_length",
+        )
+    require_lm_eval()
+    from gkd_cli.lm_eval_worker import OFFLINE_ENV, LmEvalJob
+
+    for key, setting in OFFLINE_ENV.items():
+        os.environ.setdefault(key, setting)
+    include_defaults = check_lm_eval_tasks(names, includes)
+
+    job = LmEvalJob(
+        checkpoint=str(folder.resolve()),
+        tokenizer=str(tokenizer_path.resolve()),
+        tasks=names,
+        out=str(out.resolve()),
+        include_path=[str(p.resolve()) for p in includes],
+        include_defaults=include_defaults,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        log_samples=log_samples,
+        seed=seed,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        micro_batch_size=micro_batch_size,
+        batch_size=batch_size,
+        max_length=max_length,
+        precision=precision,
+        add_bos=add_bos,
+        model_name=model_label(folder),
+    )
+    log_dir = out.resolve().parent / f"{out.stem}.logs"
+    job_path = job.save(log_dir / "job.json")
+    world = tp * pp * dp
+    console.print(
+        f"lm-eval on {', '.join(names)}: {job.checkpoint} with {world} process(es) "
+        f"(tp={tp} pp={pp} dp={dp}); logs in {log_dir}",
+        markup=False,
+    )
+    console.print(prefix, markup=False)
+    Path(job.out).unlink(missing_ok=True)
+    launch.run_local(lm_eval_launch_plan(job_path, world, log_dir))
+    if not Path(job.out).is_file():
+        raise GkdError(f"the workers finished but wrote no results to {job.out}; see {log_dir}")
+    import json
+
+    document = json.loads(Path(job.out).read_text(encoding="utf-8"))
+    print_lm_eval_results(document, console)
+    console.print(f"wrote {out}", markup=False)
 
 
 if __name__ == "__main__":

@@ -106,13 +106,25 @@ class Plan:
     """Options longer than ``seq_length - 1`` tokens, scored in chunks."""
 
 
-def plan_rows(requests: Sequence[Request], *, seq_length: int, share_context: bool = True) -> Plan:
+def plan_rows(
+    requests: Sequence[Request],
+    *,
+    seq_length: int,
+    share_context: bool = True,
+    drop_final_token: bool = False,
+) -> Plan:
     """Pack ``requests`` into rows of at most ``seq_length`` tokens (see the module docstring).
 
     ``share_context`` False gives the naive layout: one row ``context + option`` per option.
     Options longer than ``seq_length - 1`` tokens are scored in chunks of ``seq_length // 2``
     tokens, each in its own row after the last ``seq_length - chunk`` tokens of
     ``context + option[:chunk start]``.
+
+    ``drop_final_token`` leaves each option's last token out of the row: it is only ever a target,
+    never an input another target needs. A row then holds ``context + option[:-1]``, so an option
+    of up to ``seq_length`` tokens fits and a context is cut to ``seq_length + 1 - len(option)``
+    tokens, as lm-evaluation-harness's ``hf`` model cuts ``(context + continuation)[-(L + 1):]``
+    to an input of ``L`` tokens.
     """
     if seq_length < 2:
         raise ValueError(
@@ -131,9 +143,11 @@ def plan_rows(requests: Sequence[Request], *, seq_length: int, share_context: bo
             if not option:
                 raise ValueError(f"request {number}, option {index} has no tokens")
         context = [int(t) for t in context]
-        fitting = [i for i, option in enumerate(options) if len(option) <= seq_length - 1]
+        slack = 1 if drop_final_token else 0  # the option token that the row leaves out
+        longest = seq_length - 1 + slack
+        fitting = [i for i, option in enumerate(options) if len(option) <= longest]
         if fitting:
-            keep = seq_length - max(len(options[i]) for i in fitting)
+            keep = seq_length + slack - max(len(options[i]) for i in fitting)
             kept = context
             if len(context) > keep:
                 truncated += 1
@@ -143,7 +157,7 @@ def plan_rows(requests: Sequence[Request], *, seq_length: int, share_context: bo
             groups: list[list[int]] = []
             used = 0
             for index in fitting:
-                length = len(options[index]) - prefix
+                length = len(options[index]) - prefix - slack
                 if share_context and groups and used + length <= seq_length:
                     groups[-1].append(index)
                     used += length
@@ -152,17 +166,25 @@ def plan_rows(requests: Sequence[Request], *, seq_length: int, share_context: bo
                     used = len(kept) + prefix + length
             for group in groups:
                 rows.append(
-                    _pack(number, kept, [(index, options[index]) for index in group], prefix=prefix)
+                    _pack(
+                        number,
+                        kept,
+                        [(index, options[index]) for index in group],
+                        prefix=prefix,
+                        drop_final_token=drop_final_token,
+                    )
                 )
         for index, option in enumerate(options):
-            if len(option) <= seq_length - 1:
+            if len(option) <= longest:
                 continue
             split += 1
             chunk = seq_length // 2
             for begin in range(0, len(option), chunk):
                 piece = list(option[begin : begin + chunk])
                 window = (context + [int(t) for t in option[:begin]])[-(seq_length - len(piece)) :]
-                rows.append(_pack(number, window, [(index, piece)]))
+                rows.append(
+                    _pack(number, window, [(index, piece)], drop_final_token=drop_final_token)
+                )
     return Plan(
         rows=rows, truncated_requests=truncated, dropped_context_tokens=dropped, split_options=split
     )
@@ -185,9 +207,11 @@ def _pack(
     options: Sequence[tuple[int, Sequence[int]]],
     *,
     prefix: int = 0,
+    drop_final_token: bool = False,
 ) -> PackedRow:
     """A row: ``context``, the options' first ``prefix`` tokens (common to all of them, run once
-    as part of the shared context), then each ``(option index, tokens)``'s remaining tokens."""
+    as part of the shared context), then each ``(option index, tokens)``'s remaining tokens
+    (without its last one with ``drop_final_token``: that token is a target only)."""
     shared = list(context) + [int(t) for t in options[0][1][:prefix]]
     length = len(shared)
     tokens = list(shared)
@@ -203,9 +227,10 @@ def _pack(
         for j, token in enumerate(rest):
             # The first own token is predicted by the shared part's last position.
             targets.append((length - 1 if j == 0 else start + j - 1, int(token), index))
-        tokens.extend(int(t) for t in rest)
-        positions.extend(range(length, length + len(rest)))
-        segments.extend([index] * len(rest))
+        inputs = rest[:-1] if drop_final_token else rest
+        tokens.extend(int(t) for t in inputs)
+        positions.extend(range(length, length + len(inputs)))
+        segments.extend([index] * len(inputs))
     return PackedRow(
         request=number, tokens=tokens, positions=positions, segments=segments, targets=targets
     )
@@ -270,6 +295,7 @@ class Scorer:
         share_context: bool = True,
         excluded_token_ids: Sequence[int] | np.ndarray | None = None,
         microbatches_per_step: int | None = None,
+        drop_final_token: bool = False,
     ) -> None:
         from parallel import checkpoint as ckpt
         from parallel.model import build_gpt
@@ -303,6 +329,7 @@ class Scorer:
             share_context=share_context,
             excluded_token_ids=excluded_token_ids,
             microbatches_per_step=microbatches_per_step,
+            drop_final_token=drop_final_token,
         )
 
     @classmethod
@@ -317,6 +344,7 @@ class Scorer:
         share_context: bool = True,
         excluded_token_ids: Sequence[int] | np.ndarray | None = None,
         microbatches_per_step: int | None = None,
+        drop_final_token: bool = False,
     ) -> Scorer:
         """A scorer over ``model`` (this rank's GPTModel shard of ``arch``, built with the local
         layer spec: Transformer Engine's attention ignores the packed attention mask)."""
@@ -331,6 +359,7 @@ class Scorer:
             share_context=share_context,
             excluded_token_ids=excluded_token_ids,
             microbatches_per_step=microbatches_per_step,
+            drop_final_token=drop_final_token,
         )
         return scorer
 
@@ -345,6 +374,7 @@ class Scorer:
         share_context: bool,
         excluded_token_ids,
         microbatches_per_step: int | None,
+        drop_final_token: bool = False,
     ) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -361,6 +391,8 @@ class Scorer:
         self.micro_batch_size = micro_batch_size
         self.seq_length = seq_length
         self.share_context = share_context
+        self.drop_final_token = drop_final_token
+        """Leave each option's last token out of its row (:func:`plan_rows`)."""
         self.microbatches_per_step = microbatches_per_step or (1 if ctx.pp == 1 else 2 * ctx.pp)
         self.stats = {
             "rows": 0,
@@ -428,10 +460,25 @@ class Scorer:
         per_token = self.token_logprobs(requests)
         return [[(float(sum(values)), len(values)) for values in options] for options in per_token]
 
-    @torch.no_grad()
     def token_logprobs(self, requests: list[Request]) -> list[list[list[float]]]:
         """Per request, per option, the log-probability of each option token (natural log)."""
-        plan = plan_rows(requests, seq_length=self.seq_length, share_context=self.share_context)
+        return [
+            [[value for value, _ in option] for option in options]
+            for options in self.token_scores(requests)
+        ]
+
+    @torch.no_grad()
+    def token_scores(self, requests: list[Request]) -> list[list[list[tuple[float, int]]]]:
+        """Per request, per option, per option token: ``(log-probability, most likely token id)``
+        at the position that predicts it (the argmax over the real vocabulary minus the excluded
+        ids; the lowest id among equal maxima). A token is the greedy choice when it equals that
+        id; the argmax after an option's last token is not computed (append a token to get it)."""
+        plan = plan_rows(
+            requests,
+            seq_length=self.seq_length,
+            share_context=self.share_context,
+            drop_final_token=self.drop_final_token,
+        )
         if plan.truncated_requests:
             log.warning(
                 "%d of %d requests did not fit %d tokens: %d context tokens cut from the left",
@@ -452,7 +499,7 @@ class Scorer:
         for row in rows:
             offsets.append(total)
             total += len(row.targets)
-        values = torch.zeros(total, dtype=torch.float64, device=self.ctx.device)
+        values = torch.zeros((2, total), dtype=torch.float64, device=self.ctx.device)
 
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), i))
         microbatches = [
@@ -465,19 +512,24 @@ class Scorer:
             group = mine[start : start + self.microbatches_per_step]
             outputs = self._run_group([[rows[i] for i in mb] for mb in group])
             if owner:
-                for mb, logprobs in zip(group, outputs, strict=True):
+                for mb, (logprobs, argmax) in zip(group, outputs, strict=True):
                     index = torch.cat(
                         [torch.arange(offsets[i], offsets[i] + len(rows[i].targets)) for i in mb]
                     ).to(self.ctx.device)
-                    values[index] = logprobs.to(torch.float64)
+                    values[0, index] = logprobs.to(torch.float64)
+                    values[1, index] = argmax.to(torch.float64)  # ids < 2**53: exact
         if self.ctx.world_size > 1:
             dist.all_reduce(values)
-        values_list = values.cpu().tolist()
+        logprob_list, argmax_list = values.cpu().tolist()
 
-        answers: list[list[list[float]]] = [[[] for _ in options] for _, options in requests]
+        answers: list[list[list[tuple[float, int]]]] = [
+            [[] for _ in options] for _, options in requests
+        ]
         for row, offset in zip(rows, offsets, strict=True):
             for k, (_, _, option) in enumerate(row.targets):
-                answers[row.request][option].append(values_list[offset + k])
+                answers[row.request][option].append(
+                    (logprob_list[offset + k], int(argmax_list[offset + k]))
+                )
         self.stats["rows"] += len(rows)
         self.stats["tokens"] += sum(len(row.tokens) for row in rows)
         self.stats["unshared_tokens"] += sum(
@@ -488,9 +540,10 @@ class Scorer:
         self.stats["split_options"] += plan.split_options
         return answers
 
-    def _run_group(self, group: list[list[PackedRow]]) -> list[torch.Tensor]:
+    def _run_group(self, group: list[list[PackedRow]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Run micro-batches through one forward-only schedule; on the last stage return each
-        micro-batch's target log-probabilities ``[n]`` (float32), elsewhere an empty list."""
+        micro-batch's target log-probabilities ``[n]`` (float32) and argmax ids ``[n]`` (int64),
+        elsewhere an empty list."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         length = max(len(row.tokens) for mb in group for row in mb)
@@ -509,7 +562,7 @@ class Scorer:
         self._positions = self._selection = None
         if not self.ctx.is_last_stage:
             return []
-        return [result["logprobs"] for result in results]
+        return [(result["logprobs"], result["argmax"]) for result in results]
 
     def _forward_step(self, data_iterator: Iterator[dict], model):
         device = self.ctx.device
@@ -526,13 +579,30 @@ class Scorer:
     def _target_logprobs(self, logits: torch.Tensor, target_ids: torch.Tensor):
         """``logits``: ``[1, n, V/tp]``, vocab-sharded over the tp group (the scored positions
         only); ``target_ids``: ``[n]`` global token ids. Returns the schedule's
-        ``(dummy loss, {"logprobs": [n] float32})``."""
+        ``(dummy loss, {"logprobs": [n] float32, "argmax": [n] int64})``."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         logits = logits.float().masked_fill(self._invalid_columns, float("-inf"))
+        argmax = self._vocab_parallel_argmax(logits[0].detach())
         nll = vocab_parallel_cross_entropy(logits, target_ids.unsqueeze(0))
         logprobs = -nll[0]
-        return torch.zeros((), device=logits.device), {"logprobs": logprobs.detach()}
+        return torch.zeros((), device=logits.device), {
+            "logprobs": logprobs.detach(),
+            "argmax": argmax,
+        }
+
+    def _vocab_parallel_argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``[n, V/tp]`` (this rank's vocabulary shard) -> global argmax ids ``[n]``:
+        the largest logit over all shards, the lowest id among equal maxima."""
+        best, local = logits.max(dim=-1)
+        ids = local + self.ctx.tp_rank * logits.shape[-1]
+        if self.ctx.tp == 1:
+            return ids
+        top = best.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.ctx.tp_group)
+        candidate = torch.where(best == top, ids, torch.full_like(ids, torch.iinfo(ids.dtype).max))
+        dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=self.ctx.tp_group)
+        return candidate
 
     def close(self) -> None:
         """Remove the hooks this scorer installed on the model."""
