@@ -55,6 +55,7 @@ __all__ = [
     "DataSource",
     "Progress",
     "build_example_store",
+    "check_sources",
     "mixture_counts",
     "mixture_order",
 ]
@@ -237,7 +238,7 @@ def _file_sha256(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def _check_source(source: DataSource, encoder: _Encoder | None) -> _Plan:
+def _check_source(source: DataSource, encoder: _Encoder | None, *, digest: bool = True) -> _Plan:
     """Validate one source cheaply (before any tokenization) and hash its contents."""
     fmt = formats.resolve_format(source)
     files = formats.source_files(source)
@@ -294,7 +295,7 @@ def _check_source(source: DataSource, encoder: _Encoder | None) -> _Plan:
         fmt=fmt,
         kind=kind,
         files=files,
-        sha256=_file_sha256(files),
+        sha256=_file_sha256(files) if digest else "",
         size=sum(f.stat().st_size for f in files),
     )
 
@@ -400,6 +401,36 @@ def build_example_store(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     weights = _check_weights(sources)
+    encoder = _make_encoder(sources, tokenizer, max_length, overlong)
+    plans = [_check_source(source, encoder) for source in sources]
+    options = {"max_length": max_length, "overlong": overlong}
+    key = _key(plans, tokenizer, options, encoder.chat)
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    stem = f"examples-{key}"
+    reused = _reuse(cache, stem, key, weights, [s.group for s in sources])
+    if reused is not None:
+        return reused
+    return _build(plans, encoder, cache, stem, key, options, workers, progress)
+
+
+def check_sources(sources: Sequence[DataSource], tokenizer: Tokenizer) -> list[str]:
+    """The checks :func:`build_example_store` runs before tokenizing (files, formats, the first
+    records, the chat template, an indexed dataset's vocabulary), without building; returns each
+    source's example kind. For launch-time checks."""
+    if not sources:
+        raise ValueError("no data sources given: list at least one file")
+    _check_weights(sources)
+    encoder = _make_encoder(sources, tokenizer, None, "truncate")
+    return [_check_source(s, encoder, digest=False).kind for s in sources]
+
+
+def _make_encoder(
+    sources: Sequence[DataSource],
+    tokenizer: Tokenizer,
+    max_length: int | None,
+    overlong: OverlongPolicy,
+) -> _Encoder:
     encoder = _Encoder(tokenizer=tokenizer, max_length=max_length, overlong=overlong)
     kinds = []
     for source in sources:  # chat is decided from first records; build the renderer if needed
@@ -417,16 +448,20 @@ def build_example_store(
             overlong=overlong,
             chat=ChatRenderer.for_tokenizer(tokenizer),
         )
-    plans = [_check_source(source, encoder) for source in sources]
-    options = {"max_length": max_length, "overlong": overlong}
-    key = _key(plans, tokenizer, options, encoder.chat)
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    stem = f"examples-{key}"
-    reused = _reuse(cache, stem, key, weights, [s.group for s in sources])
-    if reused is not None:
-        return reused
+    return encoder
 
+
+def _build(
+    plans: list[_Plan],
+    encoder: _Encoder,
+    cache: Path,
+    stem: str,
+    key: str,
+    options: dict[str, Any],
+    workers: int,
+    progress: Progress | None,
+) -> ExampleStore:
+    tokenizer = encoder.tokenizer
     total_bytes = sum(p.size for p in plans)
     done_bytes = 0
     writer = ExampleStoreWriter(cache, stem, vocab_size=tokenizer.vocab_size)
