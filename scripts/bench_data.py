@@ -33,7 +33,7 @@ import numpy as np
 
 # megatron.training imports megatron-core's triton GPU kernels at import time; on a machine
 # without triton (CPU-only), this stub module stands in for them (preprocessing never calls them).
-_STUB = '''
+_STUB = """
 import importlib.abc, importlib.machinery, sys
 _NAME = "megatron.core.transformer.custom_layers.batch_invariant_kernels"
 class _Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -46,7 +46,7 @@ class _Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             raise RuntimeError("batch-invariant kernels need triton")
         module.__getattr__ = lambda name: unavailable
 sys.meta_path.insert(0, _Stub())
-'''
+"""
 
 
 def strings(value):
@@ -107,7 +107,9 @@ def run_gkd(corpus: Path, tok, out: Path, workers: int) -> dict:
 
     start = time.perf_counter()
     store = build_example_store(
-        [DataSource(path=str(corpus), kind="text")], tok, out / f"gkd-cache-{workers}",
+        [DataSource(path=str(corpus), kind="text")],
+        tok,
+        out / f"gkd-cache-{workers}",
         workers=workers,
     )
     seconds = time.perf_counter() - start
@@ -121,14 +123,21 @@ def run_megatron(corpus: Path, folder: Path, out: Path, megatron: Path, workers:
     command = [
         sys.executable,
         str(megatron / "tools" / "preprocess_data.py"),
-        "--input", str(corpus),
-        "--output-prefix", str(prefix),
-        "--json-keys", "text",
-        "--tokenizer-type", "HuggingFaceTokenizer",
-        "--tokenizer-model", str(folder),
+        "--input",
+        str(corpus),
+        "--output-prefix",
+        str(prefix),
+        "--json-keys",
+        "text",
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        str(folder),
         "--append-eod",
-        "--workers", str(workers),
-        "--log-interval", "1000000",
+        "--workers",
+        str(workers),
+        "--log-interval",
+        "1000000",
     ]
     env = {**os.environ, "PYTHONPATH": f"{stub}{os.pathsep}{megatron}"}
     start = time.perf_counter()
