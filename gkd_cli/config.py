@@ -92,10 +92,35 @@ class DataConfig:
     """Training files (globs allowed) when ``source`` is ``corpus``."""
     valid_files: list[str] = field(default_factory=list)
     """Validation files (globs allowed); empty: no validation."""
-    format: Literal["text", "jsonl"] = "text"
-    """File format: plain text (one document per blank-line separated block) or JSON lines."""
+    format: Literal["text", "jsonl", "auto", "parquet", "arrow", "indexed"] = "text"
+    """File format: plain text (one document per blank-line separated block), JSON lines,
+    ``parquet``, ``arrow`` (Arrow IPC, as Hugging Face ``datasets`` writes), ``indexed`` (a
+    megatron ``.bin``/``.idx`` pair: list the ``.bin``), or ``auto`` (by file suffix). Parquet,
+    Arrow and indexed data are read as examples (``gkd_cli.data.build``)."""
     text_field: str = "text"
     """JSON key holding the text when ``format`` is ``jsonl``."""
+    kind: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
+    """What each record (jsonl, parquet, arrow) holds: ``text`` (every token trained on),
+    ``prompt_completion`` (loss on the completion only), ``chat`` (messages rendered with the
+    tokenizer's chat template, loss on assistant turns only), or ``auto``: decided per file from
+    its first record (``messages_field`` -> chat, ``prompt_field`` and ``completion_field`` ->
+    prompt/completion, else text)."""
+    prompt_field: str = "prompt"
+    """Record field holding the prompt (``kind: prompt_completion``)."""
+    completion_field: str = "completion"
+    """Record field holding the completion (``kind: prompt_completion``)."""
+    messages_field: str = "messages"
+    """Record field holding the chat messages, a list of ``{role, content}`` (``kind: chat``)."""
+    train_weights: list[float] = field(default_factory=list)
+    """Mixture weights, one per ``train_files`` entry: entry ``i`` gets the share
+    ``w_i / sum(w)`` of the training examples (as Megatron-LM's ``--data-path 0.3 a 0.7 b``),
+    shared by its files in proportion to their sizes; empty: every example once per epoch."""
+    overlong: Literal["truncate", "refuse"] = "truncate"
+    """An example longer than the sequence: ``truncate`` (keep its first tokens; the count is
+    reported) or ``refuse`` (stop before training, naming the file and line)."""
+    workers: int = 0
+    """Processes tokenizing the data (0: the available cores, at most 8); the result does not
+    depend on it."""
     seq_length: int = 1024
     """Tokens per training sequence; at most both models' ``max_seq_len``."""
     mode: Literal["stream", "padded", "packed"] = "stream"
@@ -605,6 +630,12 @@ def validate(
     _check_sequence(cfg)
     _check_models(cfg)
     _check_vocab(cfg, check_paths=check_paths)
+    from gkd_cli.data.formats import check_data_fields
+
+    try:
+        check_data_fields(cfg.data)
+    except ValueError as error:
+        raise ConfigError(str(error), field=str(error).split(":")[0].split(" ")[0]) from None
     if check_paths:
         _check_paths(cfg)
     if not cfg.methods:

@@ -46,6 +46,19 @@ def check_corpus(cfg: DistillConfig, patterns: list[str], field: str) -> None:
     files = _files(patterns)
     if not files:
         return
+    from gkd_cli.data.documents import EXAMPLE_FORMATS
+
+    if cfg.data.format in EXAMPLE_FORMATS or cfg.data.kind not in ("auto", "text"):
+        from gkd_cli.data import load_tokenizer
+        from gkd_cli.data.build import check_sources
+        from gkd_cli.data.formats import config_sources
+
+        try:  # the example builder's own checks (files, records, chat template, vocabulary)
+            sources = config_sources(cfg.data, patterns, lambda p: [str(f) for f in _files([p])])
+            check_sources(sources, load_tokenizer(cfg.data.tokenizer))
+        except ValueError as err:
+            raise ConfigError(f"{field}: {err}", field=field) from None
+        return
     try:
         for file in files:
             if file.is_file() and file.stat().st_size == 0:

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from gkd_cli.data import formats
-from gkd_cli.data.documents import check_utf8
+from gkd_cli.data.documents import check_format, check_utf8
 from gkd_cli.data.files import atomic_write
 from gkd_cli.data.formats import DataSource, OverlongPolicy, Record
 from gkd_cli.data.store import ExampleStore, ExampleStoreWriter, store_paths
@@ -55,6 +55,7 @@ __all__ = [
     "DataSource",
     "Progress",
     "build_example_store",
+    "check_sources",
     "mixture_counts",
     "mixture_order",
 ]
@@ -237,13 +238,14 @@ def _file_sha256(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def _check_source(source: DataSource, encoder: _Encoder | None) -> _Plan:
+def _check_source(source: DataSource, encoder: _Encoder | None, *, digest: bool = True) -> _Plan:
     """Validate one source cheaply (before any tokenization) and hash its contents."""
     fmt = formats.resolve_format(source)
     files = formats.source_files(source)
     if fmt in ("text", "jsonl"):
         check_utf8(files[0])
     if fmt == "text":
+        check_format(files[0], "text", source.text_field, limit_bytes=1 << 20)
         if source.kind not in ("auto", "text"):
             raise ValueError(
                 f"data source {source.path}: kind {source.kind!r} needs records (jsonl, parquet or "
@@ -293,7 +295,7 @@ def _check_source(source: DataSource, encoder: _Encoder | None) -> _Plan:
         fmt=fmt,
         kind=kind,
         files=files,
-        sha256=_file_sha256(files),
+        sha256=_file_sha256(files) if digest else "",
         size=sum(f.stat().st_size for f in files),
     )
 
@@ -313,7 +315,7 @@ def _key(plans: Sequence[_Plan], tokenizer: Tokenizer, options: dict[str, Any], 
 
 
 def _reuse(
-    cache_dir: Path, stem: str, key: str, weights: list[float | None]
+    cache_dir: Path, stem: str, key: str, weights: list[float | None], groups: list[str | None]
 ) -> ExampleStore | None:
     if not ExampleStore.exists(cache_dir, stem):
         return None
@@ -326,12 +328,14 @@ def _reuse(
     itemsize = np.dtype(store.index["dtype"]).itemsize
     if store.paths["bin"].stat().st_size != store.num_tokens * itemsize:
         return None
-    if [s.get("weight") for s in store.meta.get("sources", [])] != weights:
+    recorded = [(s.get("weight"), s.get("group")) for s in store.meta.get("sources", [])]
+    if recorded != list(zip(weights, groups, strict=True)):
         index = dict(store.index)
         index["meta"] = {
             **store.meta,
             "sources": [
-                {**s, "weight": w} for s, w in zip(store.meta["sources"], weights, strict=True)
+                {**s, "weight": w, "group": g}
+                for s, w, g in zip(store.meta["sources"], weights, groups, strict=True)
             ],
         }
         atomic_write(
@@ -397,6 +401,36 @@ def build_example_store(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     weights = _check_weights(sources)
+    encoder = _make_encoder(sources, tokenizer, max_length, overlong)
+    plans = [_check_source(source, encoder) for source in sources]
+    options = {"max_length": max_length, "overlong": overlong}
+    key = _key(plans, tokenizer, options, encoder.chat)
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    stem = f"examples-{key}"
+    reused = _reuse(cache, stem, key, weights, [s.group for s in sources])
+    if reused is not None:
+        return reused
+    return _build(plans, encoder, cache, stem, key, options, workers, progress)
+
+
+def check_sources(sources: Sequence[DataSource], tokenizer: Tokenizer) -> list[str]:
+    """The checks :func:`build_example_store` runs before tokenizing (files, formats, the first
+    records, the chat template, an indexed dataset's vocabulary), without building; returns each
+    source's example kind. For launch-time checks."""
+    if not sources:
+        raise ValueError("no data sources given: list at least one file")
+    _check_weights(sources)
+    encoder = _make_encoder(sources, tokenizer, None, "truncate")
+    return [_check_source(s, encoder, digest=False).kind for s in sources]
+
+
+def _make_encoder(
+    sources: Sequence[DataSource],
+    tokenizer: Tokenizer,
+    max_length: int | None,
+    overlong: OverlongPolicy,
+) -> _Encoder:
     encoder = _Encoder(tokenizer=tokenizer, max_length=max_length, overlong=overlong)
     kinds = []
     for source in sources:  # chat is decided from first records; build the renderer if needed
@@ -414,16 +448,20 @@ def build_example_store(
             overlong=overlong,
             chat=ChatRenderer.for_tokenizer(tokenizer),
         )
-    plans = [_check_source(source, encoder) for source in sources]
-    options = {"max_length": max_length, "overlong": overlong}
-    key = _key(plans, tokenizer, options, encoder.chat)
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    stem = f"examples-{key}"
-    reused = _reuse(cache, stem, key, weights)
-    if reused is not None:
-        return reused
+    return encoder
 
+
+def _build(
+    plans: list[_Plan],
+    encoder: _Encoder,
+    cache: Path,
+    stem: str,
+    key: str,
+    options: dict[str, Any],
+    workers: int,
+    progress: Progress | None,
+) -> ExampleStore:
+    tokenizer = encoder.tokenizer
     total_bytes = sum(p.size for p in plans)
     done_bytes = 0
     writer = ExampleStoreWriter(cache, stem, vocab_size=tokenizer.vocab_size)
@@ -465,6 +503,7 @@ def build_example_store(
                     "format": plan.fmt,
                     "kind": plan.kind,
                     "weight": plan.source.weight,
+                    "group": plan.source.group,
                     "sha256": plan.sha256,
                     "first_example": first_example,
                     "num_examples": writer.num_examples - first_example,
@@ -559,7 +598,8 @@ def mixture_counts(store: ExampleStore, num_samples: int | None = None) -> np.nd
     default). Weights (Megatron-LM's ``--data-path 0.3 a 0.7 b`` semantics): source ``i`` gets
     the share ``w_i / sum(w)`` of the samples, rounded by largest remainder (ties to the earlier
     source), whatever its size; a source smaller than its share repeats examples, a larger one is
-    subsampled.
+    subsampled. Sources of one ``group`` (the files one glob matched) share its weight in
+    proportion to their numbers of examples.
     """
     sources = _source_table(store)
     total = len(store) if num_samples is None else int(num_samples)
@@ -569,7 +609,12 @@ def mixture_counts(store: ExampleStore, num_samples: int | None = None) -> np.nd
     if all(w is None for w in weights):
         shares = np.asarray([s["num_examples"] for s in sources], dtype=np.float64)
     else:
-        shares = np.asarray([w or 0.0 for w in weights], dtype=np.float64)
+        sizes = np.asarray([s["num_examples"] for s in sources], dtype=np.float64)
+        groups = [s.get("group") or f"#{i}" for i, s in enumerate(sources)]
+        group_size = {g: sizes[[h == g for h in groups]].sum() for g in set(groups)}
+        shares = np.asarray(
+            [(w or 0.0) * n / group_size[g] for w, n, g in zip(weights, sizes, groups, strict=True)]
+        )
     exact = shares / shares.sum() * total
     counts = np.floor(exact).astype(np.int64)
     remainder = total - int(counts.sum())

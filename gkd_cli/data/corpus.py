@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from gkd_cli.data.documents import (
+    EXAMPLE_FORMATS,
     CorpusFormat,
     DocSplit,
     check_corpus_files,
@@ -43,7 +44,7 @@ from gkd_cli.data.documents import (
     iter_batches,
     iter_documents,
 )
-from gkd_cli.data.files import temp_path
+from gkd_cli.data.files import atomic_write, temp_path
 from gkd_cli.data.tokenizer import Tokenizer
 
 INDEX_VERSION = 1
@@ -130,7 +131,13 @@ def build_token_stream(
     reported with its file and line number when reached.
 
     Rank coordination is the caller's: build on one rank, then open it everywhere.
+
+    ``fmt`` ``parquet``, ``arrow`` or ``indexed``: the files are read by
+    :func:`gkd_cli.data.build.build_example_store` (``text_field`` of each row, or each indexed
+    document) and the stream is that example store's token file.
     """
+    if fmt in EXAMPLE_FORMATS:
+        return _stream_of_examples(files, tokenizer, Path(cache_dir), fmt, text_field, progress)
     paths = check_corpus_files(files)
     ensure_documents(paths, fmt=fmt, text_field=text_field, doc_split=doc_split)
     cache_dir = Path(cache_dir)
@@ -205,6 +212,50 @@ def build_token_stream(
         num_tokens=num_tokens,
         num_documents=num_documents,
         dtype=dtype.name,
+        rebuilt=True,
+    )
+
+
+def _stream_of_examples(
+    files: Sequence[str | os.PathLike],
+    tokenizer: Tokenizer,
+    cache_dir: Path,
+    fmt: str,
+    text_field: str,
+    progress: Progress | None,
+) -> TokenStream:
+    from gkd_cli.data.build import DataSource, build_example_store
+
+    if not files:
+        raise ValueError("no corpus files given: pass at least one file")
+    kind = "auto" if fmt == "indexed" else "text"
+    sources = [
+        DataSource(path=str(f), format=fmt, kind=kind, text_field=text_field)  # type: ignore[arg-type]
+        for f in files
+    ]
+    store = build_example_store(sources, tokenizer, cache_dir, progress=progress)
+    index_path = store.paths["json"].with_name(store.paths["json"].stem + ".stream.json")
+    index = {
+        "version": INDEX_VERSION,
+        "tokenizer_hash": tokenizer.hash,
+        "bin_file": store.paths["bin"].name,
+        "dtype": store.index["dtype"],
+        "num_tokens": store.num_tokens,
+        "num_documents": len(store),
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "example_store": store.paths["json"].name,
+    }
+    atomic_write(
+        index_path,
+        lambda temp: temp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8"),
+    )
+    return TokenStream(
+        bin_path=store.paths["bin"],
+        index_path=index_path,
+        num_tokens=store.num_tokens,
+        num_documents=len(store),
+        dtype=store.index["dtype"],
         rebuilt=True,
     )
 

@@ -20,7 +20,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-CorpusFormat = Literal["auto", "text", "jsonl"]
+CorpusFormat = Literal["auto", "text", "jsonl", "parquet", "arrow", "indexed"]
+EXAMPLE_FORMATS = ("parquet", "arrow", "indexed")
+"""Formats read only by :mod:`gkd_cli.data.build` (records or token ids, not text lines)."""
 DocSplit = Literal["paragraph", "line"]
 
 _JSONL_SUFFIXES = (".jsonl", ".json")
@@ -31,6 +33,11 @@ _SNIFF_LINES = 20
 
 def resolve_format(path: str | os.PathLike, fmt: CorpusFormat = "auto") -> Literal["text", "jsonl"]:
     """The concrete format of ``path``: ``fmt`` unless it is ``"auto"``, then by file suffix."""
+    if fmt in EXAMPLE_FORMATS:
+        raise ValueError(
+            f"corpus file {path}: format {fmt} is read by gkd_cli.data.build "
+            "(build_example_store), not line by line"
+        )
     if fmt not in ("auto", "text", "jsonl"):
         raise ValueError(f"corpus format must be 'auto', 'text' or 'jsonl', got {fmt!r}")
     if fmt != "auto":
@@ -218,6 +225,8 @@ def check_format(
     lines, the first line that is not JSON or lacks a string ``text_field`` (file:line).
     Lines beyond the limit are checked when the corpus is tokenized."""
     path = Path(path)
+    if fmt in EXAMPLE_FORMATS:
+        return  # read and checked by gkd_cli.data.build
     concrete = resolve_format(path, fmt)
     with open(path, encoding="utf-8-sig", errors="replace") as handle:
         read = 0

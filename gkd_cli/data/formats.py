@@ -80,6 +80,9 @@ class DataSource:
     weight: float | None = None
     """Share of the mixture (see :func:`gkd_cli.data.build.mixture_order`); ``None`` everywhere:
     every example once per epoch."""
+    group: str | None = None
+    """Sources with the same group (the files one glob matched) share their ``weight`` in
+    proportion to their numbers of examples; ``None``: the source is its own group."""
     text_field: str = "text"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
@@ -386,3 +389,70 @@ def chat_payload(record: Any, source: DataSource, where: str) -> list[dict[str, 
             "turns are targets); remove the record"
         )
     return messages
+
+
+# -- config --------------------------------------------------------------------------------------
+
+
+def check_data_fields(data: Any) -> None:
+    """``ValueError`` naming the ``data.*`` field when the format options of a ``DataConfig``
+    are inconsistent (called from :func:`gkd_cli.config.validate`)."""
+    weights = list(getattr(data, "train_weights", []) or [])
+    files = list(getattr(data, "train_files", []) or [])
+    if weights and len(weights) != len(files):
+        raise ValueError(
+            f"data.train_weights has {len(weights)} entries for {len(files)} data.train_files "
+            "entries; give one weight per entry (or none: every example once per epoch)"
+        )
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, int | float) or not w >= 0:
+            raise ValueError(f"data.train_weights.{i}: {w!r} must be a number >= 0")
+    if weights and not sum(weights) > 0:
+        raise ValueError("data.train_weights sum to 0; give at least one a positive weight")
+    workers = getattr(data, "workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"data.workers: {workers!r} must be an integer >= 0 (0: automatic)")
+    for name in ("text_field", "prompt_field", "completion_field", "messages_field"):
+        value = getattr(data, name, "x")
+        if not isinstance(value, str) or not value or value.startswith(".") or ".." in value:
+            raise ValueError(f"data.{name}: {value!r} must be a field name (dotted paths allowed)")
+    fields = [getattr(data, n, None) for n in ("prompt_field", "completion_field")]
+    if fields[0] == fields[1]:
+        raise ValueError(
+            f"data.prompt_field and data.completion_field are both {fields[0]!r}; they must differ"
+        )
+
+
+def default_workers() -> int:
+    """Tokenizing processes for ``data.workers: 0``: the cores this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def config_sources(data: Any, patterns: list[str], expand: Any) -> list[DataSource]:
+    """The :class:`DataSource` list of ``patterns`` (``data.train_files`` or ``valid_files``) under
+    a ``DataConfig``'s format fields; ``expand(pattern)`` lists a pattern's files in order.
+    ``data.train_weights`` (when given, and ``patterns`` are the train files) become the
+    weights, each pattern's files one group."""
+    weights = list(getattr(data, "train_weights", []) or [])
+    use_weights = bool(weights) and patterns == list(data.train_files)
+    sources = []
+    for i, pattern in enumerate(patterns):
+        for path in expand(pattern):
+            sources.append(
+                DataSource(
+                    path=path,
+                    format=data.format,
+                    kind=getattr(data, "kind", "auto"),
+                    weight=float(weights[i]) if use_weights else None,
+                    group=f"train_files.{i}" if use_weights else None,
+                    text_field=data.text_field,
+                    prompt_field=getattr(data, "prompt_field", "prompt"),
+                    completion_field=getattr(data, "completion_field", "completion"),
+                    messages_field=getattr(data, "messages_field", "messages"),
+                )
+            )
+    return sources

@@ -73,17 +73,22 @@ class ExampleStoreWriter:
         self._temps = {k: temp_path(self.directory, p.name) for k, p in self.paths.items()}
         self._bin = open(self._temps["bin"], "wb")  # noqa: SIM115 (closed in finish/abort)
         self._mask = open(self._temps["mask"], "wb")  # noqa: SIM115
-        self._offsets: list[int] = [0]
+        # Offsets stream to a raw temporary file (8 bytes per example, nothing kept in memory).
+        self._ends_path = temp_path(self.directory, self.paths["idx"].name + ".raw")
+        self._ends = open(self._ends_path, "wb")  # noqa: SIM115 (closed in finish/abort)
+        self._temps["ends"] = self._ends_path
+        self._count = 0
+        self._total = 0
         self._any_masked = False
         self._targets = 0
 
     @property
     def num_examples(self) -> int:
-        return len(self._offsets) - 1
+        return self._count
 
     @property
     def num_tokens(self) -> int:
-        return self._offsets[-1]
+        return self._total
 
     def add(
         self, tokens: Sequence[int] | np.ndarray, mask: Sequence[int] | np.ndarray | None = None
@@ -108,7 +113,9 @@ class ExampleStoreWriter:
         self._targets += int(m.sum())
         ids.astype(self.dtype).tofile(self._bin)
         m.tofile(self._mask)
-        self._offsets.append(self._offsets[-1] + len(ids))
+        self._total += len(ids)
+        self._count += 1
+        np.asarray([self._total], dtype=np.int64).tofile(self._ends)
 
     def add_batch(
         self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None
@@ -140,13 +147,16 @@ class ExampleStoreWriter:
         self._targets += int(m.sum())
         ids.astype(self.dtype).tofile(self._bin)
         m.tofile(self._mask)
-        ends = self._offsets[-1] + np.cumsum(sizes)
-        self._offsets.extend(ends.tolist())
+        ends = self._total + np.cumsum(sizes)
+        ends.astype(np.int64).tofile(self._ends)
+        self._total = int(ends[-1])
+        self._count += len(sizes)
 
     def abort(self) -> None:
         """Close and remove the temporary files; nothing is published."""
         self._bin.close()
         self._mask.close()
+        self._ends.close()
         for temp in self._temps.values():
             if temp.exists():
                 temp.unlink()
@@ -156,10 +166,19 @@ class ExampleStoreWriter:
         try:
             self._bin.close()
             self._mask.close()
+            self._ends.close()
             if self.num_examples == 0:
                 raise ValueError("no examples to write")
-            with open(self._temps["idx"], "wb") as fh:
-                np.save(fh, np.asarray(self._offsets, dtype=np.int64))
+            offsets = np.lib.format.open_memmap(
+                self._temps["idx"], mode="w+", dtype=np.int64, shape=(self._count + 1,)
+            )
+            offsets[0] = 0
+            ends = np.memmap(self._ends_path, dtype=np.int64, mode="r", shape=(self._count,))
+            step = 1 << 24
+            for start in range(0, self._count, step):
+                offsets[1 + start : 1 + start + step] = ends[start : start + step]
+            offsets.flush()
+            del offsets, ends
             index = {
                 "version": STORE_VERSION,
                 "dtype": self.dtype.name,

@@ -129,3 +129,41 @@ def test_mixture_counts_and_order(tmp_path, tok):
     # across epochs a subsampled source walks its permutation: 3 epochs x 2 = all 6 of a
     seen = np.concatenate([mixture_order(weighted, 1, e, 8) for e in range(3)])
     assert sorted(seen[seen < 6]) == list(range(6))
+
+
+def test_config_fields_become_sources_and_groups_share_a_weight(tmp_path, tok):
+    from gkd_cli.config import DataConfig
+    from gkd_cli.data.formats import check_data_fields, config_sources
+
+    files = []
+    for name, n in (("a1", 2), ("a2", 6), ("b", 4)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"{name} {i}"}) + "\n" for i in range(n)))
+        files.append(str(path))
+    data = DataConfig(
+        tokenizer="t",
+        format="auto",
+        train_files=[str(tmp_path / "a*.jsonl"), files[2]],
+        train_weights=[1, 1],
+    )
+    check_data_fields(data)
+    sources = config_sources(
+        data, data.train_files, lambda p: sorted(map(str, tmp_path.glob(p.rsplit("/", 1)[1])))
+    )
+    assert [s.group for s in sources] == ["train_files.0", "train_files.0", "train_files.1"]
+    store = build_example_store(sources, tok, tmp_path / "c")
+    # a* (8 examples: 2 + 6) and b share 1:1 of 16 samples: a1 2, a2 6, b 8
+    np.testing.assert_array_equal(mixture_counts(store, 16), [2, 6, 8])
+    with pytest.raises(ValueError, match="is JSON lines .* but data.format is text"):
+        build_example_store([DataSource(path=files[2], format="text")], tok, tmp_path / "c")
+    for bad, message in (
+        (
+            DataConfig(tokenizer="t", train_files=["x"], train_weights=[1, 2]),
+            "one weight per entry",
+        ),
+        (DataConfig(tokenizer="t", train_files=["x"], train_weights=[0]), "sum to 0"),
+        (DataConfig(tokenizer="t", workers=-1), "data.workers"),
+        (DataConfig(tokenizer="t", prompt_field="q", completion_field="q"), "must differ"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_data_fields(bad)

@@ -253,3 +253,26 @@ def test_config_errors(tmp_path):
         build_example_store([DataSource(path=str(tmp_path / "nope.jsonl"))], tok, tmp_path)
     with pytest.raises(ValueError, match="overlong must be 'truncate' or 'refuse'"):
         build_example_store([DataSource(path=str(path))], tok, tmp_path, overlong="cut")  # type: ignore[arg-type]
+
+
+def test_packed_stream_of_a_parquet_file_and_launch_checks(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from gkd_cli.data.build import check_sources
+    from gkd_cli.data.corpus import TokenDataset, build_token_stream
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), path)
+    tok = word_tokenizer(False)
+    stream = build_token_stream([path], tok, tmp_path / "c", fmt="parquet")
+    eos = ID["<|endoftext|>"]
+    dataset = TokenDataset(stream, 2)
+    assert stream.num_tokens == 5 and len(dataset) == 2
+    np.testing.assert_array_equal(dataset[0], [ID["a"], ID["b"], eos])
+    assert check_sources([DataSource(path=str(path))], tok) == ["prompt_completion"]
+    with pytest.raises(ValueError, match=r"has no chat_template"):
+        check_sources([DataSource(path=str(path), kind="chat")], tok)
+    tok.template_config = {"chat_template": CHATML}
+    with pytest.raises(ValueError, match=r"d\.parquet row 0: no field 'messages'"):
+        check_sources([DataSource(path=str(path), kind="chat")], tok)
