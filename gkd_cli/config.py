@@ -115,9 +115,6 @@ class DataConfig:
     """Mixture weights, one per ``train_files`` entry: entry ``i`` gets the share
     ``w_i / sum(w)`` of the training examples (as Megatron-LM's ``--data-path 0.3 a 0.7 b``),
     shared by its files in proportion to their sizes; empty: every example once per epoch."""
-    overlong: Literal["truncate", "refuse"] = "truncate"
-    """An example longer than the sequence: ``truncate`` (keep its first tokens; the count is
-    reported) or ``refuse`` (stop before training, naming the file and line)."""
     workers: int = 0
     """Processes tokenizing the data (0: the available cores, at most 8); the result does not
     depend on it."""

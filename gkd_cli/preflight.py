@@ -39,6 +39,37 @@ def _files(patterns: list[str]) -> list[Path]:
     return found
 
 
+def _records_are_examples(cfg: DistillConfig, files: list[Path]) -> bool:
+    """Whether the first record of a JSON-lines file (``data.kind: auto``) is a prompt/completion
+    or chat example, which the example builder checks (text records get the line scan below)."""
+    import json
+
+    from gkd_cli.data.formats import DataSource, decide_kind
+
+    for file in files:
+        try:
+            with file.open(encoding="utf-8") as fh:
+                line = next((ln for ln in fh if ln.strip()), None)
+            record = json.loads(line) if line is not None else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False  # the line scan reports it with its file and line
+        source = DataSource(
+            path=str(file),
+            format="jsonl",
+            kind="auto",
+            text_field=cfg.data.text_field,
+            prompt_field=cfg.data.prompt_field,
+            completion_field=cfg.data.completion_field,
+            messages_field=cfg.data.messages_field,
+        )
+        try:
+            if decide_kind(source, record, str(file)) != "text":
+                return True
+        except ValueError:
+            return False
+    return False
+
+
 def check_corpus(cfg: DistillConfig, patterns: list[str], field: str) -> None:
     """Each file exists, is non-empty UTF-8; together they hold more than ``seq_length`` tokens."""
     from gkd_cli.data.documents import check_corpus_files, check_format, ensure_documents
@@ -48,7 +79,11 @@ def check_corpus(cfg: DistillConfig, patterns: list[str], field: str) -> None:
         return
     from gkd_cli.data.documents import EXAMPLE_FORMATS
 
-    if cfg.data.format in EXAMPLE_FORMATS or cfg.data.kind not in ("auto", "text"):
+    if (
+        cfg.data.format in EXAMPLE_FORMATS
+        or cfg.data.kind not in ("auto", "text")
+        or (cfg.data.format == "jsonl" and _records_are_examples(cfg, files))
+    ):
         from gkd_cli.data import load_tokenizer
         from gkd_cli.data.build import check_sources
         from gkd_cli.data.formats import config_sources

@@ -71,6 +71,7 @@ def build_dataset(
             cache / name,
             max_length=data.seq_length if examples else None,
             overlong=data.overlong,
+            workers=data.workers or _auto_workers(sources),
         ),
         rank=rank,
     )
@@ -86,21 +87,31 @@ def build_dataset(
     )
 
 
-def data_sources(cfg: DistillConfig, files: Sequence[str], fmt: str) -> list:
-    """The :class:`gkd_cli.data.formats.DataSource` of each file (the one place that maps the
-    ``data`` section to the builder's sources): plain text, or records whose kind (text,
-    prompt/completion, chat) is decided per file from its first record."""
-    from gkd_cli.data.formats import DataSource
+def _auto_workers(sources) -> int:
+    """``data.workers: 0``: the cores (at most 8) for a corpus of several tokenizing chunks, one
+    process for a small one (a pool would cost more than it saves)."""
+    from gkd_cli.data.build import CHUNK_CHARS
+    from gkd_cli.data.formats import default_workers
 
-    return [
-        DataSource(
-            path=str(f),
-            format=fmt,  # type: ignore[arg-type]
-            kind="text" if fmt == "text" else "auto",
-            text_field=cfg.data.text_field,
-        )
-        for f in files
-    ]
+    size = sum(os.path.getsize(s.path) for s in sources if os.path.isfile(s.path))
+    return default_workers() if size > 4 * CHUNK_CHARS else 1
+
+
+def data_sources(cfg: DistillConfig, files: Sequence[str], fmt: str) -> list:
+    """The :class:`gkd_cli.data.formats.DataSource` of each file pattern (the one place that maps
+    the ``data`` section to the builder's sources, :func:`gkd_cli.data.formats.config_sources`):
+    the format, the record kind (text, prompt/completion, chat; ``auto``: decided per file from its
+    first record), the field names and ``data.train_weights``."""
+    import dataclasses
+    import glob
+
+    from gkd_cli.data.formats import config_sources
+
+    def expand(pattern: str) -> list[str]:
+        return sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+
+    data = dataclasses.replace(cfg.data, format=fmt)  # type: ignore[arg-type]
+    return config_sources(data, list(files), expand)
 
 
 def _superglue_texts(cfg: DistillConfig, cache: Path, *, rank: int) -> Path:

@@ -57,3 +57,39 @@ def test_packed_run_with_an_overlong_example_truncated(tmp_path):
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(0 < m["loss"] < 20 for m in metrics)
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["student_loss"] > 0
+
+
+def test_prompt_completion_jsonl_trains_in_padded_mode_through_the_cli(tmp_path):
+    """A teacher-free run on prompt/completion lines (loss on the completions only): the launch
+    checks accept the records (their first line decides the kind) and the run trains."""
+    from gkd_cli.data import train_bpe
+
+    tokenizer = tmp_path / "tokenizer.json"
+    train_bpe([ASSETS / "demo_valid.txt"], 300, tokenizer)
+    words = (ASSETS / "demo_valid.txt").read_text().split()
+    lines = [
+        json.dumps({"prompt": " ".join(words[i : i + 3]) + "\nAnswer:", "completion": " yes" if i % 2 else " no"})
+        for i in range(0, 240, 10)
+    ]  # fmt: skip
+    data = tmp_path / "task.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    student = dict(
+        num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=300, max_seq_len=64
+    )
+    cfg = {
+        "student": student,
+        "methods": [{"name": "lm"}],
+        "data": {
+            "train_files": [str(data)], "tokenizer": str(tokenizer), "format": "jsonl",
+            "seq_length": 48, "mode": "padded",
+        },
+        "train": {"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
+        "output": {"dir": str(tmp_path / "run"), "save_every": 0},
+    }  # fmt: skip
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    result = _gkd("distill", str(tmp_path / "cfg.yaml"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    # the loss is over " yes"/" no" and the end token only: far below a full-vocabulary guess
+    assert all(0 < m["loss"] < 20 for m in metrics)
