@@ -70,6 +70,28 @@ def _records_are_examples(cfg: DistillConfig, files: list[Path]) -> bool:
     return False
 
 
+def _check_example_lengths(cfg: DistillConfig, patterns: list[str], field: str) -> None:
+    """``data.mode: padded | packed`` with ``data.overlong: refuse``: an example longer than
+    ``data.seq_length`` is refused here, naming its file and line, when the data is small enough
+    to tokenize at launch (larger data: by the build, before the first step)."""
+    if cfg.data.mode == "stream" or cfg.data.overlong != "refuse":
+        return
+    from gkd_cli.data import load_tokenizer
+    from gkd_cli.data.build import check_lengths
+    from gkd_cli.data.formats import config_sources
+
+    try:
+        sources = config_sources(cfg.data, patterns, lambda p: [str(f) for f in _files([p])])
+        check_lengths(
+            sources,
+            load_tokenizer(cfg.data.tokenizer),
+            cfg.data.seq_length,
+            max_bytes=SMALL_CORPUS_BYTES,
+        )
+    except ValueError as err:
+        raise ConfigError(f"{field}: {err}", field=field) from None
+
+
 def check_corpus(cfg: DistillConfig, patterns: list[str], field: str) -> None:
     """Each file exists, is non-empty UTF-8; together they hold more than ``seq_length`` tokens."""
     from gkd_cli.data.documents import check_corpus_files, check_format, ensure_documents
@@ -93,6 +115,7 @@ def check_corpus(cfg: DistillConfig, patterns: list[str], field: str) -> None:
             check_sources(sources, load_tokenizer(cfg.data.tokenizer))
         except ValueError as err:
             raise ConfigError(f"{field}: {err}", field=field) from None
+        _check_example_lengths(cfg, patterns, field)
         return
     try:
         for file in files:
@@ -107,6 +130,9 @@ def check_corpus(cfg: DistillConfig, patterns: list[str], field: str) -> None:
         ensure_documents(files, fmt=cfg.data.format, text_field=cfg.data.text_field)
     except ValueError as err:
         raise ConfigError(f"{field}: {err}", field=field) from None
+    _check_example_lengths(cfg, patterns, field)
+    if cfg.data.mode != "stream":
+        return  # rows are padded: any number of examples fills them
     total = sum(f.stat().st_size for f in files)
     need = cfg.data.seq_length + 1
     if total > SMALL_CORPUS_BYTES:

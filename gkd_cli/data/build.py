@@ -425,6 +425,30 @@ def check_sources(sources: Sequence[DataSource], tokenizer: Tokenizer) -> list[s
     return [_check_source(s, encoder, digest=False).kind for s in sources]
 
 
+def check_lengths(
+    sources: Sequence[DataSource], tokenizer: Tokenizer, max_length: int, *, max_bytes: int
+) -> bool:
+    """Launch-time check of the ``refuse`` policy: tokenize every example of ``sources`` when
+    they hold at most ``max_bytes`` in all and raise ``ValueError`` naming the file and line (or
+    row) of the first example longer than ``max_length`` tokens; ``False`` (nothing checked) for
+    larger data, which the build checks as it streams."""
+    encoder = _make_encoder(sources, tokenizer, max_length, "refuse")
+    plans = [_check_source(s, encoder, digest=False) for s in sources]
+    if sum(p.size for p in plans) > max_bytes:
+        return False
+    for plan in plans:
+        if plan.fmt == "indexed":
+            from gkd_cli.data.indexed import iter_indexed_chunks
+
+            for examples, _ in iter_indexed_chunks(plan.source.path):
+                encoder.collect(examples)
+            continue
+        records = _records(plan.source, plan.fmt, plan.kind, plan.files[0])
+        for items, _ in _chunks(records):
+            encoder.encode(plan.kind, items)
+    return True
+
+
 def _make_encoder(
     sources: Sequence[DataSource],
     tokenizer: Tokenizer,

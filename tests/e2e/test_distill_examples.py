@@ -93,3 +93,32 @@ def test_prompt_completion_jsonl_trains_in_padded_mode_through_the_cli(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2]
     # the loss is over " yes"/" no" and the end token only: far below a full-vocabulary guess
     assert all(0 < m["loss"] < 20 for m in metrics)
+
+
+def test_an_overlong_example_is_refused_before_launch(tmp_path):
+    """``data.overlong: refuse`` (the default) in padded mode: the launch checks tokenize a small
+    corpus and name the file and line of the example that does not fit; nothing is written."""
+    from gkd_cli.data import train_bpe
+
+    tokenizer = tmp_path / "tokenizer.json"
+    train_bpe([ASSETS / "demo_valid.txt"], 300, tokenizer)
+    words = (ASSETS / "demo_valid.txt").read_text().split()
+    lines = [json.dumps({"prompt": "Q:", "completion": " yes"}) for _ in range(3)]
+    lines.append(json.dumps({"prompt": " ".join(words[:60]), "completion": " no"}))
+    data = tmp_path / "task.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = {
+        "student": dict(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=300, max_seq_len=64),
+        "methods": [{"name": "lm"}],
+        "data": {"train_files": [str(data)], "tokenizer": str(tokenizer), "format": "jsonl",
+                 "seq_length": 32, "mode": "padded"},
+        "train": {"steps": 2, "global_batch_size": 2, "micro_batch_size": 1},
+        "output": {"dir": str(tmp_path / "run")},
+    }  # fmt: skip
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    result = _gkd("distill", str(tmp_path / "cfg.yaml"))
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    text = " ".join((result.stdout + result.stderr).split())
+    assert f"{data}:4" in text and "more than the limit of 32" in text, text
+    assert "data.overlong: truncate" in text
+    assert not (tmp_path / "run").exists()
