@@ -40,6 +40,10 @@ There is one entry point, :func:`divergence`, taking a per-chunk kernel of
 :mod:`methods.vocab_kernels` (the forward KL, a JSD with its ``beta``, ...) and the layout of the
 vocabulary as one :class:`VocabShard` value; :func:`cross_entropy` is the student-only case with
 labels. Adding a divergence means adding a kernel.
+
+Both accept a :class:`methods.fused_head.HeadInput` (the output layer's input and weight) in place
+of the logits: the fused path computes each chunk's logits from it and never materializes them;
+both paths share the chunk loop :func:`run_chunks`.
 """
 
 from __future__ import annotations
