@@ -70,10 +70,12 @@ from methods.base import FeatureKind, ForwardModifier
 
 Tensor = torch.Tensor
 
-FUSED_DEFAULT_CHUNK_TOKENS = 128
-"""Tokens per chunk when the caller sets none: the output weight is read once per chunk for each
-of the three matmuls, so chunks are larger than the materialized path's; the fp32 workspace is
-``128 x V/tp`` per buffer (64 MiB at V/tp = 128k)."""
+FUSED_CHUNK_ELEMENTS = 1 << 22
+"""Default work size: ``chunk = FUSED_CHUNK_ELEMENTS // (V/tp)`` tokens (clamped to
+``FUSED_MIN_CHUNK_TOKENS``), so each fp32 workspace buffer is about 16 MiB whatever the
+vocabulary (128 tokens at V/tp = 32k, 32 at 128k). The output weight is read once per chunk for
+each of the three matmuls, so chunks are larger than the materialized path's."""
+FUSED_MIN_CHUNK_TOKENS = 16
 
 ENV_SWITCH = "GKD_FUSED_HEAD"
 """``off``: never take the fused path (``auto``, the default: whenever the methods allow it)."""
@@ -208,7 +210,8 @@ def divergence(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if shard.chunk_size is None:
-        shard = replace(shard, chunk_size=FUSED_DEFAULT_CHUNK_TOKENS)
+        tokens = max(FUSED_MIN_CHUNK_TOKENS, FUSED_CHUNK_ELEMENTS // max(local_vocab, 1))
+        shard = replace(shard, chunk_size=tokens)
     plan = vp.chunk_plan(shard, num_tokens, local_vocab, student.dtype, student.is_cuda)
     width = plan.width
     hidden, weight = student.hidden, student.weight
