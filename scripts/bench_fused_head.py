@@ -83,12 +83,17 @@ def materialized(hs, ws, ht, wt, mask):
     return vp.divergence(vk.forward_kl_kernel, s, t, mask)
 
 
+CHUNK: list[int | None] = [None]
+"""Tokens per chunk of the fused path (``--chunk``; ``None``: its default)."""
+
+
 def fused(hs, ws, ht, wt, mask):
     from methods import vocab_kernels as vk
     from methods import vocab_parallel as vp
     from methods.fused_head import HeadInput
 
-    return vp.divergence(vk.forward_kl_kernel, HeadInput(hs, ws), HeadInput(ht, wt), mask)
+    shard = vp.VocabShard(chunk_size=CHUNK[0])
+    return vp.divergence(vk.forward_kl_kernel, HeadInput(hs, ws), HeadInput(ht, wt), mask, shard)
 
 
 def _status_kib(field):
@@ -228,6 +233,8 @@ def _run_worker(impl, tokens, hidden, vocab, dtype, threads) -> dict:
     env["OMP_NUM_THREADS"] = str(threads)
     args = [sys.executable, __file__, "--worker", impl, "--tokens", str(tokens)]
     args += ["--hidden", str(hidden), "--vocab", str(vocab), "--dtype", dtype]
+    if CHUNK[0] is not None:
+        args += ["--chunk", str(CHUNK[0])]
     out = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"worker {impl} failed:\n{out.stderr[-4000:]}")
@@ -316,6 +323,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=[*IMPLS, "step"])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--chunk", type=int, default=None, help="fused path: tokens per chunk")
     parser.add_argument("--step-seq", type=int, nargs="*", default=[])
     parser.add_argument("--step-vocab", type=int, default=32768)
     parser.add_argument("--skip-head", action="store_true", help="only the distillation step")
@@ -328,6 +336,7 @@ def main(argv=None) -> None:
     parser.add_argument("--fit", action="store_true", help="also the largest N within the budget")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
+    CHUNK[0] = args.chunk
     if args.worker == "step":
         worker_step(args.tokens, args.vocab[0], args.out)
         return
