@@ -256,7 +256,6 @@ ContinuationKD = logit_method(
     },
     weights=soft_hard_weights,
     check=_check_annealing("continuation_kd"),
-    fused_head=True,
     stages=TASK_ONLY,
     paper="Jafari et al. 2022",
     signals="logits, labels",
