@@ -40,7 +40,7 @@ def logit_divergence(
         loss = vp.divergence(kernel(params), *logits, ctx.loss_mask, shard, temperature=temperature)
         return {term: loss}
 
-    return logit_method(cls_name, terms=terms, check=kernel, **declaration)
+    return logit_method(cls_name, terms=terms, check=kernel, fused_head=True, **declaration)
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -132,6 +132,7 @@ def logit_method(
     weights: Callable[[Any, LossContext], dict[str, float]] | None = None,
     check: Callable[[Any], object] | None = None,
     check_student: Callable[[Any, ModelInfo], None] | None = None,
+    fused_head: bool = False,
 ) -> type:
     """The class of a method computed from both models' logits alone: a declaration of its terms.
 
@@ -140,7 +141,8 @@ def logit_method(
     returns ``terms(params, (student, teacher), ctx, name)``. ``weights(params, ctx)`` weighs the
     terms (:class:`methods.base.WeightsTerms`, e.g. :func:`soft_hard_weights`); ``check(params)``
     raises ``ValueError`` on bad parameters when the method is built, ``check_student(params,
-    student)`` when its taps are asked for."""
+    student)`` when its taps are asked for. ``fused_head=True`` declares that ``terms`` hands the
+    logits only to :mod:`methods.vocab_parallel`'s losses (:mod:`methods.fused_head`)."""
 
     def __init__(self: Any, params_: Any = None) -> None:
         self.params = params_ or params()
@@ -169,6 +171,7 @@ def logit_method(
         "__init__": __init__,
         "taps": taps,
         "compute": compute,
+        "fused_head": fused_head,
     }
     if weights is not None:
         namespace["term_weights"] = lambda self, ctx: weights(self.params, ctx)

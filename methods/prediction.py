@@ -72,6 +72,7 @@ class LM:
     paper: ClassVar[str] = "next-token cross entropy (language-model loss)"
     signals: ClassVar[str] = "student logits, labels"
     Params: ClassVar[type] = LMParams
+    fused_head: ClassVar[bool] = True
 
     def __init__(self, params: LMParams | None = None) -> None:
         self.params = params or LMParams()
@@ -117,6 +118,7 @@ KD = logit_method(
     weights=soft_hard_weights,
     stages=TASK_ONLY,
     paper="Hinton et al. 2015",
+    fused_head=True,
     signals="logits, labels",
     doc="""Knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural
     Network", sec. 2): ``soft_weight * H(p_t^T, p_s^T) + hard_weight * CE(y, p_s)`` where ``p^T`` is the
@@ -143,6 +145,7 @@ class PD:
     paper: ClassVar[str] = "Turc et al. 2019"
     signals: ClassVar[str] = "logits (task stage); student logits, labels (pretrain stage)"
     Params: ClassVar[type] = PDParams
+    fused_head: ClassVar[bool] = True
 
     def __init__(self, params: PDParams | None = None, *, stage: Stage | None = None) -> None:
         self.params = params or PDParams()
@@ -184,6 +187,7 @@ GLMD = logit_method(
         "kl": soft_loss("kl", *logits, ctx.distill_mask, ctx, at(p.temperature, ctx))
     },
     paper="Tan et al. 2023 (GLMD)",
+    fused_head=True,
     signals="all vocabulary logits at every non-pad position",
     doc="""GLMD's word-prediction distillation (Tan et al. 2023, "Are Intermediate Layers and Labels
     Really Necessary? A General Language Model Distillation Method", arXiv 2306.06625), its loss
@@ -218,6 +222,7 @@ AnnealingKD = logit_method(
         "mse": _annealed_mse(logits, ctx, p.max_temperature, margin=0.0)
     },
     check=_check_annealing("annealing_kd"),
+    fused_head=True,
     stages=TASK_ONLY,
     paper="Jafari et al. 2021",
     doc="""Annealing KD (Jafari et al. 2021, "Annealing Knowledge Distillation", EACL, arXiv

@@ -40,6 +40,10 @@ There is one entry point, :func:`divergence`, taking a per-chunk kernel of
 :mod:`methods.vocab_kernels` (the forward KL, a JSD with its ``beta``, ...) and the layout of the
 vocabulary as one :class:`VocabShard` value; :func:`cross_entropy` is the student-only case with
 labels. Adding a divergence means adding a kernel.
+
+Both accept a :class:`methods.fused_head.HeadInput` (the output layer's input and weight) in place
+of the logits: the fused path computes each chunk's logits from it and never materializes them;
+both paths share the chunk loop :func:`run_chunks`.
 """
 
 from __future__ import annotations
@@ -161,6 +165,83 @@ def _tempered(x: Tensor, acc: torch.dtype, inv_temperature: float, out: Tensor) 
     return out if inv_temperature == 1.0 else out.mul_(inv_temperature)
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How one loss walks its ``[N, V/tp]`` logits (:func:`chunk_plan`)."""
+
+    num_tokens: int
+    local_vocab: int
+    width: int
+    """Real vocabulary columns on this rank (the rest are padding)."""
+    chunk: int
+    """Tokens per chunk."""
+    acc: torch.dtype
+    """Accumulation dtype."""
+    stats: vk.TensorParallelStats
+    vocab_start: int
+    vocab_size: int
+
+
+def chunk_plan(
+    shard: VocabShard, num_tokens: int, local_vocab: int, dtype: torch.dtype, is_cuda: bool
+) -> ChunkPlan:
+    """The chunking of ``[num_tokens, local_vocab]`` logits of ``dtype`` laid out as ``shard``."""
+    stats = vk.TensorParallelStats(shard.group)
+    vocab_size = shard.vocab_size if shard.vocab_size is not None else local_vocab * stats.size
+    width = max(0, min(local_vocab, vocab_size - shard.start))
+    budget = DEFAULT_CHUNK_ELEMENTS_CUDA if is_cuda else DEFAULT_CHUNK_ELEMENTS
+    chunk = shard.chunk_size or max(1, budget // max(width, 1))
+    chunk = max(1, min(chunk, num_tokens))
+    acc = _accumulation_dtype(dtype)
+    return ChunkPlan(num_tokens, local_vocab, width, chunk, acc, stats, shard.start, vocab_size)
+
+
+Fetch = Callable[[slice], tuple[Tensor, Tensor | None]]
+"""``rows -> (student, teacher or None)`` logits of those rows and the real columns ``[n, w]``."""
+Emit = Callable[[slice, Tensor], None]
+"""``(rows, grad)``: the gradient of the loss w.r.t. the (untempered) student logits ``[n, w]``,
+in the accumulation dtype; a workspace buffer, valid until the next chunk."""
+
+
+def run_chunks(
+    kernel: vk.Kernel,
+    plan: ChunkPlan,
+    loss_mask: Tensor,
+    temperature: float,
+    fetch: Fetch,
+    emit: Emit | None,
+    device: torch.device,
+) -> Tensor:
+    """The chunk loop shared by the materialized and the fused (:mod:`methods.fused_head`) paths:
+    the masked mean of ``kernel``'s per-token loss; ``emit`` receives each chunk's gradient (none
+    is computed when ``emit`` is ``None``)."""
+    acc, num_tokens, chunk, width = plan.acc, plan.num_tokens, plan.chunk, plan.width
+    inv_temperature = 1.0 / temperature
+    need_grad = emit is not None
+    mask = loss_mask.detach().to(device=device, dtype=acc)
+    count = mask.sum()
+    denom = torch.where(count > 0, count, torch.ones_like(count))
+    work = vk.Workspace(chunk, width, acc, device)
+    grad_scale = mask / (denom * temperature)
+    total = torch.zeros((), dtype=acc, device=device)
+    for start in range(0, num_tokens, chunk):
+        rows = slice(start, min(start + chunk, num_tokens))
+        n = rows.stop - rows.start
+        s_raw, t_raw = fetch(rows)
+        s = _tempered(s_raw, acc, inv_temperature, work.take("s", n))
+        t = None
+        if t_raw is not None:
+            t = _tempered(t_raw, acc, inv_temperature, work.take("t", n))
+        part = vk.Chunk(s, t, rows, plan.stats, work, need_grad, plan.vocab_start, plan.vocab_size)
+        per_token, chunk_grad = kernel(part)
+        weight = mask[rows]
+        total += torch.where(weight > 0, per_token * weight, 0.0).sum()
+        if emit is not None:
+            assert chunk_grad is not None
+            emit(rows, chunk_grad.mul_(grad_scale[rows, None]))
+    return total / denom
+
+
 def divergence(
     kernel: vk.Kernel,
     student_logits: Tensor,
@@ -176,9 +257,12 @@ def divergence(
     Args:
         kernel: a per-chunk kernel of :mod:`methods.vocab_kernels` (``vk.forward_kl_kernel``,
             ``vk.jsd_kernel(beta)``, ...).
-        student_logits: ``[N, V/tp]``, vocab-sharded as ``shard`` says; gets the gradient.
+        student_logits: ``[N, V/tp]``, vocab-sharded as ``shard`` says; gets the gradient. A
+            :class:`methods.fused_head.HeadInput` (the output layer's input and weight) stands in
+            for them on the fused path: the logits are then computed chunk by chunk and never
+            materialized, and the gradient goes to the hidden states and the weight.
         teacher_logits: ``[N, V/tp]``, sharded the same way; no gradient (``None`` for a
-            student-only kernel).
+            student-only kernel); a ``HeadInput`` too on the fused path.
         loss_mask: ``[N]`` float token weights, replicated over tp.
         shard: the vocabulary layout of the logits.
         temperature: divides both logits before the softmax.
@@ -186,45 +270,43 @@ def divergence(
     Returns:
         Scalar: ``sum_n mask_n loss_n / sum_n mask_n`` (fp32, fp64 for fp64 inputs).
     """
-    vocab_start, tp_group, chunk_size = shard.start, shard.group, shard.chunk_size
-    stats = vk.TensorParallelStats(tp_group)
-    num_tokens, local_vocab = student_logits.shape
-    vocab_size = shard.vocab_size if shard.vocab_size is not None else local_vocab * stats.size
+    if not isinstance(student_logits, Tensor):
+        from methods import fused_head
+
+        if fused_head.is_head_input(student_logits):
+            return fused_head.divergence(
+                kernel, student_logits, teacher_logits, loss_mask, shard, temperature=temperature
+            )
+    if teacher_logits is not None and not isinstance(teacher_logits, Tensor):
+        teacher_logits = teacher_logits.logits()  # type: ignore[attr-defined]
     _check_inputs(student_logits, teacher_logits, loss_mask, temperature)
-    width = max(0, min(local_vocab, vocab_size - vocab_start))
-    if teacher_logits is not None:
-        teacher_logits = teacher_logits.detach()
-    budget = DEFAULT_CHUNK_ELEMENTS_CUDA if student_logits.is_cuda else DEFAULT_CHUNK_ELEMENTS
-    chunk = chunk_size or max(1, budget // max(width, 1))
-    chunk = max(1, min(chunk, num_tokens))
-    acc = _accumulation_dtype(student_logits.dtype)
-    inv_temperature = 1.0 / temperature
+    num_tokens, local_vocab = student_logits.shape
+    plan = chunk_plan(shard, num_tokens, local_vocab, student_logits.dtype, student_logits.is_cuda)
+    width = plan.width
+    teacher = teacher_logits.detach() if teacher_logits is not None else None
+
+    def fetch(rows: slice) -> tuple[Tensor, Tensor | None]:
+        return student_logits[rows, :width], None if teacher is None else teacher[rows, :width]
 
     def compute(need_grad: bool) -> tuple[Tensor, Tensor | None]:
-        mask = loss_mask.detach().to(device=student_logits.device, dtype=acc)
-        count = mask.sum()
-        denom = torch.where(count > 0, count, torch.ones_like(count))
-        work = vk.Workspace(chunk, width, acc, student_logits.device)
         grad = torch.empty_like(student_logits) if need_grad else None
         if grad is not None and width < local_vocab:
             grad[:, width:].zero_()
-        grad_scale = mask / (denom * temperature)
-        total = torch.zeros((), dtype=acc, device=student_logits.device)
-        for start in range(0, num_tokens, chunk):
-            rows = slice(start, min(start + chunk, num_tokens))
-            n = rows.stop - rows.start
-            s = _tempered(student_logits[rows, :width], acc, inv_temperature, work.take("s", n))
-            t = None
-            if teacher_logits is not None:
-                t = _tempered(teacher_logits[rows, :width], acc, inv_temperature, work.take("t", n))
-            part = vk.Chunk(s, t, rows, stats, work, need_grad, vocab_start, vocab_size)
-            per_token, chunk_grad = kernel(part)
-            weight = mask[rows]
-            total += torch.where(weight > 0, per_token * weight, 0.0).sum()
-            if grad is not None:
-                assert chunk_grad is not None
-                grad[rows, :width].copy_(chunk_grad.mul_(grad_scale[rows, None]))
-        return total / denom, grad
+
+        def emit(rows: slice, chunk_grad: Tensor) -> None:
+            assert grad is not None
+            grad[rows, :width].copy_(chunk_grad)
+
+        loss = run_chunks(
+            kernel,
+            plan,
+            loss_mask,
+            temperature,
+            fetch,
+            emit if need_grad else None,
+            student_logits.device,
+        )
+        return loss, grad
 
     if torch.is_grad_enabled() and student_logits.requires_grad:
         return _PrecomputedGradLoss.apply(student_logits, compute)

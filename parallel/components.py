@@ -345,6 +345,7 @@ def restrict_head(teacher: torch.nn.Module, index: torch.Tensor, stage: torch.nn
     if layer is None:  # not the last pipeline stage
         return
     full_forward = layer.forward
+    layer.gkd_restricted_rows = index  # read by the fused head (parallel.taps.head_input)
 
     def forward(input_, weight=None, runtime_gather_output=None, **kwargs):
         if not stage.training:

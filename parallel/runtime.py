@@ -62,7 +62,7 @@ from parallel.distributed import ParallelContext
 from parallel.forward_hooks import RuntimeHandles, install_forward_modifiers
 from parallel.memory import allocated_bytes
 from parallel.numerics import step_problem
-from parallel.stage import AttachAuxLoss, DistillationStage, StepState
+from parallel.stage import AttachAuxLoss, DistillationStage, StepState, configure_head_path
 
 __all__ = [
     "MASKED_LOGIT",
@@ -165,6 +165,12 @@ class DistillationRuntime:
             teacher_hidden_sizes=[t.arch.hidden_size for t in self.teacher_specs],
             is_last_stage=ctx.is_last_stage,
             method_modules=self.method_modules if len(self.method_modules) else None,
+        )
+        self.head_path, _ = configure_head_path(  # fused output layer + loss (issue 18)
+            self.stage,
+            pipeline,
+            self.teacher_infos[0] if self.teacher_infos else None,
+            self.student_info,
         )
         self.handles = RuntimeHandles(self.stage, self.step_state, seed=train.seed)
         install_forward_modifiers(

@@ -26,25 +26,35 @@ runtime's :class:`~parallel.forward_hooks.RuntimeHandles` drives them):
   normalized per sequence, to the embedding output (gradient-perturbation second pass).
 * ``microbatch_index``: the microbatch being computed within the current schedule run.
 
+Output layer and logit losses (:mod:`methods.fused_head`): ``head_path`` is ``"materialized"``
+(the output layers build ``[N, V/tp]`` logits, captured as features) or ``"fused"`` (in training
+on the last stage, the ``LOGITS`` features are :class:`~methods.fused_head.HeadInput` values and
+the losses compute the logits chunk by chunk). :func:`configure_head_path` picks it once per run.
+
 :class:`StepState` is the optimizer step being computed: one small object that the runtime advances
 and that the loss context and the forward handles read (nothing reaches into the runtime for it).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from methods import fused_head
 from methods.base import FeatureKind, LossContext, Role, Tap
+from methods.fused_head import HeadInput
 from parallel.memory import PeakTracker
 from parallel.taps import TapRecorder
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,9 +131,11 @@ class DistillationStage(torch.nn.Module):
         self.is_last_stage = is_last_stage
         self.compute_fn = compute_fn
         self.context_fn = context_fn
-        self.student_taps = TapRecorder(student, taps, role=Role.STUDENT)
+        self.head_path = fused_head.MATERIALIZED
+        """``"fused"`` or ``"materialized"`` (see the module docstring; :func:`configure_head_path`)."""
+        self.student_taps = TapRecorder(student, taps, role=Role.STUDENT, fused=self.fused_active)
         self.teacher_taps = [
-            TapRecorder(t, taps, role=Role.TEACHER, teacher_index=i)
+            TapRecorder(t, taps, role=Role.TEACHER, teacher_index=i, fused=self.fused_active)
             for i, t in enumerate(self._teachers)
         ]
         self.tracker = TermTracker()
@@ -155,6 +167,15 @@ class DistillationStage(torch.nn.Module):
         embedding = getattr(student, "embedding", None)
         if getattr(student, "pre_process", False) and embedding is not None:
             self._embedding_hook = embedding.register_forward_hook(self._embedding_output)
+
+    def fused_active(self) -> bool:
+        """Whether this forward takes the fused output-layer path (training, last stage)."""
+        return (
+            self.head_path == fused_head.FUSED
+            and self.is_last_stage
+            and self.training
+            and not self.doubled
+        )
 
     def add_tap(self, tap: Tap) -> None:
         for recorder in [self.student_taps, *self.teacher_taps]:
@@ -232,7 +253,11 @@ class DistillationStage(torch.nn.Module):
             transforms.update(self.training_transforms)
         for tap, transform in transforms.items():
             if tap in features:
-                features[tap] = transform(features[tap])
+                value = features[tap]
+                if isinstance(value, HeadInput):  # applied to each chunk of logits
+                    features[tap] = value.then(transform)
+                else:
+                    features[tap] = transform(value)
         ctx = self.context_fn(batch)
         if self.doubled:
             features, ctx.extras["counterfactual"] = split_doubled(
@@ -255,6 +280,22 @@ class DistillationStage(torch.nn.Module):
         if total is not None:
             student_output = AttachAuxLoss.apply(student_output, total)
         return torch.cat([*(t.detach() for t in teacher_outputs), student_output], dim=-1)
+
+
+def configure_head_path(
+    stage: DistillationStage, pipeline: Any, teacher: Any, student: Any
+) -> tuple[str, str]:
+    """Pick the output-layer path of ``stage`` for ``pipeline``'s methods
+    (:func:`methods.fused_head.choose_head_path`; ``teacher``/``student`` are the ``ModelInfo``
+    passed to the methods' ``taps``), set ``stage.head_path``, log it, return ``(path, reason)``."""
+    path, reason = fused_head.choose_head_path(pipeline, teacher, student)
+    if path == fused_head.FUSED:
+        problem = fused_head.output_layers_fusable([stage.module, *stage.teachers])
+        if problem is not None:
+            path, reason = fused_head.MATERIALIZED, problem
+    stage.head_path = path
+    log.info(fused_head.describe(path, reason))
+    return path, reason
 
 
 def split_doubled(features: dict[Tap, torch.Tensor], b: int) -> tuple[dict, dict]:

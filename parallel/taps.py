@@ -15,15 +15,19 @@ Where each kind is captured (megatron-core 0.16 module names):
   attention never materializes them, so the runtime uses the local spec when they are requested).
 * ``final_norm``: output of ``decoder.final_layernorm`` (last stage).
 * ``logits``: output of ``output_layer``, ``[s, b, V/tp]`` flattened to ``[s*b, V/tp]`` (last stage).
+  On the fused path (``fused()`` true, see :mod:`methods.fused_head`) a forward pre-hook captures
+  a :class:`~methods.fused_head.HeadInput` instead (the layer's input, through megatron's own
+  tensor-parallel region, and the weight it was called with) and lets the layer run on one token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from methods.base import FeatureKind, Role, Tap
+from methods.fused_head import HeadInput
 
 ATTENTION_KINDS = frozenset(
     {
@@ -75,13 +79,57 @@ def gather_sequence(value: torch.Tensor) -> torch.Tensor:
     return gather_from_sequence_parallel_region(value, tensor_parallel_output_grad=False)
 
 
+RESTRICTED_ROWS_ATTR = "gkd_restricted_rows"
+"""Attribute of an output layer whose training forward computes only the rows ``W[index]`` of its
+weight (``parallel.components.restrict_head``): the fused path restricts the weight the same way."""
+
+
+def head_input(module: torch.nn.Module, args: tuple, kwargs: dict, *, role: Role) -> HeadInput:
+    """What megatron's ``ColumnParallelLinear`` output layer would multiply: its input (after the
+    layer's tensor-parallel region: all-gather over the sequence under sequence parallelism, else
+    an identity whose backward all-reduces over tp) flattened to ``[s*b, h]``, and its weight."""
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    hidden: torch.Tensor = args[0] if args else kwargs["input_"]
+    weight = kwargs.get("weight") if "weight" in kwargs else (args[1] if len(args) > 1 else None)
+    if weight is None:
+        weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    group = getattr(module, "tp_group", None)
+    if role is Role.TEACHER:
+        hidden, weight = hidden.detach(), weight.detach()
+    if getattr(module, "sequence_parallel", False):
+        hidden = gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=True, group=group
+        )
+    elif role is Role.STUDENT:
+        hidden = copy_to_tensor_model_parallel_region(hidden, group=group)
+    rows = getattr(module, RESTRICTED_ROWS_ATTR, None)
+    if rows is not None:  # the fused path runs in training only, where the head is restricted
+        weight = weight.index_select(0, rows)
+    return HeadInput(hidden.reshape(-1, hidden.shape[-1]), weight)
+
+
 class TapRecorder:
-    """Hooks for ``taps`` (those of ``role``/``teacher_index``) on ``model``'s modules on this stage."""
+    """Hooks for ``taps`` (those of ``role``/``teacher_index``) on ``model``'s modules on this stage.
+
+    ``fused()`` (default: never) says whether the current forward takes the fused output-layer
+    path: ``LOGITS`` taps then capture a :class:`~methods.fused_head.HeadInput`."""
 
     def __init__(
-        self, model: torch.nn.Module, taps: Iterable[Tap], *, role: Role, teacher_index: int = 0
+        self,
+        model: torch.nn.Module,
+        taps: Iterable[Tap],
+        *,
+        role: Role,
+        teacher_index: int = 0,
+        fused: Callable[[], bool] | None = None,
     ):
         self.role = role
+        self.fused = fused or (lambda: False)
         self.captured: dict[Tap, torch.Tensor] = {}
         self._handles: list = []
         self.teacher_index = teacher_index
@@ -132,10 +180,7 @@ class TapRecorder:
             return
         if kind is FeatureKind.LOGITS:
             if getattr(model, "post_process", False):
-                flatten = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731  [s, b, V/tp] -> [s*b, V/tp]
-                self._handles.append(
-                    model.output_layer.register_forward_hook(self._output_hook(tap, flatten))
-                )
+                self._register_logits(model.output_layer, tap)
             return
         layer = layers.get(tap.layer)
         if layer is None:
@@ -171,6 +216,24 @@ class TapRecorder:
             self._handles.append(softmax.register_forward_pre_hook(scores_hook))
         elif kind is FeatureKind.ATTENTION_PROBS:
             self._handles.append(softmax.register_forward_hook(self._output_hook(tap)))
+
+    def _register_logits(self, layer: torch.nn.Module, tap: Tap) -> None:
+        def output_hook(module, args, output):
+            if not self.fused():  # [s, b, V/tp] -> [s*b, V/tp]
+                value = _first(output)
+                self._store(tap, value.reshape(-1, value.shape[-1]))
+
+        def pre_hook(module, args, kwargs):
+            if not self.fused():
+                return None
+            self._store(tap, head_input(module, args, kwargs, role=self.role))
+            # The layer itself runs on one token (per tp rank): its logits are not used.
+            if args:
+                return (args[0][:1], *args[1:]), kwargs
+            return args, {**kwargs, "input_": kwargs["input_"][:1]}
+
+        self._handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        self._handles.append(layer.register_forward_hook(output_hook))
 
     # ------------------------------------------------------------------ use
     def pop(self) -> dict[Tap, torch.Tensor]:

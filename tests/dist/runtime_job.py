@@ -83,6 +83,32 @@ class GatheredPipeline:
         return total, {k: v.detach() for k, v in terms.items()}
 
 
+class FusedPipeline(GatheredPipeline):
+    """The same three terms through gkd's vocab-parallel losses, declared ``fused_head``: the
+    runtime takes the fused output-layer path (methods/fused_head.py), so the logit features are
+    the output layers' inputs and weights; the reference stays GatheredPipeline's plain losses."""
+
+    fused_head = True
+
+    def compute(self, features, ctx):
+        from methods import vocab_kernels as vk
+        from methods import vocab_parallel as vp
+
+        terms = dict(self.hidden.compute(features, ctx))
+        weights = {"mse": 1.0}
+        if self.t_logits in features:
+            t, s = features[self.t_logits], features[self.s_logits]
+            shard = vp.VocabShard.of(ctx)
+            kl = vp.divergence(vk.forward_kl_kernel, s, t, ctx.loss_mask, shard, temperature=2.0)
+            terms["kl"] = kl * 4
+            terms["lm"] = vp.cross_entropy(s, ctx.labels, ctx.loss_mask, shard)
+            weights.update(kl=1.0, lm=0.5)
+        if not terms:
+            return None, {}
+        total = sum(weights[k] * v for k, v in terms.items())
+        return total, {k: v.detach() for k, v in terms.items()}
+
+
 class HiddenMSE:
     name = "hidden_mse"
     t_tap = Tap(Role.TEACHER, FeatureKind.HIDDEN, 0)
@@ -190,7 +216,7 @@ def main(spec_path: str) -> None:
         ctx=ctx,
         student=ModelArch.gpt2(**STUDENT),
         teachers=[TeacherSpec(teacher_arch, checkpoint=Path(teacher_ckpt) if teacher_ckpt else None)],
-        pipeline=GatheredPipeline(),
+        pipeline=FusedPipeline() if spec.get("pipeline") == "fused" else GatheredPipeline(),
         train=train,
         seq_length=SEQ,
         pad_id=0,
@@ -231,6 +257,7 @@ def main(spec_path: str) -> None:
         "teacher_unchanged": teacher_digest_before == local_digest(runtime.teachers[0]),
         "teacher_requires_grad": any(p.requires_grad for p in runtime.teachers[0].parameters()),
         "teacher_param_bytes": runtime.parameter_bytes()["teacher"],
+        "head_path": runtime.stage.head_path,
     }
     unchanged = [None] * dist.get_world_size()
     dist.all_gather_object(unchanged, result["teacher_unchanged"])

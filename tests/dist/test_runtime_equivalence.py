@@ -21,6 +21,11 @@ LAYOUTS = {"tp2pp1": (2, 1, 1), "tp1pp2": (1, 2, 1), "tp2pp2": (2, 2, 1), "dp2":
 # Sequence parallelism: activations outside attention/MLP split along the sequence over tp (the
 # hidden-state MSE taps are gathered back; norm gradients are all-reduced over tp).
 SEQUENCE_PARALLEL = {"tp2pp1sp": (2, 1, 1), "tp2pp2sp": (2, 2, 1)}
+# The fused output layer + loss (methods/fused_head.py): gkd's vocab-parallel losses over the output
+# layers' inputs and weights, never the logits, against the materialized, gathered tp1pp1 reference.
+# tp2pp2 covers vocabulary shards, the tied embedding's copy on the last stage and the
+# all-reduced input gradient; tp2pp1sp the sequence-parallel gather before the output layer.
+FUSED = {"fused_tp2pp2": (2, 2, 1), "fused_tp2pp1sp": (2, 1, 1)}
 RTOL = 1e-5
 STEPS = 3
 
@@ -41,11 +46,17 @@ def reference(tmp_path_factory):
     return run_job(tmp_path_factory.mktemp("ref"), "tp1pp1", tp=1, pp=1, dp=1, steps=STEPS)
 
 
-@pytest.mark.parametrize("layout", [*LAYOUTS, *SEQUENCE_PARALLEL])
+@pytest.mark.parametrize("layout", [*LAYOUTS, *SEQUENCE_PARALLEL, *FUSED])
 def test_layout_matches_tp1pp1(reference, tmp_path, layout):
-    sequence_parallel = layout in SEQUENCE_PARALLEL
-    tp, pp, dp = SEQUENCE_PARALLEL[layout] if sequence_parallel else LAYOUTS[layout]
-    result = run_job(tmp_path, layout, tp=tp, pp=pp, dp=dp, steps=STEPS, sequence_parallel=sequence_parallel)
+    sequence_parallel = layout in SEQUENCE_PARALLEL or layout.endswith("sp")
+    tp, pp, dp = {**LAYOUTS, **SEQUENCE_PARALLEL, **FUSED}[layout]
+    fused = layout in FUSED
+    extra = {"pipeline": "fused"} if fused else {}
+    result = run_job(
+        tmp_path, layout, tp=tp, pp=pp, dp=dp, steps=STEPS, sequence_parallel=sequence_parallel, **extra
+    )
+    assert result["head_path"] == ("fused" if fused else "materialized")
+    assert reference["head_path"] == "materialized"
     assert len(result["records"]) == len(reference["records"]) == STEPS
     for ours, ref in zip(result["records"], reference["records"], strict=True):
         assert _close(ours["loss"], ref["loss"]), (layout, ours["step"], ours["loss"], ref["loss"])

@@ -6,6 +6,11 @@ shard with shard-local indices, at TP=1 the worker indexes the whole teacher voc
 ids with the same tp=2 mapping. The real worker (``python -m gkd_cli.worker``) runs under torchrun
 with GLMD's KL plus the student's LM loss; per-step losses and terms agree within 1e-5 relative
 (fp32 on CPU; layouts differ only in reduction order, see test_runtime_equivalence.py).
+
+GLMD and the LM loss allow the fused output layer + loss (methods/fused_head.py): the TP=2 run takes
+it (the restricted teacher head and the padding-slot masks applied per chunk of logits), the TP=1
+run is forced onto the materialized path (``GKD_FUSED_HEAD=off``), so their agreement also says the
+fused path equals the materialized one with a compressed vocabulary.
 """
 
 from __future__ import annotations
@@ -73,13 +78,17 @@ def test_compressed_student_tp2_equals_tp1(tmp_path):
     width = mapping.compressed_vocab_size // 2
     assert (mapping.comp_to_orig[width - 1] < 0) and (mapping.comp_to_orig[-1] < 0)
 
-    runs = {}
+    runs, logs = {}, {}
     for tp in (1, 2):
         name = f"tp{tp}"
         config = _config(tmp_path, name, tp, corpus, tokenizer, result.mapping_path,
                          mapping.compressed_vocab_size)  # fmt: skip
-        torchrun(REPO / "gkd_cli" / "worker.py", tp, "--config", str(config))
+        env = {"GKD_FUSED_HEAD": "off"} if tp == 1 else {}
+        proc = torchrun(REPO / "gkd_cli" / "worker.py", tp, "--config", str(config), env=env)
+        logs[tp] = proc.stdout + proc.stderr
         runs[tp] = _records(tmp_path / name)
+    assert "logit losses: materialized path" in logs[1], logs[1][-2000:]
+    assert "logit losses: fused path" in logs[2], logs[2][-2000:]
     assert [r["step"] for r in runs[1]] == [r["step"] for r in runs[2]] == [1, 2, 3]
     for one, two in zip(runs[1], runs[2], strict=True):
         assert set(one["terms"]) == set(two["terms"]) == {"glmd/kl", "lm/ce"}
