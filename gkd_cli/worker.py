@@ -336,6 +336,7 @@ def run(cfg: DistillConfig, pipeline: MethodPipeline) -> str:
                 "tokenizer": str(cfg.data.tokenizer),
                 "teacher_arch": vars(cfg.teacher.arch()) if cfg.teacher else None,
                 "teacher_archs": [vars(t.arch()) for t in cfg.teachers],
+                "head_path": runtime.head_path,  # fused or materialized output layer + losses
             },
             resume=True,
             extra_files=extra_files,
