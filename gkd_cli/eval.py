@@ -378,6 +378,20 @@ def print_results(document: dict, console: Console) -> None:
         console.print(f"SuperGLUE average: {document['average']:.1f}", markup=False)
 
 
+def _check_run_options(precision: str, **counts: int | tuple[int, int]) -> None:
+    """``ConfigError`` naming the option: each count (``name=value``, at least 1, or
+    ``name=(value, least)``) below its least value, or a ``--precision`` gkd does not know."""
+    for key, given in counts.items():
+        value, least = given if isinstance(given, tuple) else (given, 1)
+        name = key.replace("_", "-")
+        if value < least:
+            raise ConfigError(f"--{name} must be >= {least}, got {value}", field=name)
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}", field="precision"
+        )
+
+
 def _is_results_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() == ".json"
 
@@ -503,23 +517,13 @@ def superglue(
     from gkd_cli.superglue import compare as compare_rows
 
     console = _out()
-    for name, value, least in (
-        ("tp", tp, 1),
-        ("pp", pp, 1),
-        ("dp", dp, 1),
-        ("shots", shots, 0),
-        ("micro-batch-size", micro_batch_size, 1),
-    ):
-        if value < least:
-            raise ConfigError(f"--{name} must be >= {least}, got {value}", field=name)
+    _check_run_options(
+        precision, tp=tp, pp=pp, dp=dp, shots=(shots, 0), micro_batch_size=micro_batch_size
+    )
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}", field="limit")
     if split is not None and split not in SPLITS:
         raise ConfigError(f"--split {split!r} is not one of {', '.join(SPLITS)}", field="split")
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}", field="precision"
-        )
     if checkpoint is not None and compare is not None:
         raise ConfigError("give either CHECKPOINT or --compare A B, not both", field="compare")
     if checkpoint is None and compare is None:
@@ -742,23 +746,13 @@ def lm_eval_command(
     from gkd_cli import launch
 
     console = _out()
-    for name, value, least in (
-        ("tp", tp, 1),
-        ("pp", pp, 1),
-        ("dp", dp, 1),
-        ("batch-size", batch_size, 1),
-        ("micro-batch-size", micro_batch_size, 1),
-    ):
-        if value < least:
-            raise ConfigError(f"--{name} must be >= {least}, got {value}", field=name)
+    _check_run_options(
+        precision, tp=tp, pp=pp, dp=dp, batch_size=batch_size, micro_batch_size=micro_batch_size
+    )
     if num_fewshot is not None and num_fewshot < 0:
         raise ConfigError(f"--num-fewshot must be >= 0, got {num_fewshot}", field="num_fewshot")
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be > 0, got {limit}", field="limit")
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}", field="precision"
-        )
     names = [part.strip() for part in tasks.split(",") if part.strip()]
     if not names:
         raise ConfigError(

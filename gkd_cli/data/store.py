@@ -96,26 +96,7 @@ class ExampleStoreWriter:
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.ndim != 1 or len(ids) == 0:
             raise ValueError("an example must be a non-empty 1-D sequence of token ids")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise ValueError(
-                f"token id {int(ids.max() if ids.max() >= self.vocab_size else ids.min())} is "
-                f"outside the vocabulary [0, {self.vocab_size})"
-            )
-        if mask is None:
-            m = np.ones(len(ids), dtype=np.uint8)
-        else:
-            m = np.asarray(mask, dtype=np.uint8)
-            if m.shape != ids.shape:
-                raise ValueError(f"mask has {len(m)} entries for {len(ids)} tokens")
-            if m.max(initial=0) > 1:
-                raise ValueError("mask values must be 0 or 1")
-            self._any_masked |= bool((m == 0).any())
-        self._targets += int(m.sum())
-        ids.astype(self.dtype).tofile(self._bin)
-        m.tofile(self._mask)
-        self._total += len(ids)
-        self._count += 1
-        np.asarray([self._total], dtype=np.int64).tofile(self._ends)
+        self.add_batch(ids, np.asarray([len(ids)]), None if mask is None else np.asarray(mask))
 
     def add_batch(
         self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None
