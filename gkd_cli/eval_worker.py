@@ -37,6 +37,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar, Self
 
 import numpy as np
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -48,8 +49,32 @@ MAPPING_FILE = "vocab_mapping.safetensors"
 
 
 @dataclass(kw_only=True)
-class EvalJob:
+class JsonJob:
+    """A job dataclass the CLI writes as JSON and every worker reads (unknown fields refused)."""
+
+    KIND: ClassVar[str] = "job"
+    """How errors name it."""
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Self:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{path}: unknown {cls.KIND} fields {unknown}")
+        return cls(**data)
+
+
+@dataclass(kw_only=True)
+class EvalJob(JsonJob):
     """What one evaluation run does (written by the CLI as JSON, read by every worker)."""
+
+    KIND: ClassVar[str] = "evaluation job"
 
     checkpoint: str
     """gkd checkpoint folder, ``checkpoints/`` root or run directory (the newest complete one)."""
@@ -96,21 +121,6 @@ class EvalJob:
     """Compressed-vocabulary mapping; None: look next to the checkpoint and in its run directory."""
     extra: dict = field(default_factory=dict)
     """Free-form notes carried along (ignored by the worker)."""
-
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> EvalJob:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown evaluation job fields {unknown}")
-        return cls(**data)
 
 
 def find_vocab_mapping(checkpoint_folder: Path) -> Path | None:

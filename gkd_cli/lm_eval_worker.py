@@ -18,10 +18,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from torch.distributed.elastic.multiprocessing.errors import record
+
+from gkd_cli.eval_worker import JsonJob
 
 log = logging.getLogger("gkd.lm_eval_worker")
 
@@ -38,8 +41,10 @@ OFFLINE_ENV = {
 
 
 @dataclass(kw_only=True)
-class LmEvalJob:
+class LmEvalJob(JsonJob):
     """What one ``gkd eval lm-eval`` run does (written by the CLI as JSON, read by every worker)."""
+
+    KIND: ClassVar[str] = "lm-eval job"
 
     checkpoint: str
     """gkd checkpoint folder."""
@@ -75,20 +80,6 @@ class LmEvalJob:
     add_bos: bool | None = None
     """None: the tokenizer's convention (:func:`gkd_cli.eval_worker.prompt_prefix`)."""
     model_name: str | None = None
-
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> LmEvalJob:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"{path}: unknown lm-eval job fields {unknown}")
-        return cls(**data)
 
 
 def _jsonable(value):
