@@ -115,18 +115,24 @@ def data_sources(cfg: DistillConfig, files: Sequence[str], fmt: str) -> list:
 
 
 def _superglue_texts(cfg: DistillConfig, cache: Path, *, rank: int) -> Path:
-    """GLMD's task stage: prompt-formatted task examples as a JSON-lines corpus."""
-    from gkd_cli.superglue import iter_task_texts
+    """The task stage's data: prompt-formatted task examples as JSON lines. In ``stream`` mode,
+    or when some example has no label, each is a text (the prompt, plus the gold answer when
+    labeled); in ``padded``/``packed`` mode with every example labeled, a prompt/completion
+    record, so the loss is on the gold answer only (fine-tuning a teacher on the task)."""
+    from gkd_cli.superglue import iter_task_records
 
     tasks, folder = cfg.data.superglue_tasks, cfg.data.superglue_dir
     assert folder is not None  # validation requires it for source: superglue
-    path = cache / f"superglue-{cfg.data.superglue_split}-{'-'.join(tasks)}.jsonl"
+    split = cfg.data.superglue_split
+    path = cache / f"superglue-{split}-{cfg.data.mode}-{'-'.join(tasks)}.jsonl"
     if rank == 0:
+        records = list(iter_task_records(folder, tasks, split))
+        examples = cfg.data.mode != "stream" and all(r.answer is not None for r in records)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         with tmp.open("w") as fh:
-            for text in iter_task_texts(folder, tasks, cfg.data.superglue_split):
-                fh.write(json.dumps({"text": text}) + "\n")
+            for record in records:
+                fh.write(json.dumps(record.record(examples=examples)) + "\n")
         os.replace(tmp, path)
     dist.barrier()
     return path

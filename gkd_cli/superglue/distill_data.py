@@ -32,6 +32,17 @@ class TaskText:
     """The prompt-formatted text."""
     labeled: bool
     """Whether the gold answer is appended."""
+    prompt: str = ""
+    """The evaluation prompt's context alone (what the model conditions on)."""
+    answer: str | None = None
+    """The gold option's text (``None`` when unlabeled)."""
+
+    def record(self, *, examples: bool) -> dict[str, str]:
+        """The JSON-lines record: ``{"prompt", "completion"}`` (the gold answer, trained on alone
+        in example-aware batches) when ``examples`` and labeled, else ``{"text"}``."""
+        if examples and self.answer is not None:
+            return {"prompt": self.prompt, "completion": self.answer}
+        return {"text": self.text}
 
 
 def iter_task_records(
@@ -60,6 +71,8 @@ def iter_task_records(
                 example_id=example.example_id,
                 text=prompt.solved() if labeled else prompt.context,
                 labeled=labeled,
+                prompt=prompt.context,
+                answer=prompt.options[prompt.gold] if prompt.gold is not None else None,
             )
 
 
