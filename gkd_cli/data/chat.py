@@ -59,7 +59,7 @@ def _make_environment():
 
         tags = {"generation"}
 
-        def __init__(self, environment):
+        def __init__(self, environment: Any) -> None:
             super().__init__(environment)
             self.rendered: list[str] | None = None
             self.spans: list[tuple[int, int]] = []

@@ -469,7 +469,15 @@ class Tokenizer:
         return f"Tokenizer({self.kind}, vocab_size={self.vocab_size}{compressed}, {self.source})"
 
 
-def _rebuild(kind, data, roles, orig_to_comp, comp_to_orig, source, template_config=None):
+def _rebuild(
+    kind: str,
+    data: bytes,
+    roles: dict,
+    orig_to_comp: np.ndarray | None,
+    comp_to_orig: np.ndarray | None,
+    source: str,
+    template_config: dict | None = None,
+) -> Tokenizer:
     if kind == "huggingface":
         from tokenizers import Tokenizer as HFTokenizer
 
