@@ -378,6 +378,22 @@ def print_results(document: dict, console: Console) -> None:
         console.print(f"SuperGLUE average: {document['average']:.1f}", markup=False)
 
 
+# Options both scoring commands take (superglue, lm-eval).
+TokenizerOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Tokenizer (default: the one recorded with the checkpoint).", show_default=False
+    ),
+]
+TpOption = Annotated[int, typer.Option(help="Tensor-parallel size.")]
+PpOption = Annotated[int, typer.Option(help="Pipeline-parallel size.")]
+DpOption = Annotated[int, typer.Option(help="Data-parallel replicas.")]
+MicroBatchOption = Annotated[int, typer.Option(help="Packed rows per forward pass.")]
+PrecisionOption = Annotated[
+    str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
+]
+
+
 def _check_run_options(precision: str, **counts: int | tuple[int, int]) -> None:
     """``ConfigError`` naming the option: each count (``name=value``, at least 1, or
     ``name=(value, least)``) below its least value, or a ``--precision`` gkd does not know."""
@@ -451,9 +467,9 @@ def superglue(
             "evaluated checkpoints)."
         ),
     ] = DEFAULT_OUT,
-    tp: Annotated[int, typer.Option(help="Tensor-parallel size.")] = 1,
-    pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
-    dp: Annotated[int, typer.Option(help="Data-parallel replicas.")] = 1,
+    tp: TpOption = 1,
+    pp: PpOption = 1,
+    dp: DpOption = 1,
     limit: Annotated[
         int | None,
         typer.Option(
@@ -465,12 +481,7 @@ def superglue(
     predictions: Annotated[
         bool, typer.Option("--predictions", help="Also write per-example predictions and prompts.")
     ] = False,
-    tokenizer: Annotated[
-        Path | None,
-        typer.Option(
-            help="Tokenizer (default: the one recorded with the checkpoint).", show_default=False
-        ),
-    ] = None,
+    tokenizer: TokenizerOption = None,
     normalize: Annotated[
         bool | None,
         typer.Option(
@@ -480,7 +491,7 @@ def superglue(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the few-shot draws.")] = 1234,
-    micro_batch_size: Annotated[int, typer.Option(help="Packed rows per forward pass.")] = 8,
+    micro_batch_size: MicroBatchOption = 8,
     seq_length: Annotated[
         int | None,
         typer.Option(
@@ -489,9 +500,7 @@ def superglue(
             show_default=False,
         ),
     ] = None,
-    precision: Annotated[
-        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
-    ] = "auto",
+    precision: PrecisionOption = "auto",
     add_bos: Annotated[
         bool | None,
         typer.Option(
@@ -704,15 +713,10 @@ def lm_eval_command(
             help="Examples per task (a fraction of each task when < 1).", show_default=False
         ),
     ] = None,
-    tokenizer: Annotated[
-        Path | None,
-        typer.Option(
-            help="Tokenizer (default: the one recorded with the checkpoint).", show_default=False
-        ),
-    ] = None,
-    tp: Annotated[int, typer.Option(help="Tensor-parallel size.")] = 1,
-    pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
-    dp: Annotated[int, typer.Option(help="Data-parallel replicas.")] = 1,
+    tokenizer: TokenizerOption = None,
+    tp: TpOption = 1,
+    pp: PpOption = 1,
+    dp: DpOption = 1,
     max_length: Annotated[
         int | None,
         typer.Option(
@@ -722,10 +726,8 @@ def lm_eval_command(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="lm-eval requests per scoring call.")] = 64,
-    micro_batch_size: Annotated[int, typer.Option(help="Packed rows per forward pass.")] = 8,
-    precision: Annotated[
-        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
-    ] = "auto",
+    micro_batch_size: MicroBatchOption = 8,
+    precision: PrecisionOption = "auto",
     add_bos: Annotated[
         bool | None,
         typer.Option(
