@@ -27,19 +27,26 @@ def _gkd(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_packed_run_with_an_overlong_example_truncated(tmp_path):
+STUDENT = dict(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=300, max_seq_len=64)
+
+
+def _tokenizer(tmp_path: Path) -> Path:
+    """A 300-token BPE trained on the shipped validation text."""
     from gkd_cli.data import train_bpe
 
-    tokenizer = tmp_path / "tokenizer.json"
-    train_bpe([ASSETS / "demo_valid.txt"], 300, tokenizer)
+    path = tmp_path / "tokenizer.json"
+    train_bpe([ASSETS / "demo_valid.txt"], 300, path)
+    return path
+
+
+def test_packed_run_with_an_overlong_example_truncated(tmp_path):
+    tokenizer = _tokenizer(tmp_path)
     words = (ASSETS / "demo_valid.txt").read_text().split()
     paragraphs = [" ".join(words[i * 7 : i * 7 + 3 + i % 5]) for i in range(24)]
     paragraphs[5] = " ".join(words[:80])  # far longer than seq_length
     data = tmp_path / "docs.txt"
     data.write_text("\n\n".join(paragraphs) + "\n")
-    student = dict(
-        num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=300, max_seq_len=64
-    )
+    student = dict(STUDENT)
     cfg = {
         "student": student,
         "methods": [{"name": "lm"}],
@@ -62,10 +69,7 @@ def test_packed_run_with_an_overlong_example_truncated(tmp_path):
 def test_prompt_completion_jsonl_trains_in_padded_mode_through_the_cli(tmp_path):
     """A teacher-free run on prompt/completion lines (loss on the completions only): the launch
     checks accept the records (their first line decides the kind) and the run trains."""
-    from gkd_cli.data import train_bpe
-
-    tokenizer = tmp_path / "tokenizer.json"
-    train_bpe([ASSETS / "demo_valid.txt"], 300, tokenizer)
+    tokenizer = _tokenizer(tmp_path)
     words = (ASSETS / "demo_valid.txt").read_text().split()
     lines = [
         json.dumps({"prompt": " ".join(words[i : i + 3]) + "\nAnswer:", "completion": " yes" if i % 2 else " no"})
@@ -73,9 +77,7 @@ def test_prompt_completion_jsonl_trains_in_padded_mode_through_the_cli(tmp_path)
     ]  # fmt: skip
     data = tmp_path / "task.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    student = dict(
-        num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=300, max_seq_len=64
-    )
+    student = dict(STUDENT)
     cfg = {
         "student": student,
         "methods": [{"name": "lm"}],
@@ -98,17 +100,14 @@ def test_prompt_completion_jsonl_trains_in_padded_mode_through_the_cli(tmp_path)
 def test_an_overlong_example_is_refused_before_launch(tmp_path):
     """``data.overlong: refuse`` (the default) in padded mode: the launch checks tokenize a small
     corpus and name the file and line of the example that does not fit; nothing is written."""
-    from gkd_cli.data import train_bpe
-
-    tokenizer = tmp_path / "tokenizer.json"
-    train_bpe([ASSETS / "demo_valid.txt"], 300, tokenizer)
+    tokenizer = _tokenizer(tmp_path)
     words = (ASSETS / "demo_valid.txt").read_text().split()
     lines = [json.dumps({"prompt": "Q:", "completion": " yes"}) for _ in range(3)]
     lines.append(json.dumps({"prompt": " ".join(words[:60]), "completion": " no"}))
     data = tmp_path / "task.jsonl"
     data.write_text("\n".join(lines) + "\n")
     cfg = {
-        "student": dict(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=300, max_seq_len=64),
+        "student": dict(STUDENT),
         "methods": [{"name": "lm"}],
         "data": {"train_files": [str(data)], "tokenizer": str(tokenizer), "format": "jsonl",
                  "seq_length": 32, "mode": "padded"},
