@@ -21,7 +21,6 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-
 PRELOAD = ("torch", "torch.distributed", "megatron.core", "parallel.runtime", "gkd_cli.worker")
 """Imported once by the fork server; every rank starts from that state."""
 

@@ -32,6 +32,7 @@ from tests.distributed import forkserver_context, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
+
 def _rank_main(script: str, args: list[str], env: dict[str, str], out: str, err: str) -> None:
     """One rank in a forked child: torchrun's environment, the script as ``__main__``."""
     for fd, path in ((1, out), (2, err)):
@@ -62,7 +63,9 @@ def _rank_main(script: str, args: list[str], env: dict[str, str], out: str, err:
         os._exit(code)
 
 
-def _forked(script: Path, nproc: int, args: tuple[str, ...], timeout: float, env: dict) -> subprocess.CompletedProcess:
+def _forked(
+    script: Path, nproc: int, args: tuple[str, ...], timeout: float, env: dict
+) -> subprocess.CompletedProcess:
     ctx = forkserver_context()
     port = free_port()
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
@@ -75,7 +78,9 @@ def _forked(script: Path, nproc: int, args: tuple[str, ...], timeout: float, env
             "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0",
         }  # fmt: skip
         out, err = logs / f"{rank}.out", logs / f"{rank}.err"
-        proc = ctx.Process(target=_rank_main, args=(str(script), list(args), rank_env, str(out), str(err)))
+        proc = ctx.Process(
+            target=_rank_main, args=(str(script), list(args), rank_env, str(out), str(err))
+        )
         proc.start()
         procs.append(proc)
     deadline = time.monotonic() + timeout
@@ -113,11 +118,15 @@ def torchrun(
             "--master-port", str(free_port()), str(script), *args,
         ]  # fmt: skip
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
+        )
     else:
         proc = _forked(Path(script), nproc, args, timeout, env or {})
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
