@@ -381,6 +381,7 @@ def write_cache(cfg: DistillConfig, out: Path, spec: CacheSpec) -> None:
     from methods.vocab_parallel import VocabShard
     from parallel.components import TeacherSpec, resolve_precision
     from parallel.distributed import initialize, shutdown
+    from parallel.loop import _StopFlag  # the training loop's preemption flag
     from parallel.model import model_info
     from parallel.teacher_source import TeacherForward
 
@@ -453,10 +454,34 @@ def write_cache(cfg: DistillConfig, out: Path, spec: CacheSpec) -> None:
             )
         full = [m for m in micro if len(m["sample_ids"]) == mbs]
         rest = [m for m in micro if len(m["sample_ids"]) != mbs]
-        for start in range(0, len(full), CHUNK_MICROBATCHES):
-            engine.run(full[start : start + CHUNK_MICROBATCHES])
-        for m in rest:  # one smaller microbatch at the end (its own shape)
-            engine.run([m])
+        chunks = [full[i : i + CHUNK_MICROBATCHES] for i in range(0, len(full), CHUNK_MICROBATCHES)]
+        chunks += [[m] for m in rest]  # one smaller microbatch at the end (its own shape)
+        # Every rank runs as many rounds (ranks of different dp ranks may have fewer chunks);
+        # a preemption signal (SIGTERM/SIGUSR1, or the launcher's death) stops all of them
+        # between rounds with the written samples kept (.part files) and nothing finalized.
+        rounds = torch.tensor([len(chunks)], dtype=torch.long, device=ctx.device)
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+        stop = _StopFlag()
+        stop.install()
+        stopped = False
+        for index in range(int(rounds)):
+            flag = torch.tensor(
+                [1 if stop.signum is not None else 0], dtype=torch.long, device=ctx.device
+            )
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if int(flag):
+                stopped = True
+                break
+            if index < len(chunks):
+                engine.run(chunks[index])
+        stop.restore()
+        if stopped:
+            if ctx.rank == 0:
+                log.warning(
+                    "stopped by a signal: the written samples are kept; run gkd "
+                    "cache-teacher again to resume"
+                )
+            return
         if writer is not None:
             writer.close()
         dist.barrier()
@@ -619,7 +644,13 @@ def cache_teacher_command(
     plan = dataclasses.replace(
         plan, entry_module="gkd_cli.cache_teacher", args=["--config", str(config_path)]
     )
-    launch.run_local(plan)
+    signal_name = launch.run_local(plan)
+    if signal_name is not None:
+        typer.echo(
+            f"preempted ({signal_name}): the samples written so far are kept in {root}; run the "
+            "same command again to resume"
+        )
+        return
     typer.echo(f"teacher cache written to {root}")
 
 

@@ -167,7 +167,15 @@ class CachedTeacher:
                 "a cached teacher needs the global sample ids of each microbatch "
                 "(batch['sample_ids']); the data loader of gkd distill provides them"
             )
-        targets = self.read([int(i) for i in torch.as_tensor(ids).reshape(-1).tolist()])
+        ids = [int(i) for i in torch.as_tensor(ids).reshape(-1).tolist()]
+        rows = int(inputs["input_ids"].shape[0])
+        if rows != len(ids):
+            raise ValueError(
+                f"the microbatch runs {rows} sequences for {len(ids)} samples (a method doubles "
+                "the batch or changes the inputs); such methods need a co-located teacher, not "
+                "a cached one"
+            )
+        targets = self.read(ids)
         if self.device is not None:
             targets = targets.to(self.device)
         if self.transform is not None:

@@ -171,3 +171,19 @@ def test_dump_keeps_the_cache(tmp_path):
     path.write_text(dump_config(cfg))
     again = load_config(path)
     assert dataclasses.asdict(again.teacher) == dataclasses.asdict(cfg.teacher)
+
+
+def test_plan_counts_no_teacher_weights_for_a_cache(tmp_path):
+    """gkd plan: a cached teacher has no weights, forward workspace or pipeline share; its
+    sparse targets (k = 8 here: int64 id + fp32 weight per entry) are on the last stage."""
+    from gkd_cli.plan import estimate
+
+    root = write_cache(tmp_path, temperature=2.0)
+    data = cached_config(tmp_path, root, [{"name": "forward_kl", "temperature": 2.0}])
+    plan = estimate(load(tmp_path, data, ["parallel.tp=1"]), "cpu")
+    names = {item.name: item.bytes for item in plan.items}
+    assert "teacher weights" not in names and "teacher forward workspace" not in names
+    tokens = 32 * 2  # seq_length x micro_batch_size
+    assert names["cached teacher targets"] == tokens * 8 * 12 + tokens * 8
+    colocated = estimate(load(tmp_path, base_config(tmp_path), ["parallel.tp=1"]), "cpu")
+    assert {i.name for i in colocated.items} >= {"teacher weights", "teacher forward workspace"}
