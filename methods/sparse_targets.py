@@ -74,7 +74,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import torch
 
@@ -83,8 +83,8 @@ from methods import vocab_parallel as vp
 
 Tensor = torch.Tensor
 
-TOPK = "topk"
-SAMPLED = "sampled"
+TOPK: Final = "topk"
+SAMPLED: Final = "sampled"
 REPRESENTATIONS = (TOPK, SAMPLED)
 
 DIVERGENCES = ("forward_kl", "soft_ce", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd", "topk")
@@ -491,8 +491,9 @@ def _nan_to_zero(x: Tensor) -> Tensor:
 def sparse_kernel(kind: str, targets: SparseTargets, params: dict[str, Any]) -> vk.Kernel:
     """The chunk kernel of ``kind`` against ``targets`` (GLOBAL ids; each rank uses only the
     entries of its slice), for :func:`methods.vocab_parallel.run_chunks` with no teacher logits."""
-    term = _term(kind, params)
     linear_kl = kind == "forward_kl" and targets.kind == SAMPLED
+    # samples: KL(q || p) = H(q, p) - H(q), the cross entropy estimated, the entropy stored
+    term = _term("soft_ce" if linear_kl else kind, params)
 
     def kernel(ch: vk.Chunk):
         s = ch.s
