@@ -312,11 +312,11 @@ def from_logits_topk(
             et = (t - m[:, None]).exp()
             local = index - plan.vocab_start
             here = (local >= 0) & (local < width)
-            member = torch.zeros_like(et, dtype=torch.bool)
-            if width:
-                member.scatter_(1, local.clamp(0, width - 1), here)
+            member = torch.zeros_like(et)
+            if width:  # scatter_add: an entry of another shard must not clear a kept column
+                member.scatter_add_(1, local.clamp(0, width - 1), here.to(et.dtype))
             z_local = et.sum(dim=1)
-            tail_local = et.masked_fill(member, 0.0).sum(dim=1)
+            tail_local = et.masked_fill(member > 0, 0.0).sum(dim=1)
             et_t = torch.where(et > 0, et * t, 0.0).sum(dim=1)
             z, z_tail, et_t = stats.sum(z_local, tail_local, et_t)
             lse = m + z.log()
@@ -512,7 +512,7 @@ def sparse_kernel(kind: str, targets: SparseTargets, params: dict[str, Any]) -> 
         if width:
             s_ids = s.gather(1, local)
             member = ch.work.take("member", c).zero_()
-            member.scatter_(1, local, here.to(acc))
+            member.scatter_add_(1, local, here.to(acc))  # (scatter_ could let a foreign entry win)
             # the columns outside the kept ids, summed directly (not sum(es) - kept: that loses
             # the tail's precision when the kept ids hold most of the mass)
             outside = torch.mul(es, member.neg_().add_(1.0), out=ch.work.take("scratch", c))

@@ -281,3 +281,15 @@ def test_local_keeps_only_the_shard_entries():
     loc = t.local(4, 8)
     assert loc.ids.tolist() == [[-1, -1, 1, -1]]
     assert loc.weights[0].tolist() == pytest.approx([0.0, 0.0, 0.2, 0.0])
+
+
+def test_padding_entries_never_hide_a_kept_column():
+    """k > V pads with id -1 entries; they must not unmark column 0 (a kept id) on the way."""
+    s, t, mask = _case(10, v=6)
+    t[:, 0] += 5.0  # column 0 is every token's top id
+    targets = st.from_logits_topk(t, 9, temperature=1.0)
+    assert (targets.ids[:, -3:] == -1).all() and float(targets.tail.abs().max()) == 0.0
+    loss, grad = _ours(vk.tvd_kernel, s, targets, mask, 1.0)
+    dense_loss, dense_grad = _ours(vk.tvd_kernel, s, t, mask, 1.0)
+    assert loss.item() == pytest.approx(dense_loss.item(), rel=1e-6)
+    torch.testing.assert_close(grad, dense_grad, rtol=1e-5, atol=1e-7)
