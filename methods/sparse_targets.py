@@ -126,6 +126,9 @@ class SparseTargets:
     values; optional otherwise)."""
     temperature: float
     """The temperature ``q`` was computed at."""
+    offset: int | None = None
+    """``None``: ``ids`` are global. Else this is one tensor-parallel shard's view
+    (:meth:`local`): ``ids`` are ``global id - offset`` and only that shard's entries are kept."""
 
     def __post_init__(self) -> None:
         if self.kind not in REPRESENTATIONS:
@@ -188,15 +191,22 @@ class SparseTargets:
         """The entries of one tensor-parallel shard ``[vocab_start, vocab_end)``: their ids made
         local (``id - vocab_start``), every other entry id -1 and weight 0. Tail and entropy (per
         token) are kept."""
-        here = (self.ids >= vocab_start) & (self.ids < vocab_end)
-        ids = torch.where(here, self.ids - vocab_start, -1)
+        base = self.offset or 0
+        glob = self.ids + base
+        here = (self.ids >= 0) & (glob >= vocab_start) & (glob < vocab_end)
+        ids = torch.where(here, glob - vocab_start, -1)
         weights = torch.where(here, self.weights, 0.0)
-        return replace(self, ids=ids, weights=weights)
+        return replace(self, ids=ids, weights=weights, offset=vocab_start)
+
+    def _need_global(self, what: str) -> None:
+        if self.offset is not None:
+            raise ValueError(f"{what} needs the global targets, not one shard's local() view")
 
     def truncated(self, k: int) -> SparseTargets:
         """Top-k targets keeping the ``k`` most likely entries; the rest join the tail."""
         if self.kind != TOPK:
             raise SparseTargetsUnsupported("topk_kd", "a top-k cache (this one is sampled)")
+        self._need_global("topk_kd's truncation")
         if k > self.k:
             raise SparseTargetsUnsupported(
                 f"topk_kd with k={k}", f"a top-k cache with k >= {k} (this one has k={self.k})"
@@ -219,6 +229,7 @@ class SparseTargets:
         renormalized; for top-k the tail is assumed to lie on kept tokens (the approximation: the
         tail's shape is unknown; exact when the cache is dense). ``entropy`` is kept as is: the
         sampled forward KL's value is then offset by a constant (gradients unaffected)."""
+        self._need_global("remap")
         table = orig_to_comp.to(device=self.ids.device, dtype=torch.long)
         valid = self.ids >= 0
         mapped = torch.where(valid, table[self.ids.clamp(min=0)], -1)
@@ -499,8 +510,9 @@ def sparse_kernel(kind: str, targets: SparseTargets, params: dict[str, Any]) -> 
         s = ch.s
         acc = s.dtype
         c, width = s.shape
-        ids = targets.ids[ch.rows].to(s.device) - ch.vocab_start
-        here = (ids >= 0) & (ids < width) & (targets.ids[ch.rows].to(s.device) >= 0)
+        stored = targets.ids[ch.rows].to(s.device)
+        ids = stored + ((targets.offset or 0) - ch.vocab_start)
+        here = (ids >= 0) & (ids < width) & (stored >= 0)
         local = ids.clamp(0, max(width - 1, 0))
         q = torch.where(here, targets.weights[ch.rows].to(s.device, acc), 0.0)
         if targets.tail is not None:

@@ -133,6 +133,8 @@ def encode(layout: Layout, targets: SparseTargets, sample: int, batch: int) -> b
     """The record of sample ``sample`` (column ``sample`` of an s-major ``[L * batch]`` target
     set): ``targets`` rows ``position * batch + sample``."""
     rows = slice(sample, None, batch)
+    if targets.offset is not None:
+        raise ValueError("the cache stores global ids: write the targets, not a local() view")
     ids = targets.ids[rows].cpu().numpy()
     weights = targets.weights[rows].cpu().double().numpy()
     if ids.shape != (layout.seq_length, layout.slots):

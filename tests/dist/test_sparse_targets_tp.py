@@ -72,6 +72,20 @@ def _on_rank(layouts):
                     ("loss", vocab_size, f"{rep}/{kind}", (_np(loss), _np(leaf.grad)),
                      (_np(ref), _np(full.grad[:, cols])))
                 )  # fmt: skip
+        # each rank holding only its own slice of the targets (what a cache reader may give)
+        for kind in ("forward_kl", "jsd"):
+            kernel = KINDS[kind][0]
+            mine = targets["topk"].local(rank * width, rank * width + width)
+            leaf = s[:, cols].clone().requires_grad_()
+            loss = vp.divergence(kernel, leaf, mine, mask, sharded, temperature=1.4)
+            loss.backward()
+            full = s.clone().requires_grad_()
+            ref = vp.divergence(kernel, full, targets["topk"], mask, single, temperature=1.4)
+            ref.backward()
+            out.append(
+                ("local", vocab_size, kind, (_np(loss), _np(leaf.grad)),
+                 (_np(ref), _np(full.grad[:, cols])))
+            )  # fmt: skip
     return out
 
 
@@ -89,5 +103,5 @@ def test_tp2_equals_tp1():
                     torch.as_tensor(a), torch.as_tensor(b), rtol=1e-5, atol=1e-6, msg=label
                 )
             cases += 1
-    # 2 ranks x 2 layouts x (2 top-k + 1 sampled + 8 top-k losses + 2 sampled losses)
-    assert cases == 2 * 2 * 13
+    # 2 ranks x 2 layouts x (2 top-k + 1 sampled + 8 top-k + 2 sampled + 2 local-view losses)
+    assert cases == 2 * 2 * 15

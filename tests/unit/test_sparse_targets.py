@@ -279,8 +279,21 @@ def test_local_keeps_only_the_shard_entries():
     w = torch.tensor([[0.4, 0.3, 0.2, 0.0]])
     t = st.SparseTargets("topk", ids, w, torch.tensor([0.1]), None, 1.0)
     loc = t.local(4, 8)
-    assert loc.ids.tolist() == [[-1, -1, 1, -1]]
+    assert loc.ids.tolist() == [[-1, -1, 1, -1]] and loc.offset == 4
     assert loc.weights[0].tolist() == pytest.approx([0.0, 0.0, 0.2, 0.0])
+    assert t.local(0, 12).local(8, 12).ids.tolist() == [[-1, 1, -1, -1]]
+
+
+def test_a_shard_view_gives_the_same_loss_as_the_global_targets():
+    s, t, mask = _case(11, v=10)
+    targets = st.from_logits_topk(t, 4, temperature=1.0)
+    # one unsharded "shard" covering everything, seen through local(): ids offset by 0
+    loss, grad = _ours(vk.jsd_kernel(0.4), s, targets.local(0, 10), mask, 1.0)
+    ref, ref_grad = _ours(vk.jsd_kernel(0.4), s, targets, mask, 1.0)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    torch.testing.assert_close(grad, ref_grad)
+    with pytest.raises(ValueError, match="global targets"):
+        vp.divergence(vk.topk_kernel(2), s, targets.local(0, 10), mask)
 
 
 def test_padding_entries_never_hide_a_kept_column():
