@@ -64,6 +64,9 @@ def test_bit_packing_as_the_format_says():
     assert fmt.pack_bits(np.array([1, 2, 3]), 3) == bytes([209, 0])
     values = np.random.default_rng(0).integers(0, 2**17, size=101)
     assert (fmt.unpack_bits(fmt.pack_bits(values, 17), 101, 17) == values).all()
+    wide = np.random.default_rng(1).integers(0, 2**30, size=37)  # the > 25-bit path
+    assert (fmt.unpack_bits(fmt.pack_bits(wide, 30), 37, 30) == wide).all()
+    assert fmt.unpack_bits(bytes([209, 0]), 3, 3).tolist() == [1, 2, 3]
     assert fmt.id_bits(49152) == 16 and fmt.id_bits(65535) == 16 and fmt.id_bits(65536) == 17
 
 
@@ -100,6 +103,7 @@ def test_record_bytes_as_the_format_says(tmp_path):
 @pytest.mark.parametrize(
     "kind, quantization, tolerance",
     [
+        ("topk", "fp32", 1e-6),
         ("topk", "fp16", 1e-3),
         ("topk", "u16log", 3e-4),
         ("topk", "u8log", 8e-2),
@@ -123,6 +127,32 @@ def test_round_trip_in_any_order(tmp_path, kind, quantization, tolerance):
     else:
         assert torch.equal(out.weights, pick(targets.weights))  # counts / n: exact
     torch.testing.assert_close(out.entropy, pick(targets.entropy), atol=4e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("quantization, rel", [("fp32", 1e-6), ("u16log", 1e-3)])
+def test_a_dense_cache_on_disk_gives_the_colocated_teachers_loss(tmp_path, quantization, rel):
+    """k = V written and read back: the forward KL and its gradient equal the dense teacher's
+    (vocab_parallel.divergence on its logits) within the weights' resolution."""
+    from methods import vocab_kernels as vk
+    from methods import vocab_parallel as vp
+
+    g = torch.Generator().manual_seed(21)
+    t = torch.randn(L * B, V, generator=g, dtype=torch.float64) * 2
+    s = torch.randn(L * B, V, generator=g, dtype=torch.float64) * 2
+    spec = CacheSpec("topk", k=V, temperature=1.5, quantization=quantization)
+    writer = CacheWriter(tmp_path, spec, KEY, 0, 1)
+    writer.write([0, 1, 2], st.from_logits_topk(t, V, temperature=1.5), L)
+    writer.close()
+    finalize(tmp_path)
+    back = CacheReader(tmp_path, KEY).read([0, 1, 2], L)
+    mask = torch.ones(L * B, dtype=torch.float64)
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    cached = vp.divergence(vk.forward_kl_kernel, a, back, mask, temperature=1.5)
+    dense = vp.divergence(vk.forward_kl_kernel, b, t, mask, temperature=1.5)
+    cached.backward()
+    dense.backward()
+    assert cached.item() == pytest.approx(dense.item(), rel=rel)
+    torch.testing.assert_close(a.grad, b.grad, rtol=rel * 10, atol=rel / 10)
 
 
 def test_any_dp_layout_reads_any_sample(tmp_path):
