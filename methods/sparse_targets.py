@@ -74,7 +74,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import torch
 
@@ -83,8 +83,8 @@ from methods import vocab_parallel as vp
 
 Tensor = torch.Tensor
 
-TOPK = "topk"
-SAMPLED = "sampled"
+TOPK: Final = "topk"
+SAMPLED: Final = "sampled"
 REPRESENTATIONS = (TOPK, SAMPLED)
 
 DIVERGENCES = ("forward_kl", "soft_ce", "reverse_kl", "jsd", "skew_kl", "skew_rkl", "tvd", "topk")
@@ -126,6 +126,9 @@ class SparseTargets:
     values; optional otherwise)."""
     temperature: float
     """The temperature ``q`` was computed at."""
+    offset: int | None = None
+    """``None``: ``ids`` are global. Else this is one tensor-parallel shard's view
+    (:meth:`local`): ``ids`` are ``global id - offset`` and only that shard's entries are kept."""
 
     def __post_init__(self) -> None:
         if self.kind not in REPRESENTATIONS:
@@ -188,15 +191,22 @@ class SparseTargets:
         """The entries of one tensor-parallel shard ``[vocab_start, vocab_end)``: their ids made
         local (``id - vocab_start``), every other entry id -1 and weight 0. Tail and entropy (per
         token) are kept."""
-        here = (self.ids >= vocab_start) & (self.ids < vocab_end)
-        ids = torch.where(here, self.ids - vocab_start, -1)
+        base = self.offset or 0
+        glob = self.ids + base
+        here = (self.ids >= 0) & (glob >= vocab_start) & (glob < vocab_end)
+        ids = torch.where(here, glob - vocab_start, -1)
         weights = torch.where(here, self.weights, 0.0)
-        return replace(self, ids=ids, weights=weights)
+        return replace(self, ids=ids, weights=weights, offset=vocab_start)
+
+    def _need_global(self, what: str) -> None:
+        if self.offset is not None:
+            raise ValueError(f"{what} needs the global targets, not one shard's local() view")
 
     def truncated(self, k: int) -> SparseTargets:
         """Top-k targets keeping the ``k`` most likely entries; the rest join the tail."""
         if self.kind != TOPK:
             raise SparseTargetsUnsupported("topk_kd", "a top-k cache (this one is sampled)")
+        self._need_global("topk_kd's truncation")
         if k > self.k:
             raise SparseTargetsUnsupported(
                 f"topk_kd with k={k}", f"a top-k cache with k >= {k} (this one has k={self.k})"
@@ -219,6 +229,7 @@ class SparseTargets:
         renormalized; for top-k the tail is assumed to lie on kept tokens (the approximation: the
         tail's shape is unknown; exact when the cache is dense). ``entropy`` is kept as is: the
         sampled forward KL's value is then offset by a constant (gradients unaffected)."""
+        self._need_global("remap")
         table = orig_to_comp.to(device=self.ids.device, dtype=torch.long)
         valid = self.ids >= 0
         mapped = torch.where(valid, table[self.ids.clamp(min=0)], -1)
@@ -312,11 +323,11 @@ def from_logits_topk(
             et = (t - m[:, None]).exp()
             local = index - plan.vocab_start
             here = (local >= 0) & (local < width)
-            member = torch.zeros_like(et, dtype=torch.bool)
-            if width:
-                member.scatter_(1, local.clamp(0, width - 1), here)
+            member = torch.zeros_like(et)
+            if width:  # scatter_add: an entry of another shard must not clear a kept column
+                member.scatter_add_(1, local.clamp(0, width - 1), here.to(et.dtype))
             z_local = et.sum(dim=1)
-            tail_local = et.masked_fill(member, 0.0).sum(dim=1)
+            tail_local = et.masked_fill(member > 0, 0.0).sum(dim=1)
             et_t = torch.where(et > 0, et * t, 0.0).sum(dim=1)
             z, z_tail, et_t = stats.sum(z_local, tail_local, et_t)
             lse = m + z.log()
@@ -491,15 +502,17 @@ def _nan_to_zero(x: Tensor) -> Tensor:
 def sparse_kernel(kind: str, targets: SparseTargets, params: dict[str, Any]) -> vk.Kernel:
     """The chunk kernel of ``kind`` against ``targets`` (GLOBAL ids; each rank uses only the
     entries of its slice), for :func:`methods.vocab_parallel.run_chunks` with no teacher logits."""
-    term = _term(kind, params)
     linear_kl = kind == "forward_kl" and targets.kind == SAMPLED
+    # samples: KL(q || p) = H(q, p) - H(q), the cross entropy estimated, the entropy stored
+    term = _term("soft_ce" if linear_kl else kind, params)
 
     def kernel(ch: vk.Chunk):
         s = ch.s
         acc = s.dtype
         c, width = s.shape
-        ids = targets.ids[ch.rows].to(s.device) - ch.vocab_start
-        here = (ids >= 0) & (ids < width) & (targets.ids[ch.rows].to(s.device) >= 0)
+        stored = targets.ids[ch.rows].to(s.device)
+        ids = stored + ((targets.offset or 0) - ch.vocab_start)
+        here = (ids >= 0) & (ids < width) & (stored >= 0)
         local = ids.clamp(0, max(width - 1, 0))
         q = torch.where(here, targets.weights[ch.rows].to(s.device, acc), 0.0)
         if targets.tail is not None:
@@ -511,7 +524,7 @@ def sparse_kernel(kind: str, targets: SparseTargets, params: dict[str, Any]) -> 
         if width:
             s_ids = s.gather(1, local)
             member = ch.work.take("member", c).zero_()
-            member.scatter_(1, local, here.to(acc))
+            member.scatter_add_(1, local, here.to(acc))  # (scatter_ could let a foreign entry win)
             # the columns outside the kept ids, summed directly (not sum(es) - kept: that loses
             # the tail's precision when the kept ids hold most of the mass)
             outside = torch.mul(es, member.neg_().add_(1.0), out=ch.work.take("scratch", c))

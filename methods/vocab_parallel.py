@@ -272,7 +272,7 @@ def divergence(
     """
     from methods import sparse_targets
 
-    if sparse_targets.is_sparse_targets(teacher_logits):  # a cached teacher (issue 17)
+    if isinstance(teacher_logits, sparse_targets.SparseTargets):  # a cached teacher (issue 17)
         return sparse_targets.divergence_of_kernel(
             kernel, student_logits, teacher_logits, loss_mask, shard, temperature=temperature
         )

@@ -10,7 +10,8 @@ slots (``K`` = ``k`` for top-k, ``n`` draws for sampled), little-endian, section
    whole byte. The value ``V`` marks an empty slot. Top-k: most likely first; sampled: the raw
    draws sorted by id (duplicates repeated: a token's weight is its count / n).
 2. ``weights`` (top-k only): ``L * K`` codes of the teacher probabilities ``q`` at the cache
-   temperature, by ``quantization``: ``fp16`` (IEEE half of ``q``); ``u16log`` (uint16
+   temperature, by ``quantization``: ``fp32`` (IEEE single, exact: for tests and references);
+   ``fp16`` (IEEE half of ``q``); ``u16log`` (uint16
    ``round(-ln(q) * 2048)``, so ``q = exp(-code / 2048)``, code 65535 = 0); ``u8log`` (uint8
    ``round(-ln(q) * 16)``, ``q = exp(-code / 16)``, code 255 = 0; ``q < e^-15.9`` saturates).
 3. ``tail`` (top-k only): ``L`` fp16, the mass outside the kept ids.
@@ -27,7 +28,7 @@ import torch
 
 from methods.sparse_targets import SAMPLED, TOPK, SparseTargets, merge_duplicates
 
-QUANTIZATIONS = ("fp16", "u16log", "u8log")
+QUANTIZATIONS = ("fp32", "fp16", "u16log", "u8log")
 U16_SCALE = 2048.0
 """``u16log`` codes per nat (resolution 1/2048 nat: relative error of q at most 2.4e-4)."""
 U8_SCALE = 16.0
@@ -48,6 +49,19 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
 
 def unpack_bits(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
     """The inverse of :func:`pack_bits`: ``count`` int64 values."""
+    if bits <= 25:  # each value lies within 4 bytes from its first byte: gather and shift
+        raw = np.frombuffer(data, dtype=np.uint8)
+        padded = np.zeros(len(raw) + 4, dtype=np.uint32)
+        padded[: len(raw)] = raw
+        start = np.arange(count, dtype=np.int64) * bits
+        byte, shift = start >> 3, (start & 7).astype(np.uint32)
+        word = (
+            padded[byte]
+            | (padded[byte + 1] << np.uint32(8))
+            | (padded[byte + 2] << np.uint32(16))
+            | (padded[byte + 3] << np.uint32(24))
+        )
+        return ((word >> shift) & np.uint32((1 << bits) - 1)).astype(np.int64)
     flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits, bitorder="little")
     weights = np.left_shift(np.uint64(1), np.arange(bits, dtype=np.uint64))
     return (flat.reshape(count, bits).astype(np.uint64) @ weights).astype(np.int64)
@@ -55,8 +69,8 @@ def unpack_bits(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
 
 def quantize(q: np.ndarray, quantization: str) -> np.ndarray:
     q = np.asarray(q, dtype=np.float64)
-    if quantization == "fp16":
-        return q.astype("<f2")
+    if quantization in ("fp32", "fp16"):
+        return q.astype("<f4" if quantization == "fp32" else "<f2")
     scale, top, dtype = (
         (U16_SCALE, 65535, "<u2") if quantization == "u16log" else (U8_SCALE, 255, "u1")
     )
@@ -69,7 +83,7 @@ def quantize(q: np.ndarray, quantization: str) -> np.ndarray:
 
 
 def dequantize(codes: np.ndarray, quantization: str) -> np.ndarray:
-    if quantization == "fp16":
+    if quantization in ("fp32", "fp16"):
         return codes.astype(np.float32)
     scale, top = (U16_SCALE, 65535) if quantization == "u16log" else (U8_SCALE, 255)
     c = codes.astype(np.float64)
@@ -79,7 +93,7 @@ def dequantize(codes: np.ndarray, quantization: str) -> np.ndarray:
 def weight_bytes(quantization: str) -> int:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    return 1 if quantization == "u8log" else 2
+    return {"fp32": 4, "u8log": 1}.get(quantization, 2)
 
 
 @dataclass(frozen=True)
@@ -133,6 +147,8 @@ def encode(layout: Layout, targets: SparseTargets, sample: int, batch: int) -> b
     """The record of sample ``sample`` (column ``sample`` of an s-major ``[L * batch]`` target
     set): ``targets`` rows ``position * batch + sample``."""
     rows = slice(sample, None, batch)
+    if targets.offset is not None:
+        raise ValueError("the cache stores global ids: write the targets, not a local() view")
     ids = targets.ids[rows].cpu().numpy()
     weights = targets.weights[rows].cpu().double().numpy()
     if ids.shape != (layout.seq_length, layout.slots):
@@ -154,10 +170,8 @@ def encode(layout: Layout, targets: SparseTargets, sample: int, batch: int) -> b
         counts = np.rint(np.where(ids >= 0, weights, 0.0) * n).astype(np.int64)
         if (counts.sum(axis=1) != n).any():
             raise ValueError(f"sampled targets' weights must be counts / {n} summing to 1")
-        draws = np.full((layout.seq_length, n), layout.vocab_size, dtype=np.int64)
-        for row in range(layout.seq_length):
-            expanded = np.repeat(ids[row], counts[row])
-            draws[row, : len(expanded)] = np.sort(expanded)
+        # every row's counts sum to n: the flat expansion is row after row
+        draws = np.sort(np.repeat(ids.reshape(-1), counts.reshape(-1)).reshape(-1, n), axis=1)
         parts.append(pack_bits(draws, layout.bits))
     parts.append(targets.entropy[rows].cpu().numpy().astype("<f2").tobytes())
     data = b"".join(parts)
@@ -172,7 +186,7 @@ def decode(layout: Layout, records: list[bytes], temperature: float) -> SparseTa
     weights = np.zeros((b, length, slots), dtype=np.float32)
     tail = np.zeros((b, length), dtype=np.float32)
     entropy = np.empty((b, length), dtype=np.float32)
-    wdtype = {"fp16": "<f2", "u16log": "<u2", "u8log": "u1"}[layout.quantization]
+    wdtype = {"fp32": "<f4", "fp16": "<f2", "u16log": "<u2", "u8log": "u1"}[layout.quantization]
     for i, rec in enumerate(records):
         view = memoryview(rec)
         pos = layout.id_bytes
