@@ -6,8 +6,8 @@ teacher and student), the loss a plain-torch forward KL (T=2) on the logits plus
 (:class:`parallel.teacher_source.TeacherForward`) over the 16 samples and writes a top-k cache with
 k = V as a single writer (a cache written at dp=1); (3) two steps from that cache, read at dp=2,
 the loss gkd's sparse-target divergence (``vp.divergence`` against SparseTargets). The result holds
-both runs' losses and student fingerprints. Exact (k = V, fp16-free weights at u16log: the cache
-quantizes the teacher's log-probabilities, so the tolerance is the quantization's, see the test).
+both runs' losses and student fingerprints. ``quantization``: the cache's weight code (``fp32``:
+exact, the test's fp32 tolerance).
 """
 
 from __future__ import annotations
@@ -93,45 +93,6 @@ class SparsePipeline(DenseReference):
         return kl + 0.5 * lm, {"kl": kl.detach(), "lm": lm.detach()}
 
 
-class MemoryCache:
-    """The targets exactly as computed (fp32, no file): isolates the runtime's plumbing (sample
-    ids, s-major order, dp sharding) from the format's quantization."""
-
-    def __init__(self):
-        self.records: dict[int, object] = {}
-
-    def write(self, ids: list[int], targets) -> None:
-        b = len(ids)
-        for i, sample in enumerate(ids):
-            self.records[sample] = _rows(targets, SEQ, b, i)
-
-    def read(self, ids, seq_length: int):
-        import dataclasses
-
-        parts = [self.records[int(i)] for i in ids]
-
-        def stack(name):
-            values = [getattr(p, name) for p in parts]
-            if values[0] is None:
-                return None
-            return torch.stack(values, dim=1).reshape(-1, *values[0].shape[1:])  # s-major
-
-        return dataclasses.replace(
-            parts[0], **{n: stack(n) for n in ("ids", "weights", "tail", "entropy")}
-        )
-
-
-def _rows(targets, s: int, b: int, i: int):
-    import dataclasses
-
-    def pick(x):
-        return None if x is None else x.view(s, b, *x.shape[1:])[:, i].clone()
-
-    return dataclasses.replace(
-        targets, **{n: pick(getattr(targets, n)) for n in ("ids", "weights", "tail", "entropy")}
-    )
-
-
 def main(spec_path: str) -> None:
     from gkd_cli.teacher_cache import CacheKey, CacheReader, CacheSpec, CacheWriter, finalize
     from methods import sparse_targets as st
@@ -189,7 +150,6 @@ def main(spec_path: str) -> None:
     # The cache: rank 0 alone, as a single (dp=1) writer, k = V.
     vocab = TEACHER["vocab_size"]
     cache_spec = CacheSpec(kind="topk", k=vocab, temperature=T, quantization=spec["quantization"])
-    memory = MemoryCache()
     if ctx.rank == 0:
         writer = CacheWriter(root, cache_spec, key, dp_rank=0, dp_size=1)
 
@@ -198,7 +158,6 @@ def main(spec_path: str) -> None:
             targets = st.from_logits_topk(logits.float(), vocab, shard, temperature=T)
             ids = [int(i) for i in batch["sample_ids"]]
             writer.write(ids, targets.to("cpu"), SEQ)
-            memory.write(ids, targets.to("cpu"))
 
         engine = TeacherForward(
             ctx=ctx,
@@ -220,10 +179,6 @@ def main(spec_path: str) -> None:
         writer.close()
         finalize(root)
     dist.barrier()
-    shared = [memory.records]
-    dist.broadcast_object_list(shared, src=0)
-    memory.records = shared[0]
-    result["memory"] = run(TeacherSpec(teacher_arch, cache=memory), SparsePipeline())
     reader = CacheReader(root, key)
     result["cached"] = run(TeacherSpec(teacher_arch, cache=reader), SparsePipeline())
     if ctx.rank == 0:
