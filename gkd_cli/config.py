@@ -745,6 +745,10 @@ def _check_sequence(cfg: DistillConfig) -> None:
 
 def _check_models(cfg: DistillConfig) -> None:
     student = cfg.student
+    if student.cache is not None or any(t.cache is not None for t in cfg.teachers):
+        from gkd_cli.cache_teacher import check_cache_fields
+
+        check_cache_fields(cfg)  # a cached teacher needs no checkpoint
     for index, teacher in enumerate(cfg.teachers):
         role = cfg.teacher_role(index)
         if teacher.init == "random" and teacher.checkpoint is not None:
@@ -752,10 +756,6 @@ def _check_models(cfg: DistillConfig) -> None:
                 f"{role}.init=random contradicts {role}.checkpoint; remove one of them",
                 field=f"{role}.init",
             )
-        if teacher.cache is not None or student.cache is not None:
-            from gkd_cli.cache_teacher import check_cache_fields
-
-            check_cache_fields(cfg)  # a cached teacher needs no checkpoint
         if teacher.checkpoint is None and teacher.init != "random" and teacher.cache is None:
             raise ConfigError(
                 f"{role}.checkpoint is required (a gkd checkpoint directory; gkd convert imports "

@@ -187,3 +187,10 @@ def test_plan_counts_no_teacher_weights_for_a_cache(tmp_path):
     assert names["cached teacher targets"] == tokens * 8 * 12 + tokens * 8
     colocated = estimate(load(tmp_path, base_config(tmp_path), ["parallel.tp=1"]), "cpu")
     assert {i.name for i in colocated.items} >= {"teacher weights", "teacher forward workspace"}
+
+
+def test_student_cannot_be_cached(tmp_path):
+    data = base_config(tmp_path)
+    data["student"]["cache"] = str(tmp_path)
+    with pytest.raises(ConfigError, match="only a teacher can be read from a cache"):
+        load(tmp_path, data)
