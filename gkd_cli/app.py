@@ -99,6 +99,14 @@ def _report_errors(fn):
     return wrapper
 
 
+def _mount_cache_teacher() -> None:
+    from gkd_cli.cache_teacher import cache_teacher_command  # light: heavy imports inside
+
+    app.command("cache-teacher")(_report_errors(cache_teacher_command))
+
+
+_mount_cache_teacher()
+
 ConfigArg = Annotated[
     Path,
     typer.Argument(

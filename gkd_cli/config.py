@@ -65,6 +65,11 @@ class ModelConfig(ModelArch):
     """How the weights start: ``checkpoint`` (load ``checkpoint``) or ``random``. Default:
     ``checkpoint`` when one is given, else ``random`` for the student. A teacher with random
     weights is only useful for tests and demos, so it must be asked for explicitly."""
+    cache: str | None = None
+    """Teacher only: a teacher cache directory written by ``gkd cache-teacher``; the teacher is
+    then read from it (sparse targets, no model, nothing between pipeline stages) instead of
+    run. The architecture fields may be left out (the cache records them). Only methods whose
+    loss is a logit divergence with a sparse form can use it (checked before launch)."""
     init_layers: list[int] | str | None = None
     """Student only: initialize by truncating ``checkpoint``, a deeper gkd checkpoint of the same
     widths (hidden, heads, FFN, vocabulary), keeping one of its layers per student layer: a list
@@ -331,10 +336,14 @@ def _teachers(data: Mapping[str, Any]) -> list[ModelConfig]:
             "list under 'teachers:' (multi-teacher methods), not both",
             field="teachers",
         )
+    from gkd_cli.cache_teacher import with_cached_arch  # a cached teacher's recorded fields
+
     if teacher is not None:
-        return [typed_build(ModelConfig, teacher, "teacher")]
+        return [typed_build(ModelConfig, with_cached_arch(teacher, "teacher"), "teacher")]
     if teachers is None:
         return []  # no teacher: the student trains alone
+    if isinstance(teachers, list):
+        teachers = [with_cached_arch(t, f"teachers.{i}") for i, t in enumerate(teachers)]
     return coerce(teachers, list[ModelConfig], "teachers")
 
 
@@ -576,7 +585,10 @@ def _absolute_or_none(path: str | None) -> str | None:
 def absolutize_paths(cfg: DistillConfig) -> DistillConfig:
     """A copy of ``cfg`` with every path absolute."""
     teachers = [
-        dataclasses.replace(t, checkpoint=_absolute_or_none(t.checkpoint)) for t in cfg.teachers
+        dataclasses.replace(
+            t, checkpoint=_absolute_or_none(t.checkpoint), cache=_absolute_or_none(t.cache)
+        )
+        for t in cfg.teachers
     ]
     student = dataclasses.replace(cfg.student, checkpoint=_absolute_or_none(cfg.student.checkpoint))
     d = cfg.data
@@ -733,6 +745,10 @@ def _check_sequence(cfg: DistillConfig) -> None:
 
 def _check_models(cfg: DistillConfig) -> None:
     student = cfg.student
+    if student.cache is not None or any(t.cache is not None for t in cfg.teachers):
+        from gkd_cli.cache_teacher import check_cache_fields
+
+        check_cache_fields(cfg)  # a cached teacher needs no checkpoint
     for index, teacher in enumerate(cfg.teachers):
         role = cfg.teacher_role(index)
         if teacher.init == "random" and teacher.checkpoint is not None:
@@ -740,7 +756,7 @@ def _check_models(cfg: DistillConfig) -> None:
                 f"{role}.init=random contradicts {role}.checkpoint; remove one of them",
                 field=f"{role}.init",
             )
-        if teacher.checkpoint is None and teacher.init != "random":
+        if teacher.checkpoint is None and teacher.init != "random" and teacher.cache is None:
             raise ConfigError(
                 f"{role}.checkpoint is required (a gkd checkpoint directory; gkd convert imports "
                 f"Hugging Face models); set {role}.init=random only for tests and demos",

@@ -208,6 +208,18 @@ def estimate(cfg: DistillConfig, device: Device = "gpu", *, dropout: bool = True
     return max(plans, key=lambda p: p.total_bytes)
 
 
+def _cache_slots(cache: str) -> int:
+    """Entries per token of a teacher cache (its ``meta.json`` spec; 64 when not written yet)."""
+    import json
+    from pathlib import Path
+
+    meta = Path(cache) / "meta.json"
+    if not meta.is_file():
+        return 64
+    spec = json.loads(meta.read_text()).get("spec", {})
+    return int(spec.get("k") or spec.get("samples") or 64)
+
+
 def _estimate_stage(cfg: DistillConfig, device: Device, stage: int, dropout: bool) -> MemoryPlan:
     p: ParallelConfig = cfg.parallel
     tp, pp, dp = p.tp, p.pp, p.dp
@@ -219,6 +231,11 @@ def _estimate_stage(cfg: DistillConfig, device: Device, stage: int, dropout: boo
     microbatches = max(1, cfg.train.global_batch_size // (b * dp))
     last = stage == pp - 1
     items: list[MemoryItem] = []
+    # A cached teacher (teacher.cache) has no weights, no forward and sends nothing between
+    # stages: only its sparse targets on the last stage (parallel/teacher_source.py).
+    cache_slots = _cache_slots(teacher.cache) if teacher is not None and teacher.cache else None
+    if cache_slots is not None:
+        teacher = None
 
     if teacher is not None:
         t_params = teacher.stage_parameters(tp, pp, stage)
@@ -327,6 +344,15 @@ def _estimate_stage(cfg: DistillConfig, device: Device, stage: int, dropout: boo
                 "+ student logit gradient fp32",
             )
         )
+        if cache_slots is not None:
+            items.append(
+                MemoryItem(
+                    name="cached teacher targets",
+                    bytes=tokens * cache_slots * (8 + 4) + tokens * 8,
+                    detail=f"[{tokens}, {cache_slots}] int64 ids + fp32 weights, per-token tail "
+                    "and entropy (read from teacher.cache)",
+                )
+            )
         chunk = min(tokens, LOSS_CHUNK_TOKENS)
         items.append(
             MemoryItem(

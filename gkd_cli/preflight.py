@@ -233,3 +233,8 @@ def run_preflight(cfg: DistillConfig) -> None:
             check_checkpoint(cfg, role, model)
     if Path(cfg.output.dir).is_dir():
         check_resume(cfg)
+    if any(t.cache is not None for t in cfg.teachers):
+        from gkd_cli import cache_teacher
+        from gkd_cli.build import build_methods
+
+        cache_teacher.preflight(cfg, build_methods(cfg))  # key, checksums, methods vs the cache

@@ -155,9 +155,10 @@ def make_batch_fn(dataset, cfg: DistillConfig, ctx):
     from gkd_cli.data.batching import microbatches
 
     train = cfg.train
+    cached = any(t.cache is not None for t in cfg.teachers)
 
     def batch_fn(step: int) -> list[dict]:
-        return microbatches(
+        micro = microbatches(
             dataset,
             step,
             train.global_batch_size,
@@ -165,6 +166,15 @@ def make_batch_fn(dataset, cfg: DistillConfig, ctx):
             ctx.dp,
             train.micro_batch_size,
         )
+        if cached:  # a cached teacher reads its records by global sample id
+            from gkd_cli.cache_teacher import sample_ids
+
+            ids = sample_ids(
+                dataset, step, train.global_batch_size, ctx.dp_rank, ctx.dp, train.micro_batch_size
+            )
+            for batch, mine in zip(micro, ids, strict=True):
+                batch["sample_ids"] = torch.tensor(mine, dtype=torch.long)
+        return micro
 
     return batch_fn
 
@@ -304,9 +314,19 @@ def run(cfg: DistillConfig, pipeline: MethodPipeline) -> str:
                 if teacher.init != "random" and teacher.checkpoint
                 else None
             )
+            cache = None
+            if teacher.cache is not None:  # checked (key, checksums, methods) before launch
+                from gkd_cli.cache_teacher import open_cache
+
+                cache = open_cache(cfg, index, verify=False)
             # Teacher 0 keeps the single-teacher seed, so a one-item 'teachers:' equals 'teacher:'.
             teachers.append(
-                TeacherSpec(teacher.arch(), checkpoint, seed=cfg.train.seed + 1 + 1000 * index)
+                TeacherSpec(
+                    teacher.arch(),
+                    checkpoint,
+                    seed=cfg.train.seed + 1 + 1000 * index,
+                    cache=cache,
+                )
             )
         runtime = DistillationRuntime(
             ctx=ctx,

@@ -113,6 +113,14 @@ per-token loss with respect to ``s`` (the tempered logits), ``[C, w]``; it may b
 buffer."""
 
 
+def named(kernel: Kernel, name: str, **params: Any) -> Kernel:
+    """Label a kernel with the divergence it computes (``kernel.name``, ``kernel.params``): what
+    :mod:`methods.sparse_targets` reads to compute the same loss against a cached teacher."""
+    setattr(kernel, "name", name)  # noqa: B010 (a function attribute mypy would not accept)
+    setattr(kernel, "params", params)  # noqa: B010
+    return kernel
+
+
 def _row_max(x: Tensor) -> Tensor:
     if x.shape[1] == 0:  # a shard made only of padding columns
         return x.new_full((x.shape[0],), -math.inf)
@@ -257,7 +265,7 @@ def jsd_kernel(beta: float) -> Kernel:
         grad = p.mul_(log_p_over_m.sub_(kl_pm[:, None]))
         return loss, grad.mul_(1.0 - beta)
 
-    return kernel
+    return named(kernel, "jsd", beta=beta)
 
 
 def skew_kl_kernel(alpha: float) -> Kernel:
@@ -281,7 +289,7 @@ def skew_kl_kernel(alpha: float) -> Kernel:
         grad = p.mul_(q_over_r.sub_(p_q_over_r[:, None]))
         return kl, grad.mul_(alpha - 1.0)
 
-    return kernel
+    return named(kernel, "skew_kl", alpha=alpha)
 
 
 def skew_reverse_kl_kernel(alpha: float) -> Kernel:
@@ -307,7 +315,7 @@ def skew_reverse_kl_kernel(alpha: float) -> Kernel:
         g = log_p_over_r.add_(p_over_r, alpha=-alpha)
         return kl, p.mul_(g.sub_((kl - alpha * p2_over_r)[:, None]))
 
-    return kernel
+    return named(kernel, "skew_rkl", alpha=alpha)
 
 
 def tvd_kernel(ch: Chunk):
@@ -366,7 +374,7 @@ def mse_kernel(teacher_scale: float = 1.0, margin: float = 0.0) -> Kernel:
         assert sign is not None
         return loss, sign.mul_(2.0 / vocab_size)
 
-    return kernel
+    return named(kernel, "mse", teacher_scale=teacher_scale, margin=margin)
 
 
 def cross_entropy_kernel(labels: Tensor) -> Kernel:
@@ -393,7 +401,7 @@ def cross_entropy_kernel(labels: Tensor) -> Kernel:
             grad.scatter_add_(1, index, -here.to(grad.dtype).unsqueeze(1))
         return loss, grad
 
-    return kernel
+    return named(kernel, "cross_entropy")
 
 
 def topk_kernel(k: int) -> Kernel:
@@ -464,4 +472,13 @@ def topk_kernel(k: int) -> Kernel:
             grad.scatter_add_(1, local, (log_p_top.exp() - q_top) * here_f)
         return loss, grad
 
-    return kernel
+    return named(kernel, "topk", k=k)
+
+
+for _kernel, _name in (
+    (forward_kl_kernel, "forward_kl"),
+    (reverse_kl_kernel, "reverse_kl"),
+    (tvd_kernel, "tvd"),
+    (soft_ce_kernel, "soft_ce"),
+):
+    named(_kernel, _name)

@@ -270,6 +270,12 @@ def divergence(
     Returns:
         Scalar: ``sum_n mask_n loss_n / sum_n mask_n`` (fp32, fp64 for fp64 inputs).
     """
+    from methods import sparse_targets
+
+    if isinstance(teacher_logits, sparse_targets.SparseTargets):  # a cached teacher (issue 17)
+        return sparse_targets.divergence_of_kernel(
+            kernel, student_logits, teacher_logits, loss_mask, shard, temperature=temperature
+        )
     if not isinstance(student_logits, Tensor):
         from methods import fused_head
 

@@ -5,6 +5,7 @@ these return, in this order (each uses only what the ones before it returned)::
     n = microbatches_per_step(train, seq_length, ctx)  # batch and sequence against the layout
     plan = plan_methods(pipeline, ...)                 # ModelInfo, layout checks, taps
     models = build_models(student, teachers, ...)      # frozen teachers, the student
+    sources = build_teacher_sources(teachers, ...)     # co-located or cached teachers
     modules = build_method_modules(plan.entries, ...)  # the methods' trainable modules
     stage = DistillationStage(...)                     # parallel/stage.py
     install_forward_modifiers(...)                     # parallel/forward_hooks.py
@@ -20,6 +21,7 @@ but megatron's model construction and the methods' lazily built modules run in i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from parallel.method_modules import METHODS_PREFIX, MethodModules, wrap_finalize
 from parallel.model import build_gpt, detect_accelerators, freeze, model_info
 from parallel.stage import DistillationStage
 from parallel.taps import ATTENTION_KINDS, check_taps_for_recompute
+from parallel.teacher_source import CachedTeacher, ColocatedTeacher, TeacherSource
 
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
@@ -69,6 +72,11 @@ class TeacherSpec:
     checkpoint: Path | None = None
     """gkd checkpoint folder (any layout); ``None`` initializes randomly from ``seed`` (tests, demos)."""
     seed: int = 4321
+    cache: Any = None
+    """A teacher cache instead of a model (:class:`~parallel.teacher_source.CachedTeacher`): an
+    object with ``read(sample_ids, seq_length) -> SparseTargets`` (e.g.
+    ``gkd_cli.teacher_cache.CacheReader``, opened and checked by the caller). ``arch`` then only
+    describes the teacher to the methods (vocabulary size, widths); no module is built."""
 
 
 @dataclass
@@ -182,7 +190,8 @@ class Models:
     student: GPTModel
     """Trainable, initialized layout-independently from ``train.seed``."""
     teachers: list[GPTModel] = field(default_factory=list)
-    """Frozen (no gradients, eval mode), loaded from their checkpoints or drawn from their seeds."""
+    """Frozen (no gradients, eval mode), loaded from their checkpoints or drawn from their seeds:
+    one per co-located teacher (a cached teacher has none), in the teachers' order."""
 
 
 def build_models(
@@ -204,18 +213,13 @@ def build_models(
     use_te = detect_accelerators().transformer_engine and not needs_attention
     built = []
     for spec in teachers:
-        teacher = build_gpt(
-            spec.arch,
-            params_dtype=precision.params_dtype,
-            sequence_parallel=sequence_parallel,
-            use_te=use_te,
-            perform_initialization=False,
+        if spec.cache is not None:
+            continue  # a cached teacher has no module (parallel.teacher_source.CachedTeacher)
+        built.append(
+            build_teacher(
+                spec, precision=precision, sequence_parallel=sequence_parallel, use_te=use_te
+            )
         )
-        if spec.checkpoint is None:
-            init_layout_independent(teacher, seed=spec.seed, num_layers=spec.arch.num_layers)
-        else:
-            load_teacher(teacher, spec)
-        built.append(freeze(teacher))
     student_model = build_gpt(
         student,
         params_dtype=precision.params_dtype,
@@ -226,6 +230,57 @@ def build_models(
     )
     init_layout_independent(student_model, seed=seed, num_layers=student.num_layers)
     return Models(student=student_model, teachers=built)
+
+
+def build_teacher(
+    spec: TeacherSpec, *, precision: Precision, sequence_parallel: bool, use_te: bool
+) -> GPTModel:
+    """One frozen teacher on this rank's TP/PP slot, loaded from its checkpoint or drawn from
+    its seed (layout-independently)."""
+    teacher = build_gpt(
+        spec.arch,
+        params_dtype=precision.params_dtype,
+        sequence_parallel=sequence_parallel,
+        use_te=use_te,
+        perform_initialization=False,
+    )
+    if spec.checkpoint is None:
+        init_layout_independent(teacher, seed=spec.seed, num_layers=spec.arch.num_layers)
+    else:
+        load_teacher(teacher, spec)
+    return freeze(teacher)
+
+
+def build_teacher_sources(
+    specs: Sequence[TeacherSpec],
+    modules: Sequence[GPTModel],
+    *,
+    ctx: ParallelContext,
+    seq_length: int,
+) -> list[TeacherSource]:
+    """One :class:`~parallel.teacher_source.TeacherSource` per teacher, in order: the built
+    ``modules`` (one per co-located teacher, as :func:`build_models` returns them) or the cache."""
+    remaining = iter(modules)
+    sources: list[TeacherSource] = []
+    for index, spec in enumerate(specs):
+        if spec.cache is not None:
+            sources.append(
+                CachedTeacher(
+                    functools.partial(_read_cache, spec.cache, seq_length=seq_length),
+                    index=index,
+                    is_last_stage=ctx.is_last_stage,
+                    device=ctx.device,
+                )
+            )
+        else:
+            sources.append(
+                ColocatedTeacher(next(remaining), index=index, hidden_size=spec.arch.hidden_size)
+            )
+    return sources
+
+
+def _read_cache(reader: Any, sample_ids: Sequence[int], *, seq_length: int) -> Any:
+    return reader.read(sample_ids, seq_length)
 
 
 def load_teacher(teacher: GPTModel, spec: TeacherSpec) -> None:
@@ -329,10 +384,13 @@ def install_vocab_restriction(
 
     if has_padding:  # without padding slots (balanced selection) the logits need no masked copy
         stage.feature_transforms[Tap(Role.STUDENT, FeatureKind.LOGITS)] = student_logits
-    for index in range(len(stage.teachers)):
-        stage.training_transforms[Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=index)] = (
-            teacher_logits
-        )
+    for source in stage.sources:
+        if isinstance(source, CachedTeacher):
+            # Sparse targets hold original ids: map them into the compressed vocabulary.
+            source.transform = lambda targets: targets.remap(vocab.orig_to_comp)
+            continue
+        tap = Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=source.index)
+        stage.training_transforms[tap] = teacher_logits
 
 
 def restrict_head(teacher: torch.nn.Module, index: torch.Tensor, stage: torch.nn.Module) -> None:

@@ -49,6 +49,7 @@ from parallel.components import (
     build_models,
     build_optimizer,
     build_scheduler,
+    build_teacher_sources,
     checkpoint_layout,
     install_vocab_restriction,
     method_modules_checkpoint,
@@ -148,7 +149,10 @@ class DistillationRuntime:
             # ignores an explicit mask; its packed-sequence path needs thd inputs).
             needs_attention=plan.needs_attention or attention_masks,
         )
-        self.teachers = models.teachers
+        self.teachers = models.teachers  # the co-located teachers' megatron modules
+        self.sources = build_teacher_sources(
+            self.teacher_specs, models.teachers, ctx=ctx, seq_length=seq_length
+        )
         self.method_modules = build_method_modules(
             self.entries,
             student_layers=student.num_layers,
@@ -158,11 +162,10 @@ class DistillationRuntime:
         )
         self.stage = DistillationStage(
             models.student,
-            models.teachers,
+            self.sources,
             taps=self.taps,
             compute_fn=pipeline.compute,
             context_fn=self._loss_context,
-            teacher_hidden_sizes=[t.arch.hidden_size for t in self.teacher_specs],
             is_last_stage=ctx.is_last_stage,
             method_modules=self.method_modules if len(self.method_modules) else None,
         )
@@ -279,6 +282,8 @@ class DistillationRuntime:
                 None if token_mask is None else token_mask.to(device).float().t().reshape(-1)
             ),
             "example_ids": ids.t().reshape(-1),
+            # [b] global sample ids (gkd_cli.worker.make_batch_fn): what a cached teacher reads
+            "sample_ids": micro.get("sample_ids"),
         }
 
     def _forward_step(self, data_iterator, model):
@@ -293,7 +298,7 @@ class DistillationRuntime:
             raise ValueError(
                 f"expected {self.num_microbatches} microbatches, got {len(microbatches)}"
             )
-        width = sum(t.arch.hidden_size for t in self.teacher_specs) + self.student_arch.hidden_size
+        width = self.stage.send_width + self.student_arch.hidden_size
         # Doubled microbatches (ForwardHandles.double_batch) in training only.
         b = self.train_cfg.micro_batch_size * (1 if forward_only else self.stage.batch_multiplier)
 

@@ -1,13 +1,17 @@
-"""One pipeline stage of a distillation job: the teachers' layer slices, then the student's.
+"""One pipeline stage of a distillation job: the teachers' sources, then the student's layers.
 
 megatron-core's schedules see a single module per stage. :class:`DistillationStage` is that module:
 
+* Each teacher is a :class:`~parallel.teacher_source.TeacherSource`: a co-located megatron slice
+  (:class:`~parallel.teacher_source.ColocatedTeacher`) or a cache
+  (:class:`~parallel.teacher_source.CachedTeacher`, which sends nothing between stages).
 * The activation passed between stages is the concatenation ``[teacher_0 | ... | student]`` along
-  the hidden axis (``[s, b, sum(h)]``); :meth:`set_input_tensor` splits it again. The teacher parts
-  are detached: no gradient flows into a teacher, and the zeros sent back for them cost only
-  bandwidth.
-* Teachers run under ``torch.no_grad`` in eval mode. They are kept out of this module's parameter
-  tree (held in a plain list), so megatron's DDP, the optimizer and checkpoints never see them.
+  the hidden axis (``[s, b, send_width + h]``, each source's ``send_width`` channels first);
+  :meth:`set_input_tensor` splits it again. The teacher parts are detached: no gradient flows into
+  a teacher, and the zeros sent back for them cost only bandwidth.
+* Co-located teachers run under ``torch.no_grad`` in eval mode. They are kept out of this module's
+  parameter tree (held in a plain list), so megatron's DDP, the optimizer and checkpoints never
+  see them.
 * Method modules (``methods.base.HasModules``: projections, policies) are this module's submodule
   ``method_modules`` (see :mod:`parallel.method_modules`), so DDP and the optimizer train them.
 * Features requested by the methods are captured by :class:`~parallel.taps.TapRecorder` hooks.
@@ -50,6 +54,7 @@ from methods.base import FeatureKind, LossContext, Role, Tap
 from methods.fused_head import HeadInput
 from parallel.memory import PeakTracker
 from parallel.taps import TapRecorder
+from parallel.teacher_source import ColocatedTeacher, TeacherSource
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
@@ -114,30 +119,27 @@ class DistillationStage(torch.nn.Module):
     def __init__(
         self,
         student: GPTModel,
-        teachers: Sequence[GPTModel],
+        teachers: Sequence[TeacherSource],
         *,
         taps: Sequence[Tap],
         compute_fn: Callable,
         context_fn: Callable[[dict], LossContext],
-        teacher_hidden_sizes: Sequence[int],
         is_last_stage: bool,
         method_modules: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
         # megatron's helpers (get_attr_wrapped_model) unwrap ``.module`` to reach the GPTModel.
         self.module = student
-        self._teachers = list(teachers)  # a plain list: not registered as submodules on purpose
-        self._teacher_hidden = list(teacher_hidden_sizes)
+        # A plain list: the teachers' modules are not registered as submodules, on purpose.
+        self.sources: list[TeacherSource] = list(teachers)
         self.is_last_stage = is_last_stage
         self.compute_fn = compute_fn
         self.context_fn = context_fn
         self.head_path = fused_head.MATERIALIZED
         """``"fused"`` or ``"materialized"`` (see the module docstring; :func:`configure_head_path`)."""
         self.student_taps = TapRecorder(student, taps, role=Role.STUDENT, fused=self.fused_active)
-        self.teacher_taps = [
-            TapRecorder(t, taps, role=Role.TEACHER, teacher_index=i, fused=self.fused_active)
-            for i, t in enumerate(self._teachers)
-        ]
+        for source in self.sources:
+            source.attach(taps, fused=self.fused_active)
         self.tracker = TermTracker()
         self.memory = PeakTracker()
         """Allocated-bytes high-water mark, sampled after each microbatch's loss (the peak of a
@@ -178,12 +180,24 @@ class DistillationStage(torch.nn.Module):
         )
 
     def add_tap(self, tap: Tap) -> None:
-        for recorder in [self.student_taps, *self.teacher_taps]:
-            recorder.add(tap)
+        self.student_taps.add(tap)
+        for source in self.sources:
+            source.add_tap(tap)
 
     @property
     def teachers(self) -> list[GPTModel]:
-        return self._teachers
+        """The megatron modules of the teachers that run on this stage (co-located sources)."""
+        return [s.model for s in self.sources if s.model is not None]
+
+    @property
+    def teacher_taps(self) -> list[TapRecorder]:
+        """The tap recorders of the co-located teachers."""
+        return [s.recorder for s in self.sources if isinstance(s, ColocatedTeacher) and s.recorder]
+
+    @property
+    def send_width(self) -> int:
+        """Channels of the teachers' part of the activation between stages."""
+        return sum(s.send_width for s in self.sources)
 
     @property
     def config(self):
@@ -193,12 +207,14 @@ class DistillationStage(torch.nn.Module):
         if isinstance(input_tensor, list | tuple):
             input_tensor = input_tensor[0]
         if input_tensor is None:
-            for model in [*self._teachers, self.module]:
-                model.set_input_tensor(None)
+            for source in self.sources:
+                source.set_input_tensor(None)
+            self.module.set_input_tensor(None)
             return
         start = 0
-        for teacher, width in zip(self._teachers, self._teacher_hidden, strict=True):
-            teacher.set_input_tensor(input_tensor[..., start : start + width])
+        for source in self.sources:
+            width = source.send_width
+            source.set_input_tensor(input_tensor[..., start : start + width] if width else None)
             start += width
         self.module.set_input_tensor(input_tensor[..., start:])
 
@@ -238,15 +254,16 @@ class DistillationStage(torch.nn.Module):
                 attention_mask = torch.cat([attention_mask, attention_mask])
         inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
         teacher_outputs = []
-        with torch.no_grad():
-            for teacher in self._teachers:
-                teacher_outputs.append(teacher(**inputs))
+        for source in self.sources:
+            output = source.forward(inputs, batch, training=self.training)
+            if output is not None:
+                teacher_outputs.append(output)
         student_output = self.module(**{**inputs, "input_ids": student_ids})
         self.microbatch_index += 1
 
         features: dict[Tap, torch.Tensor] = {}
-        for recorder in self.teacher_taps:
-            features.update(recorder.pop())
+        for source in self.sources:
+            features.update(source.features())
         features.update(self.student_taps.pop())
         transforms = dict(self.feature_transforms)
         if self.training:

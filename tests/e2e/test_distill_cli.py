@@ -162,3 +162,48 @@ def test_distill_refuses_bad_config_before_launch(tmp_path, tokenizer, teacher):
     assert result.returncode == 2
     assert "num_attention_heads=4 is not divisible by parallel.tp=3" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_cache_teacher_then_distill_from_the_cache(tmp_path, tokenizer, teacher):
+    """gkd cache-teacher at PP=2 (k = V at the methods' temperature), a rerun at PP=1 resumes
+    (writes nothing new), another spec is refused before launch, and gkd distill reads the cache at DP=2
+    with a cache-only teacher section."""
+    small = tmp_path / "small.txt"  # ~40 windows of 32 tokens: the cache covers a whole epoch
+    small.write_text((ASSETS / "demo_corpus.txt").read_text()[:5000])
+    config = _config(tmp_path, tokenizer, teacher)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["train_files"] = [str(small)]
+    config.write_text(yaml.safe_dump(cfg))
+    cache = tmp_path / "cache"
+    args = ("cache-teacher", str(config), "--out", str(cache), "--k", "1024")
+    layout = ("parallel.tp=1", "parallel.pp=2")
+    first = _gkd(*args, *layout)
+    assert first.returncode == 0, first.stdout + first.stderr
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["spec"]["kind"] == "topk" and meta["spec"]["k"] == 1024
+    assert meta["spec"]["temperature"] == 2.0  # glmd's
+    shard = cache / "shard-00000.bin"
+    size = shard.stat().st_size
+    again = _gkd(*args, "parallel.tp=1", "parallel.pp=1")  # resumes (one rank): nothing left
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert shard.stat().st_size == size
+    assert json.loads((cache / "meta.json").read_text())["samples"] == meta["samples"]
+    other = _gkd("cache-teacher", str(config), "--out", str(cache), "--k", "16", *layout)
+    assert other.returncode == 2 and "another spec (k)" in other.stderr
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["teacher"] = {"cache": str(cache)}
+    cfg["methods"] = [{"name": "forward_kl", "temperature": 2.0}, {"name": "lm", "weight": 0.1}]
+    cfg["parallel"] = {"tp": 1, "pp": 1, "dp": 2}
+    cfg["train"].update(steps=3)
+    cfg["output"] = {"dir": str(tmp_path / "from_cache"), "save_every": 0}
+    path = tmp_path / "from_cache.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = _gkd("distill", str(path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "from_cache/metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert all(r["terms"]["forward_kl/kl"] > 0 for r in lines)
