@@ -251,6 +251,9 @@ def test_sampled_soft_ce_and_refusals():
         vp.divergence(vk.mse_kernel(), s, st.from_logits_topk(t, 3, temperature=1.0), mask)
     with pytest.raises(ValueError, match="temperature 1 but the loss asks for 2"):
         vp.divergence(vk.forward_kl_kernel, s, targets, mask, temperature=2.0)
+    topk = st.from_logits_topk(t, 3, temperature=2.0)  # top-k is not re-tempered either
+    with pytest.raises(ValueError, match="temperature 2 but the loss asks for 1"):
+        vp.divergence(vk.forward_kl_kernel, s, topk, mask, temperature=1.0)
 
 
 def test_remap_to_a_compressed_vocabulary_equals_the_restricted_dense_teacher():
