@@ -87,7 +87,13 @@ class Theseus:
     ``i`` is used with probability ``p`` (Bernoulli ``r_i``), else teacher block ``i`` runs on the same
     input in its place (frozen weights, gradients flow through the hidden states), and the mixed
     model is trained with the hard loss only. ``p`` rises linearly from 0.3 to 1 by 66% of training,
-    after which the student runs alone. Needs equal hidden sizes and head widths."""
+    after which the student runs alone (GLMKD's recipe: ``--theseus_replacing_rate=0.3
+    --theseus_not_replaced_steps=0.66 --distill_ft_hard``). Needs equal hidden sizes and head
+    widths. GLMKD starts the student from the truncated teacher (``--student_truncate_tn=0``; gkd:
+    ``student.checkpoint`` = the teacher's, ``student.init_layers: first`` or ``every:K``), so the
+    teacher blocks first receive the teacher's own embeddings; from a random student they receive
+    a random embedding's output. Value test with a deeper teacher of other weights:
+    ``tests/unit/test_methods_theseus.py``."""
 
     name: ClassVar[str] = "theseus"
     stages: ClassVar[frozenset[Stage]] = TASK_ONLY

@@ -17,8 +17,8 @@ uncertainty teachers ordered by size; the student's normalized prediction entrop
           picks (``route``) or interpolates (``weight``) the teacher per token: ``u = 0``
           the smallest, ``u = 1`` the largest
 rl_kd     a policy network per teacher samples which teachers teach each sequence;       Yuan et al. 2021
-          REINFORCE with reward = -the student's loss; all teachers (the average) during
-          a warm start
+          REINFORCE, the reward of a step's selection = -the student's loss measured at
+          the next step (after the update); all teachers during a warm start
 dgkd      each teacher kept with probability ``survival`` (0.75) per step, the kept     Son et al. 2021
           teachers' terms summed
 ========= ============================================================================== ========
@@ -42,14 +42,16 @@ builds its inner method per teacher with ``ctx.build_inner(entry)``, so it needs
 TAKD (Mirzadeh et al. 2020, teacher -> assistant -> student) needs no combiner: it is a chain of
 single-teacher runs, each run's student checkpoint the next run's ``teacher.checkpoint`` (README).
 
-All randomness (dgkd's drops, rl_kd's actions) is drawn from generators seeded by the step (and the
-microbatch), so every rank of a step draws the same.
+All randomness is drawn from generators seeded by the step (dgkd's drops) or by the step and each
+sequence's tokens (rl_kd's actions), so every rank of a step draws the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
@@ -80,6 +82,8 @@ from methods.logit_common import (
     soft_term,
 )
 from methods.schedules import ScheduleLike
+
+log = logging.getLogger(__name__)
 
 BOTH_STAGES = frozenset({Stage.PRETRAIN, Stage.TASK})
 LOG_ONLY = 0.0
@@ -643,37 +647,97 @@ class Uncertainty:
 class RLKDParams:
     method: dict[str, Any] | str | None = None
     """The single-teacher method applied to each teacher, as a methods entry or a name; default:
-    the soft cross entropy at ``temperature``."""
+    the soft cross entropy at ``temperature`` (GLMKD's recipe: ``--student_model=kd
+    --distill_ft_soft``)."""
     temperature: ScheduleLike = 10.0
     """Temperature of the default soft cross entropy (GLMKD's RL-KD recipe: 10)."""
     warmup: float = 0.1
-    """Fraction of training that uses all teachers (their average) while the policy learns."""
+    """Fraction of training that uses every teacher (each weighted ``1 / K``) and trains no policy.
+    GLMKD runs this phase as a separate run (``--rl_kd_only_avg``, then a second run with the
+    policy); one gkd run does both."""
     policy_weight: ScheduleLike = 1.0
-    """Weight of the REINFORCE loss (it trains only the policy networks)."""
+    """Weight of the REINFORCE loss (it trains only the policy networks). GLMKD adds its agent loss
+    ``-sum pi(a) r`` (a sum over the batch) to the teachers' term, so it is scaled by
+    ``rl_kd_alpha``; gkd's is a mean over sequences (see the class docstring)."""
     soft_weight: ScheduleLike = 0.5
-    """Weight of the selected teachers' averaged terms (GLMKD's ``rl_kd_alpha``: 0.5)."""
+    """Weight of the selected teachers' terms (GLMKD's ``rl_kd_alpha``: 0.5)."""
     hard_weight: ScheduleLike = 0.5
     """Weight of the student's own cross entropy on the labels (GLMKD: 1 - rl_kd_alpha = 0.5)."""
+    baseline_decay: float | None = 0.0
+    """Decay of the running mean of the slot's past rewards that is subtracted from the reward (a
+    REINFORCE baseline: measured before the actions act, it leaves the expected gradient unchanged
+    and cuts its variance). 0: the previous step's reward, so the advantage is how much the loss
+    fell over the step, free of the training trend that a slower mean lags behind; GLMKD uses no
+    baseline: ``null`` reproduces that."""
     seed: int = 0
-    """Seed of the action draws (combined with the step and microbatch)."""
+    """Seed of the action draws (combined with the step and each sequence's tokens)."""
+
+
+@dataclass
+class _Pending:
+    """One microbatch slot's selection, kept until the next step measures its reward."""
+
+    step: int
+    states: list[torch.Tensor]
+    """Each teacher's ``[E, h_k + 3]`` state (detached)."""
+    actions: torch.Tensor
+    """``[K, E]`` 0/1 actions that were applied."""
 
 
 class RLKD:
     """Reinforced multi-teacher selection (Yuan et al. 2021, "Reinforced Multi-Teacher Selection
-    for Knowledge Distillation", AAAI, sec. 3): a policy network per teacher ``k`` maps the state
-    of a sequence (teacher ``k``'s final hidden states mean-pooled over the sequence, standing in
-    for the frozen encoder's first-token vector; its mean cross entropy on the labels; its mean
-    confidence and normalized entropy, summarizing its soft logits) to ``pi_k = P(use teacher k)``
-    and samples the action. Each sequence learns from the average of its selected teachers (all
-    when none is), and the policy is trained by REINFORCE, ``-sum_k (r - mean r) log pi(a_k)``,
-    with reward ``r`` = -the student's cross entropy on the sequence (eq. 9). During the first
-    ``warmup`` of training every teacher is used (the average) while the policy already learns.
-    Defaults follow GLMKD's recipe (soft CE at T = 10, ``rl_kd_alpha`` = 0.5).
+    for Knowledge Distillation", AAAI, sec. 3), as the authors' GLMKD implements it
+    (``distill/multi_teacher_model.py``, class ``RL_KD``, lines 282-427 at commit 8d6cf11).
 
-    Known defect (open): the reward is the student's loss from the same forward pass, before the
-    selected teachers' loss is applied, so it does not depend on the action and the expected policy
-    gradient is zero; GLMKD rewards the previous step's selection with the loss measured after the
-    update. Until that lands, the policy does not learn which teachers help."""
+    **Policy.** A policy network per teacher ``k`` maps the state of a sequence (teacher ``k``'s
+    final hidden states mean-pooled over the sequence, standing in for GLMKD's frozen base model's
+    first-token vector; teacher ``k``'s mean cross entropy on the labels; its mean confidence and
+    normalized entropy, summarizing its soft logits) to ``pi_k = sigmoid(w_k . s + b_k) = P(use
+    teacher k)``. GLMKD feeds one linear layer with all teachers' features at once (two layers
+    summed, l. 399-401); gkd keeps one independent network per teacher.
+
+    **Step t.** Actions ``a_k ~ Bernoulli(pi_k)`` are drawn per sequence (GLMKD l. 402) and the
+    student learns from the selected teachers: teacher ``k``'s term on sequence ``j`` is weighted
+    ``a_jk / K`` (GLMKD l. 403-404: the mean over (sequence, teacher) of ``a_jk L_jk``; a sequence
+    with no teacher selected gets no teacher term). The loss is ``soft_weight`` x that +
+    ``hard_weight`` x the student's cross entropy (GLMKD l. 427, ``rl_kd_alpha`` = 0.5). The state
+    and the actions are kept (detached) for the next step.
+
+    **Step t + 1: the reward.** The reward of step t's actions is ``r = -`` the student's cross
+    entropy measured at step t + 1's forward, i.e. after the update that used them (GLMKD l.
+    414-415, ``--rl_kd_reward=1``), and the policy is trained by REINFORCE on the kept state with
+    the policy's current weights (GLMKD l. 409-413 recompute ``pi`` the same way):
+    ``L_policy = -mean_j (r - b) sum_k log pi(a_jk | s_jk)`` (the paper's policy gradient,
+    ``grad log pi`` x reward). GLMKD does not run a second forward of the same batch for the
+    reward ("隔代更新不用数据重复使用", l. 409: the update is one generation late so no data is
+    reused): its reward is the loss of the next batch. gkd does the same, per microbatch slot:
+    the actions of microbatch ``m`` of step t are rewarded with the loss of microbatch ``m`` of
+    step t + 1 on the same rank. A re-forward of step t's batch after the update would give each
+    sequence a reward on its own tokens (less noise) at the cost of one more student forward per
+    step; both estimate the same expected gradient, because the update moves the shared student
+    weights that both batches are scored with. The credit is shared: every sequence of a slot
+    gets the slot's reward.
+
+    **Differences from GLMKD, with reasons.** (1) ``log pi`` instead of GLMKD's ``pi`` (l. 418
+    multiplies the probability itself by the reward; the paper's policy gradient is ``grad log
+    pi``). (2) A baseline ``b`` (by default the slot's previous reward, so the advantage is how
+    much the loss fell over the step; ``baseline_decay`` > 0: a running mean; GLMKD: none,
+    ``baseline_decay: null``): it does not change the expected gradient (``b`` is measured before
+    the actions it is subtracted for act) and makes it usable at small batches.
+    (3) Warm-up in the same run (``warmup``): every teacher is used, weighted ``1 / K`` (GLMKD's
+    ``--rl_kd_only_avg`` run, l. 393), and the policy is not trained on the actions drawn then,
+    which were not applied; the first policy loss comes one step after the warm-up ends. (4) The
+    mean over sequences instead of GLMKD's sum over (sequence, teacher) pairs in the policy loss.
+    GLMKD's "previous step" is the previous forward call (a microbatch, before any update when
+    gradients accumulate); gkd's is the previous optimizer step.
+
+    **Layouts and resume.** Draws are keyed by the step and each sequence's tokens, so a sequence
+    gets the same action at any tensor/data-parallel layout; a microbatch slot covers the same
+    global positions at any data-parallel size (the micro batch size is fixed), so the policy
+    loss is the same too. The kept selections and baselines are not checkpointed: a resumed run
+    trains no policy at its first step (logged) and continues from the next, so its policy misses that
+    one step's update (the student's update of that step is unaffected; later selections can
+    differ from an uninterrupted run's)."""
 
     name: ClassVar[str] = "rl_kd"
     stages: ClassVar[frozenset[Stage]] = BOTH_STAGES
@@ -692,9 +756,19 @@ class RLKD:
     def __init__(self, params: RLKDParams) -> None:
         if not 0.0 <= params.warmup <= 1.0:
             raise ValueError(f"rl_kd.warmup must be a fraction in [0, 1], got {params.warmup}")
+        if params.baseline_decay is not None and not 0.0 <= params.baseline_decay < 1.0:
+            raise ValueError(
+                f"rl_kd.baseline_decay must be in [0, 1) or null (no baseline), "
+                f"got {params.baseline_decay}"
+            )
         self.params = params
         self._policies: dict[str, torch.nn.Linear] | None = None
-        self._draw = (-1, 0)
+        self._slot = (-1, 0)
+        self.pending: dict[int, _Pending] = {}
+        """Microbatch slot -> the selection waiting for its reward."""
+        self.baseline: dict[int, float] = {}
+        """Microbatch slot -> running mean of its rewards."""
+        self._noted_resume = False
 
     def taps(self, combiner: Combiner) -> list[Tap]:
         count = len(combiner.methods)
@@ -718,18 +792,55 @@ class RLKD:
         return {f"policy_t{k}": -1 for k in range(len(combiner.methods))}
 
     def term_weights(self, ctx: LossContext) -> dict[str, float]:
-        return {"policy": at(self.params.policy_weight, ctx), "selected": LOG_ONLY}
+        return {
+            "policy": at(self.params.policy_weight, ctx),
+            "selected": LOG_ONLY,
+            "reward": LOG_ONLY,
+        }
 
-    def _generator(self, ctx: LossContext) -> torch.Generator:
-        step, micro = self._draw
-        self._draw = (ctx.step, micro + 1) if step == ctx.step else (ctx.step, 0)
-        seed = (self.params.seed * 1_000_003 + ctx.step * 7919 + self._draw[1] * 104_729) % (2**63)
-        return torch.Generator().manual_seed(seed)
+    def warm(self, step: int, total_steps: int) -> bool:
+        """Whether ``step`` is in the warm-up (every teacher used, no policy trained)."""
+        return step < self.params.warmup * total_steps
 
-    def sample(self, probs: torch.Tensor, ctx: LossContext) -> torch.Tensor:
-        """``[K, b]`` 0/1 actions drawn with probabilities ``probs`` (the same on every tp rank)."""
-        draws = torch.rand(probs.shape, generator=self._generator(ctx), dtype=torch.float64)
+    def _next_slot(self, ctx: LossContext) -> int:
+        """This call's microbatch slot within the step (0, 1, ... in schedule order)."""
+        step, slot = self._slot
+        self._slot = (ctx.step, slot + 1) if step == ctx.step else (ctx.step, 0)
+        return self._slot[1]
+
+    def sample(self, probs: torch.Tensor, ctx: LossContext, ids: torch.Tensor) -> torch.Tensor:
+        """``[K, E]`` 0/1 actions drawn with probabilities ``probs``: sequence ``e``'s draws come
+        from a generator seeded by the step and its label tokens (``ids == e``), the same on every
+        rank and at every layout."""
+        labels = require_labels(ctx, "rl_kd").reshape(-1).cpu()
+        ids = ids.reshape(-1).cpu()
+        count, num = probs.shape
+        draws = torch.empty(count, num, dtype=torch.float64)
+        for e in range(num):
+            key = zlib.crc32(labels[ids == e].to(torch.int64).numpy().tobytes())
+            seed = (self.params.seed * 1_000_003 + ctx.step * 7919 + key * 104_729) % (2**63)
+            draws[:, e] = torch.rand(count, generator=torch.Generator().manual_seed(seed),
+                                     dtype=torch.float64)  # fmt: skip
         return (draws.to(probs.device) < probs.double()).to(probs.dtype)
+
+    def probabilities(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[K, E]`` ``pi_k = P(use teacher k)`` from each teacher's ``[E, h_k + 3]`` state."""
+        assert self._policies is not None, (
+            "rl_kd: the runtime builds the policy modules before the first step"
+        )
+        return torch.stack(
+            [
+                torch.sigmoid(policy(state.to(policy.weight.dtype))).squeeze(1).float()
+                for policy, state in zip(self._policies.values(), states, strict=True)
+            ]
+        )
+
+    @staticmethod
+    def log_prob(probs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """``log pi(a)`` elementwise for Bernoulli ``probs`` and 0/1 ``actions``."""
+        return actions * torch.log(probs.clamp_min(1e-12)) + (1 - actions) * torch.log(
+            (1 - probs).clamp_min(1e-12)
+        )
 
     @staticmethod
     def states(
@@ -749,7 +860,8 @@ class RLKD:
             logits = features[Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=k)]
             stats = _stats_of(logits, ctx)
             assert stats.cross_entropy is not None
-            pooled = pool_by_example(hidden.float(), ids, "mean", mask=mask, num_examples=num)[0]
+            flat = hidden.float().reshape(-1, hidden.shape[-1])  # [s*b, h]: unambiguous at b = 1
+            pooled = pool_by_example(flat, ids, "mean", mask=mask, num_examples=num)[0]
             scalars = torch.stack(
                 [
                     mean(stats.cross_entropy),
@@ -758,8 +870,35 @@ class RLKD:
                 ],
                 dim=1,
             )
-            out.append(torch.cat([pooled, scalars], dim=1))
+            out.append(torch.cat([pooled, scalars], dim=1).detach())
         return out
+
+    def reinforce(self, slot: int, reward: float, ctx: LossContext) -> torch.Tensor | None:
+        """The REINFORCE loss of the selection kept in ``slot`` at the previous step, rewarded with
+        ``reward`` (measured now, after that step's update); updates the slot's baseline."""
+        pending = self.pending.pop(slot, None)
+        previous = self.baseline.get(slot)
+        decay = self.params.baseline_decay
+        if decay is not None:
+            self.baseline[slot] = (
+                reward if previous is None else decay * previous + (1 - decay) * reward
+            )
+        if pending is None or pending.step != ctx.step - 1:
+            if (
+                pending is None and ctx.step > 0 and not self.warm(ctx.step - 1, ctx.total_steps)
+                and not self._noted_resume
+            ):  # fmt: skip
+                self._noted_resume = True
+                log.info(
+                    "rl_kd: no selection kept from step %d (a resumed run: selections are not "
+                    "checkpointed), so the policy is not trained at step %d; it is from the next",
+                    ctx.step - 1, ctx.step,
+                )  # fmt: skip
+            return None
+        baseline = 0.0 if decay is None or previous is None else previous
+        probs = self.probabilities(pending.states)
+        log_prob = self.log_prob(probs, pending.actions.to(probs.dtype))  # [K, E]
+        return -((reward - baseline) * log_prob.sum(0)).mean()
 
     def plan(
         self, combiner: Combiner, features: Mapping[Tap, torch.Tensor], ctx: LossContext
@@ -767,42 +906,37 @@ class RLKD:
         student = features.get(STUDENT_LOGITS)
         if student is None:
             return None
-        assert self._policies is not None, (
-            "rl_kd: the runtime builds the policy modules before the first step"
-        )
+        slot = self._next_slot(ctx)
         count = len(combiner.methods)
         batch = features[Tap(Role.TEACHER, FeatureKind.FINAL_NORM, teacher_index=0)].shape[1]
-        states = self.states(features, ctx, count, batch)
-        policies = [self._policies[f"policy_t{k}"] for k in range(count)]
-        probs = torch.stack(
-            [
-                torch.sigmoid(policy(state.to(policy.weight.dtype))).squeeze(1).float()
-                for policy, state in zip(policies, states, strict=True)
-            ]
-        )  # [K, E]
-        actions = self.sample(probs.detach(), ctx)  # [K, E]
-        warm = ctx.step < self.params.warmup * ctx.total_steps
-        chosen = torch.ones_like(actions) if warm else actions
-        none = chosen.sum(0) == 0
-        chosen = torch.where(none[None, :], torch.ones_like(chosen), chosen)
-        share = chosen / chosen.sum(0, keepdim=True)  # [K, E], the average of the selected teachers
-        ids = ctx.segment_ids(batch)
+        ids, num = ctx.segment_ids(batch), ctx.num_segments(batch)
+        # The reward of the previous step's selection: -the student's cross entropy now, after the
+        # update that used it (GLMKD l. 414-418).
+        ce = _cross_entropy(student, ctx).reshape(-1).float()
+        label_mask = ctx.loss_mask.reshape(-1).float()
+        reward = -float((ce * label_mask).sum() / label_mask.sum().clamp_min(1.0))
+        policy_loss = self.reinforce(slot, reward, ctx)
+        if self.warm(ctx.step, ctx.total_steps):
+            chosen = torch.ones(count, num, device=student.device)
+        else:
+            states = self.states(features, ctx, count, batch)
+            with torch.no_grad():
+                probs = self.probabilities(states)
+            chosen = self.sample(probs, ctx, ids)
+            self.pending[slot] = _Pending(ctx.step, states, chosen)
+        share = chosen / count  # GLMKD: the mean over (sequence, teacher) of a_jk L_jk
         real = ids >= 0
         weights: TokenWeights = {
             k: torch.where(real, share[k][ids.clamp_min(0)], 0.0).to(ctx.loss_mask.dtype)
             for k in range(count)
         }  # s-major tokens; padding (id -1) gets no teacher
-        # REINFORCE: reward = -the student's cross entropy per sequence (per example when the
-        # batch has example ids), baseline = the batch mean.
-        ce = _cross_entropy(student, ctx).reshape(-1).float()
-        label_mask = ctx.loss_mask.reshape(-1).float()
-        reward = -per_example_mean(ce, ids, label_mask, ctx.num_segments(batch))
-        advantage = reward - reward.mean()
-        log_prob = actions * torch.log(probs.clamp_min(1e-12)) + (1 - actions) * torch.log(
-            (1 - probs).clamp_min(1e-12)
-        )
-        policy_loss = -(advantage[None, :] * log_prob).sum(0).mean()
-        return weights, {"policy": policy_loss, "selected": chosen.mean().detach()}
+        if policy_loss is None:
+            policy_loss = torch.zeros((), device=student.device)
+        return weights, {
+            "policy": policy_loss,
+            "selected": chosen.mean().detach(),
+            "reward": torch.tensor(reward, device=student.device),
+        }
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -190,7 +190,8 @@ REGISTRY: dict[str, MethodSpec] = {
     "tmkd": _spec(TMKD),
     "mt_bert": _spec(MTBERT),
     "uncertainty": _spec(Uncertainty),
-    "rl_kd": _spec(RLKD, warmup=UNIT),  # a fraction of training
+    # warmup: a fraction of training; baseline_decay: a running mean's decay
+    "rl_kd": _spec(RLKD, warmup=UNIT, baseline_decay=Range(0, 1, high_open=True)),
     "dgkd": _spec(DGKD, survival=Range(0, 1, low_open=True)),  # a probability; 0 drops all
 }
 

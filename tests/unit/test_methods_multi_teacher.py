@@ -260,55 +260,6 @@ def test_dgkd_sums_the_surviving_teachers_drawn_by_step():
     assert "dgkd/t1.soft" not in terms
 
 
-def test_rl_kd_averages_selected_teachers_and_trains_the_policy_by_reinforce():
-    d = data(6)
-    method = build("rl_kd")
-    pipe = pipeline(method)
-    policies = method.modules()
-    gen = torch.Generator().manual_seed(0)
-    for module in policies.values():
-        torch.nn.init.normal_(module.weight, std=0.3, generator=gen)
-    actions = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)  # [K, b]
-    method.rule.sample = lambda probs, ctx: actions.to(probs.dtype)
-    student = d["student"].clone().requires_grad_(True)
-    total, terms = pipe.compute(
-        features(d, student), context(d, step=8, total=10)
-    )  # after the warm start
-    total.backward()
-    s = d["student"].clone().requires_grad_(True)
-    chosen = actions.clone()
-    chosen[:, 1] = 1.0  # no teacher chosen: all of them
-    share = chosen / chosen.sum(0)
-    tokens = [share[k].repeat(S) for k in range(2)]  # s-major tokens: sample = n % b
-    soft = (
-        sum(
-            (d["mask"] * tokens[k] * soft_ce(s, t, 10.0)).sum() for k, t in enumerate(d["teachers"])
-        )
-        / d["mask"].sum()
-    )
-    # GLMKD's recipe: alpha = 0.5 on the teachers' term, 1 - alpha on the hard loss, T = 10
-    check(
-        total - terms["rl_kd/policy"],
-        student.grad,
-        0.5 * soft + 0.5 * mean(ce(s, d["labels"]), d["mask"]),
-        s,
-    )
-    # REINFORCE: reward = -the student's mean CE per sequence, baseline the batch mean.
-    seq_mask = d["mask"].view(S, B)
-    reward = -(ce(d["student"], d["labels"]).view(S, B) * seq_mask).sum(0) / seq_mask.sum(0)
-    states = method.rule.states(features(d, d["student"]), context(d), 2, B)
-    log_prob = 0.0
-    for k in range(2):
-        p = torch.sigmoid(policies[f"policy_t{k}"](states[k].double())).squeeze(1)
-        log_prob = log_prob + (reward - reward.mean()) * (
-            actions[k] * p.log() + (1 - actions[k]) * (1 - p).log()
-        )
-    reference_policy = -log_prob.mean()
-    assert math.isclose(float(terms["rl_kd/policy"]), float(reference_policy), rel_tol=1e-5)
-    expected = torch.autograd.grad(reference_policy, [policies["policy_t0"].weight])[0]
-    assert torch.allclose(policies["policy_t0"].weight.grad, expected, rtol=1e-5, atol=1e-9)
-
-
 def test_rl_kd_uses_every_teacher_during_the_warm_start():
     d = data(7)
     method = build("rl_kd")
@@ -316,6 +267,7 @@ def test_rl_kd_uses_every_teacher_during_the_warm_start():
     total, terms = pipe.compute(features(d, d["student"]), context(d, step=0, total=100))
     average = sum(mean(soft_ce(d["student"], t, 10.0), d["mask"]) for t in d["teachers"]) / 2
     assert math.isclose(float(terms["rl_kd/soft"]), float(average), rel_tol=1e-9)
+    # the selection and delayed reward: tests/unit/test_methods_rl_kd.py
     assert float(terms["rl_kd/selected"]) == 1.0
 
 
