@@ -224,6 +224,7 @@ class DistillationRuntime:
             token_mask=batch["token_mask"],
             example_ids=batch.get("example_ids"),
             batch_size=batch["input_ids"].shape[0],
+            choices=batch.get("choices"),  # h15t: choice data (methods.choices)
         )
 
     def _make_batch(self, micro: torch.Tensor | dict) -> dict:
@@ -279,6 +280,7 @@ class DistillationRuntime:
                 None if token_mask is None else token_mask.to(device).float().t().reshape(-1)
             ),
             "example_ids": ids.t().reshape(-1),
+            "choices": None if micro.get("choices") is None else micro["choices"].to(device),
         }
 
     def _forward_step(self, data_iterator, model):
