@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,3 +332,32 @@ def test_superglue_choice_records_carry_no_label_unless_asked():
     assert text.choice_record(labels=False) == {"prompt": "P", "options": [" no", " yes"], "label": None}  # fmt: skip
     assert text.choice_record(labels=True)["label"] == 1
     assert np.asarray([1]).size == 1
+
+
+RECIPE = Path(__file__).resolve().parents[2] / "gkd_cli" / "configs" / "glmd"
+
+
+def test_the_glmd_recipe_configs_load_and_keep_labels_out_of_the_distillation():
+    from gkd_cli.config import load_config
+
+    names = sorted(p.name for p in RECIPE.glob("*.yaml"))
+    assert names == ["1_pretrain.yaml", "2_teacher_task.yaml", "3_task_glmd.yaml", "4_task_soft.yaml"]  # fmt: skip
+    cfgs = {n: load_config(RECIPE / n, check_paths=False) for n in names}
+    assert [str(cfgs[n].train.stage) for n in names] == ["pretrain", "task", "task", "task"]
+    assert cfgs["2_teacher_task.yaml"].teacher is None and cfgs["2_teacher_task.yaml"].data.labels
+    for n in ("3_task_glmd.yaml", "4_task_soft.yaml"):
+        assert cfgs[n].data.choices and not cfgs[n].data.labels
+    assert [e.name for e in cfgs["4_task_soft.yaml"].methods] == ["glmd_soft"]
+
+
+def test_methods_that_need_labels_are_refused_before_launch_without_them():
+    from gkd_cli.config import ConfigError, load_config
+
+    path = RECIPE / "3_task_glmd.yaml"
+    with pytest.raises(ConfigError, match=r"methods.0 \(kd\).*data.labels: true"):
+        load_config(path, ["methods=[{name: kd}]"], check_paths=False)
+    load_config(path, ["methods=[{name: kd, hard_weight: 0}]"], check_paths=False)
+    with pytest.raises(ConfigError, match="data.mode: padded or packed"):
+        load_config(path, ["data.mode=stream"], check_paths=False)
+    with pytest.raises(ConfigError, match="glmd_soft"):
+        load_config(path, ["methods=[{name: glmd_soft}]", "data.choices=false"], check_paths=False)
