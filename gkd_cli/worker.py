@@ -159,6 +159,14 @@ def _superglue_texts(cfg: DistillConfig, cache: Path, *, rank: int) -> Path:
     return path
 
 
+def _resolve_checkpoint(path: str | None) -> Path | None:
+    """The checkpoint folder of ``path`` (a step folder, a ``checkpoints`` root or a run
+    directory: :func:`parallel.checkpoint.resolve`), or ``None``."""
+    from parallel import checkpoint as ckpt
+
+    return None if not path else ckpt.resolve(path)
+
+
 def _student_layer_map(cfg: DistillConfig) -> list[int] | None:
     """``student.init_layers`` resolved against the checkpoint's layer count (checked before
     launch by the preflight)."""
@@ -336,7 +344,8 @@ def run(cfg: DistillConfig, pipeline: MethodPipeline) -> str:
             pipeline=pipeline,
             train=cfg.train,
             seq_length=cfg.data.seq_length,
-            student_init=Path(cfg.student.checkpoint) if cfg.student.checkpoint else None,
+            # a step folder, a checkpoints/ root or a run directory, as for teachers (h15t)
+            student_init=_resolve_checkpoint(cfg.student.checkpoint),
             student_init_layers=_student_layer_map(cfg),
             vocab=vocab,
             attention_masks=train_set.packed,

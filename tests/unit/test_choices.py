@@ -361,3 +361,10 @@ def test_methods_that_need_labels_are_refused_before_launch_without_them():
         load_config(path, ["data.mode=stream"], check_paths=False)
     with pytest.raises(ConfigError, match="glmd_soft"):
         load_config(path, ["methods=[{name: glmd_soft}]", "data.choices=false"], check_paths=False)
+
+
+def test_methods_that_relate_positions_are_refused_on_choice_data():
+    from gkd_cli.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.choices"):
+        load_config(RECIPE / "3_task_glmd.yaml", ["methods=[{name: sid}]"], check_paths=False)
