@@ -29,7 +29,7 @@ head's :class:`~methods.fused_head.HeadInput` their logits are computed (``hidde
 differentiable), so the fused path stays valid and nothing vocabulary-sized is built for the other
 tokens.
 
-Terms (GLMKD, ``distill/distill_model.py`` at the mirrored commit, ``GLMStudent.pre_loss``'s
+Terms (GLMKD, ``distill/distill_model.py`` at commit 8d6cf11, ``GLMStudent.pre_loss``'s
 ``finetune`` branch, lines 255-277, on the class logits ``(batch_size, class_num)``):
 
 - soft ``ce`` (GLMKD's default, L265-267): ``mean_g sum_k -softmax(t_g/T)_k log_softmax(s_g/T)_k``;
@@ -108,26 +108,6 @@ class ChoiceBatch:
 # log p(label) of selected rows, vocabulary-parallel
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the group forward; identity backward (the loss is replicated over the group)."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
-        out = tensor.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return grad, None
-
-
-def _tp_sum(tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    if group is None or dist.get_world_size(group) == 1:
-        return tensor
-    return _AllReduceSum.apply(tensor, group)  # type: ignore[no-any-return]
-
-
 def rows_logits(feature: Any, rows: Tensor) -> Tensor:
     """``[R, V/tp]`` logits of the flat token rows ``rows`` from a ``LOGITS`` feature: the
     materialized ``[N, V/tp]`` logits, or the fused head's ``HeadInput`` (computed for those rows
@@ -153,6 +133,8 @@ def label_logprobs(
     (this rank holds columns ``vocab_start ..``; columns at or beyond ``vocab_size`` are padding),
     equal on every tensor-parallel rank; differentiable with respect to the logits (fp32, fp64
     when the logits are fp64)."""
+    from methods.intermediate.common import tp_sum as _tp_sum  # forward SUM, backward identity
+
     z = rows_logits(feature, rows)
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     z = z.to(acc)

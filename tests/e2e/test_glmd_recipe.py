@@ -107,10 +107,11 @@ def test_glmd_recipe_runs_in_order_with_and_without_vocabulary_compression(tmp_p
     # with vocabulary compression: the student's vocabulary from the corpus, both stages
     vc = tmp_path / "vc"
     _gkd("compress-vocab", "--tokenizer", str(tokenizer), "--corpus", str(corpus),
-         "--keep", "256", "--multiple", "1", "--selection", "global", "--similarity", "dot",
-         "--out", str(vc))  # fmt: skip
+         "--keep", "256", "--selection", "global", "--similarity", "dot",
+         "--teacher", str(b), "--out", str(vc))  # fmt: skip
     mapping = str(vc / "vocab_mapping.safetensors")
-    kept = json.loads((vc / "vocab_report.json").read_text())["student_vocab_size"]
+    kept = json.loads((vc / "vocab_report.json").read_text())["compressed_vocab_size"]
+    assert kept == 256
 
     def compressed(change):
         def wrapped(cfg):
