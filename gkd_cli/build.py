@@ -80,12 +80,19 @@ def build_methods(cfg: DistillConfig) -> MethodPipeline:
                 "parallel.sequence_parallel=true; set parallel.sequence_parallel=false",
                 field="parallel.sequence_parallel",
             )
-        if cfg.data.mode == "packed":  # issue 14: packed rows hold several examples
+        if cfg.data.mode == "packed" or cfg.data.choices:  # rows hold several examples
             from gkd_cli.data.batching import check_packed_method
 
             try:
                 check_packed_method(method, taps, where)
             except ValueError as err:
+                if cfg.data.choices:  # h15t: every option of a choice record shares a row
+                    raise ConfigError(
+                        f"{where} relates the token positions of a whole sequence; with "
+                        "data.choices the options of a task example share one sequence, which "
+                        "its terms would mix: use another method or data.choices: false",
+                        field="data.choices",
+                    ) from None
                 raise ConfigError(str(err), field="data.mode") from None
         try:
             check_method_layout(method, entry.name, teachers, student, pp=ctx.pp, where=where)

@@ -151,6 +151,13 @@ class DataConfig:
     """Which file of each task to read."""
     superglue_dir: str | None = None
     """Folder holding one sub-folder per task (``BoolQ/train.jsonl``, ...)."""
+    choices: bool = False
+    """``source: superglue`` in ``padded``/``packed`` mode: write each task example as a choice
+    record (the evaluation prompt and every option; :mod:`methods.choices`), so task-stage
+    methods work on option scores; ``false``: a prompt/completion record (prompt + gold answer)."""
+    labels: bool = False
+    """With ``choices``: give each choice record its gold label (for ``kd``'s hard term, ``lm``
+    fine-tuning, ...). Off by default: GLMD's word-prediction distillation uses no labels."""
 
 
 @dataclass(kw_only=True)
@@ -647,6 +654,9 @@ def validate(
         raise ConfigError(str(error), field=str(error).split(":")[0].split(" ")[0]) from None
     if check_paths:
         _check_paths(cfg)
+    from gkd_cli.data.choices import check_choice_config  # h15t: choice data
+
+    check_choice_config(cfg)
     if not cfg.methods:
         raise ConfigError(
             "methods is empty; add at least one, e.g. '- name: glmd' (gkd methods list)",

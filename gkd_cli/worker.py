@@ -64,17 +64,32 @@ def build_dataset(
         files, fmt = [str(_superglue_texts(cfg, cache, rank=rank))], "jsonl"
     sources = data_sources(cfg, files, fmt)
     examples = data.mode != "stream"
+    groups = None
+    if examples:  # choice records: one example per option (gkd_cli.data.choices)
+        from gkd_cli.data.choices import prepare_sources
+
+        sources, groups = _barrier_build(
+            lambda: prepare_sources(sources, cache / f"{name}-choices"), rank=rank
+        )
     store = _barrier_build(
         lambda: build_example_store(
             sources,
             tokenizer,
             cache / name,
             max_length=data.seq_length if examples else None,
-            overlong=data.overlong,
+            overlong=data.overlong if groups is None else "refuse",
             workers=data.workers or _auto_workers(sources),
         ),
         rank=rank,
     )
+    if groups is not None:
+        from gkd_cli.data.choices import ChoiceRows
+
+        return ChoiceRows(
+            store, data.seq_length, groups, mode=data.mode, seed=cfg.train.seed,
+            shuffle=data.shuffle if shuffle is None else shuffle, pad_id=tokenizer.eos_id,
+            name=f"data.{name}_files",
+        )  # fmt: skip
     return make_rows(
         store,
         data.mode,
@@ -124,7 +139,8 @@ def _superglue_texts(cfg: DistillConfig, cache: Path, *, rank: int) -> Path:
     tasks, folder = cfg.data.superglue_tasks, cfg.data.superglue_dir
     assert folder is not None  # validation requires it for source: superglue
     split = cfg.data.superglue_split
-    path = cache / f"superglue-{split}-{cfg.data.mode}-{'-'.join(tasks)}.jsonl"
+    kind = ("-choices-labeled" if cfg.data.labels else "-choices") if cfg.data.choices else ""
+    path = cache / f"superglue-{split}-{cfg.data.mode}{kind}-{'-'.join(tasks)}.jsonl"
     if rank == 0:
         records = list(iter_task_records(folder, tasks, split))
         examples = cfg.data.mode != "stream" and all(r.answer is not None for r in records)
@@ -132,10 +148,23 @@ def _superglue_texts(cfg: DistillConfig, cache: Path, *, rank: int) -> Path:
         tmp = path.with_suffix(".tmp")
         with tmp.open("w") as fh:
             for record in records:
-                fh.write(json.dumps(record.record(examples=examples)) + "\n")
+                line = (  # h15t: a choice record (methods.choices) with data.choices
+                    record.choice_record(labels=cfg.data.labels)
+                    if cfg.data.choices
+                    else record.record(examples=examples)
+                )
+                fh.write(json.dumps(line) + "\n")
         os.replace(tmp, path)
     dist.barrier()
     return path
+
+
+def _resolve_checkpoint(path: str | None) -> Path | None:
+    """The checkpoint folder of ``path`` (a step folder, a ``checkpoints`` root or a run
+    directory: :func:`parallel.checkpoint.resolve`), or ``None``."""
+    from parallel import checkpoint as ckpt
+
+    return None if not path else ckpt.resolve(path)
 
 
 def _student_layer_map(cfg: DistillConfig) -> list[int] | None:
@@ -335,7 +364,8 @@ def run(cfg: DistillConfig, pipeline: MethodPipeline) -> str:
             pipeline=pipeline,
             train=cfg.train,
             seq_length=cfg.data.seq_length,
-            student_init=Path(cfg.student.checkpoint) if cfg.student.checkpoint else None,
+            # a step folder, a checkpoints/ root or a run directory, as for teachers (h15t)
+            student_init=_resolve_checkpoint(cfg.student.checkpoint),
             student_init_layers=_student_layer_map(cfg),
             vocab=vocab,
             attention_masks=train_set.packed,

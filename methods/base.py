@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,9 @@ from methods.examples import (
     count_examples,
     pool_by_example,
 )
+
+if TYPE_CHECKING:
+    from methods.choices import ChoiceBatch
 
 
 class Stage(str, enum.Enum):  # noqa: UP042 (keeps str() as it was)
@@ -201,6 +204,10 @@ class LossContext:
     batch_size: int | None = None
     """``b``, the rows of this microbatch's ``[s, b]`` token grid (``N = s * b``); ``None`` when
     the caller did not say (then helpers take it from the features)."""
+    choices: ChoiceBatch | None = None
+    """Choice data (:mod:`methods.choices`): per example its group and option index, per group its
+    label (``-1``: none); ``None`` unless the data are choice records (``data.choices``). Task-stage
+    methods then work on option scores (:meth:`option_scores`)."""
 
     @property
     def distill_mask(self) -> torch.Tensor:
@@ -255,6 +262,14 @@ class LossContext:
             self.batch_size,
             num_examples=self.num_segments(),
         )
+
+    def option_scores(self, logits: Any, *, normalize: bool = False) -> torch.Tensor:
+        """``[G, K]`` option scores (sum of ``log p`` over each option's tokens; ``normalize``:
+        per token) of one model's ``LOGITS`` feature; ``-inf`` for missing options
+        (:func:`methods.choices.option_scores`)."""
+        from methods.choices import option_scores
+
+        return option_scores(logits, self, normalize=normalize)
 
 
 @runtime_checkable

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from methods import choices as ch
 from methods import vocab_kernels as vk
 from methods import vocab_parallel as vp
 from methods.base import BuildContext, LossContext, ModelInfo, Stage, Tap
@@ -65,7 +66,9 @@ class LMParams:
 
 class LM:
     """The student's next-token cross entropy on the labels (no teacher): ``-log p_s(y_n)``
-    averaged over the tokens of ``loss_mask``. Mixed into distillation as the "hard" term."""
+    averaged over the tokens of ``loss_mask``. Mixed into distillation as the "hard" term. On
+    choice data (``ctx.choices``) the cross entropy of the student's option scores against each
+    example's label, as GLMKD fine-tunes on a task (:mod:`methods.choices`)."""
 
     name: ClassVar[str] = "lm"
     stages: ClassVar[frozenset[Stage]] = BOTH_STAGES
@@ -83,6 +86,12 @@ class LM:
     def compute(
         self, features: Mapping[Tap, torch.Tensor], ctx: LossContext
     ) -> dict[str, torch.Tensor]:
+        if ctx.choices is not None:
+            student = features.get(STUDENT_LOGITS)
+            if student is None:
+                return {}
+            labels = ctx.choices.require_labels(self.name)
+            return {"ce": ch.class_hard(ctx.option_scores(student), labels)}
         loss = hard_term(features, ctx, self.name)
         return {} if loss is None else {"ce": loss}
 
@@ -104,6 +113,13 @@ def _kd_terms(
     params: KDParams, logits: tuple[torch.Tensor, torch.Tensor], ctx: LossContext, name: str
 ) -> dict[str, torch.Tensor]:
     temperature = at(params.temperature, ctx)
+    if ctx.choices is not None:  # task stage on choice data: GLMKD's terms on class scores
+        student, teacher = ch.pair_scores(logits, ctx)
+        terms = {"soft": ch.class_soft(student, teacher, params.soft_loss, temperature)}
+        if params.hard_weight != 0.0:
+            labels = ctx.choices.require_labels(name)
+            terms["hard"] = ch.class_hard(student, labels)
+        return terms
     terms = {"soft": soft_loss(params.soft_loss, *logits, ctx.loss_mask, ctx, temperature)}
     if params.hard_weight != 0.0:
         terms["hard"] = cross_entropy(logits[0], ctx, name)
@@ -123,7 +139,11 @@ KD = logit_method(
     doc="""Knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural
     Network", sec. 2): ``soft_weight * H(p_t^T, p_s^T) + hard_weight * CE(y, p_s)`` where ``p^T`` is the
     softmax at temperature T (eq. 1); with ``soft_loss: kl`` the soft term is
-    ``T^2 KL(p_t^T || p_s^T)``, which keeps its gradient scale independent of T (sec. 2).""",
+    ``T^2 KL(p_t^T || p_s^T)``, which keeps its gradient scale independent of T (sec. 2).
+    On choice data (``ctx.choices``, task stage) both terms are on each example's option scores
+    as GLMKD's fine-tuning does (``distill/distill_model.py`` L255-277): the soft term between
+    ``softmax(scores/T)`` of teacher and student (``kl``: times T^2), the hard term the cross
+    entropy of the student's scores against the label (:mod:`methods.choices`).""",
 )
 
 
@@ -138,7 +158,9 @@ class PD:
     Importance of Pre-training Compact Models", arXiv 1908.08962):
     first pre-train the compact student with its own LM loss and no teacher (pretrain stage: term
     ``lm``), then distill on task data with the soft cross entropy to the teacher's predictions,
-    ``-sum_i p_t,i log p_s,i`` (task stage: term ``soft``, at T = 1)."""
+    ``-sum_i p_t,i log p_s,i`` (task stage: term ``soft``, at T = 1). On choice data the soft cross
+    entropy is between the option-score distributions (GLMKD readme "PD" step 2,
+    ``--distill_ft_soft --distill_temperature=1``; :mod:`methods.choices`)."""
 
     name: ClassVar[str] = "pd"
     stages: ClassVar[frozenset[Stage]] = BOTH_STAGES
@@ -170,7 +192,14 @@ class PD:
         if logits is None:
             return {}
         temperature = at(self.params.temperature, ctx)
+        if ctx.choices is not None:  # GLMKD's PD recipe: --distill_ft_soft at T=1 on class scores
+            return {"soft": ch.class_soft(*ch.pair_scores(logits, ctx), "ce", temperature)}
         return {"soft": soft_loss("ce", *logits, ctx.loss_mask, ctx, temperature)}
+
+
+def _glmd_mask(ctx: LossContext) -> torch.Tensor:
+    """GLMD's positions: every non-padding position, or each choice group's answer position."""
+    return ch.group_answer_mask(ctx) if ctx.choices is not None else ctx.distill_mask
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -184,7 +213,7 @@ GLMD = logit_method(
     name="glmd",
     params=GLMDParams,
     terms=lambda p, logits, ctx, name: {
-        "kl": soft_loss("kl", *logits, ctx.distill_mask, ctx, at(p.temperature, ctx))
+        "kl": soft_loss("kl", *logits, _glmd_mask(ctx), ctx, at(p.temperature, ctx))
     },
     paper="Tan et al. 2023 (GLMD)",
     fused_head=True,
@@ -194,7 +223,10 @@ GLMD = logit_method(
     ``T^2 KL(p_t^T || p_s^T)`` over
     the whole vocabulary at every non-padding position (``ctx.token_mask``, else ``loss_mask``),
     with no hard labels and no intermediate layers, in both the pre-training and the task stage.
-    (The paper's optional third step, a soft cross entropy on verbalizer scores, is not here.)""",
+    On choice data (``ctx.choices``, task stage) only at each task example's answer position
+    (the last prompt token, once per example whatever its number of options), where GLM predicts
+    the answer word: no option text and no label is distilled. The paper's optional third step,
+    a soft cross entropy on option scores, is the method ``glmd_soft``.""",
 )
 
 
@@ -202,6 +234,16 @@ GLMD = logit_method(
 class AnnealingKDParams:
     max_temperature: int = 7
     """tau_max: the teacher scale rises in tau_max steps from 1/tau_max to 1 (GKD uses 7)."""
+
+
+def _annealing_term(
+    params: Any, logits: tuple[torch.Tensor, torch.Tensor], ctx: LossContext
+) -> torch.Tensor:
+    if ctx.choices is None:
+        return _annealed_mse(logits, ctx, params.max_temperature, margin=0.0)
+    # GLMKD Annealing_KD.pre_loss (distill_model.py L2134-2140): mse(s, Phi t) on class scores.
+    phi = _annealing_factor(ctx.step, ctx.total_steps, params.max_temperature)
+    return ch.class_soft(*ch.pair_scores(logits, ctx), "mse", teacher_scale=phi)
 
 
 def _check_annealing(where: str) -> Callable[[Any], None]:
@@ -218,9 +260,7 @@ AnnealingKD = logit_method(
     "AnnealingKD",
     name="annealing_kd",
     params=AnnealingKDParams,
-    terms=lambda p, logits, ctx, name: {
-        "mse": _annealed_mse(logits, ctx, p.max_temperature, margin=0.0)
-    },
+    terms=lambda p, logits, ctx, name: {"mse": _annealing_term(p, logits, ctx)},
     check=_check_annealing("annealing_kd"),
     fused_head=True,
     stages=TASK_ONLY,
@@ -229,7 +269,9 @@ AnnealingKD = logit_method(
     2104.07163), its first phase's loss ``||z_s - Phi(T) z_t||^2`` between raw logits, ``Phi(T) = 1 - (T - 1) / tau_max`` with ``T``
     stepping down from ``tau_max`` to 1 over training (mean over the vocabulary, as GKD's
     ``F.mse_loss``). The paper's second phase (hard labels only, no teacher) is a separate run
-    with the ``lm`` method.""",
+    with the ``lm`` method. On choice data (``ctx.choices``) the MSE is between the option scores,
+    mean over examples and options, as GLMKD's Annealing_KD on class logits
+    (``distill_model.py`` L2134-2140, ``--distill_ft_soft_mse``).""",
 )
 
 
@@ -301,6 +343,12 @@ def _continuation_terms(
     name: str,
 ) -> dict[str, torch.Tensor]:
     phi = _annealing_factor(ctx.step, ctx.total_steps, params.max_temperature)
+    if ctx.choices is not None:  # GLMKD Continuation_KD.pre_loss on class scores (L2230-2246)
+        labels = ctx.choices.require_labels(name)
+        student, teacher = ch.pair_scores(logits, ctx)
+        per_group = ch.class_mse_per_group(student, teacher, phi)
+        hinge = per_group * (per_group.detach() > params.margin * phi)
+        return {"soft": hinge.mean(), "hard": ch.class_hard(student, labels)}
     per_sample, valid = per_sample_annealed_mse(logits, ctx, phi)
     # GLMKD: loss_soft x (loss_soft > margin x Phi), a hinge per sample, then the batch mean.
     active = (per_sample.detach() > params.margin * phi) & valid
@@ -333,5 +381,7 @@ ContinuationKD = logit_method(
     ``(1 - psi) soft + psi hard`` with ``psi = step / (1.333 steps)`` rising to 0.5 over the first
     two thirds of training and 1 after (the objective continues from the smooth teacher-matching
     one to the task loss). A sample is an example in example-aware batches (``data.mode: padded |
-    packed``), a sequence row otherwise.""",
+    packed``), a sequence row otherwise. On choice data (``ctx.choices``) a sample is a task
+    example and both terms are on its option scores (GLMKD distill_model.py L2230-2246 with
+    ``--distill_ft_soft_mse --distill_ft_hard``).""",
 )

@@ -23,6 +23,7 @@ from typing import Any
 
 from methods import typed
 from methods.base import BuildContext, Method, Stage
+from methods.choices import GLMDSoft
 from methods.divergences import JSD, TVD, ForwardKL, ReverseKL, SkewKL, SkewRKL, TopKKD
 from methods.forward_methods import DIITO, LRCBERT, Theseus
 from methods.intermediate import (
@@ -144,6 +145,7 @@ REGISTRY: dict[str, MethodSpec] = {
     "kd": _spec(KD),
     "pd": _spec(PD),
     "glmd": _spec(GLMD),
+    "glmd_soft": _spec(GLMDSoft, temperature=POSITIVE),
     "annealing_kd": _spec(AnnealingKD, max_temperature=AT_LEAST_ONE),
     "continuation_kd": _spec(
         ContinuationKD,

@@ -227,6 +227,7 @@ class DistillationRuntime:
             token_mask=batch["token_mask"],
             example_ids=batch.get("example_ids"),
             batch_size=batch["input_ids"].shape[0],
+            choices=batch.get("choices"),  # h15t: choice data (methods.choices)
         )
 
     def _make_batch(self, micro: torch.Tensor | dict) -> dict:
@@ -284,6 +285,7 @@ class DistillationRuntime:
             "example_ids": ids.t().reshape(-1),
             # [b] global sample ids (gkd_cli.worker.make_batch_fn): what a cached teacher reads
             "sample_ids": micro.get("sample_ids"),
+            "choices": None if micro.get("choices") is None else micro["choices"].to(device),
         }
 
     def _forward_step(self, data_iterator, model):

@@ -437,11 +437,16 @@ def microbatches(
     dp_size: int,
     micro_batch_size: int,
 ) -> list[dict]:
-    """This rank's collated microbatches of ``step``."""
+    """This rank's collated microbatches of ``step`` (a dataset with its own ``collate``, e.g.
+    :class:`gkd_cli.data.choices.ChoiceRows`, collates its rows itself)."""
+    own = getattr(dataset, "collate", None)
     return [
-        collate([dataset.row(e, r) for e, r in micro], packed=dataset.packed)
-        for micro in step_microbatches(
-            dataset, step, global_batch_size, dp_rank, dp_size, micro_batch_size
+        (own(rows) if own is not None else collate(rows, packed=dataset.packed))
+        for rows in (
+            [dataset.row(e, r) for e, r in micro]
+            for micro in step_microbatches(
+                dataset, step, global_batch_size, dp_rank, dp_size, micro_batch_size
+            )
         )
     ]
 

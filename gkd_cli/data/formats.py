@@ -31,7 +31,13 @@ Kinds of example (``kind``), for the record formats (jsonl, parquet, arrow):
     a list of ``{"role", "content"}`` messages under ``messages_field``, rendered with the
     tokenizer's chat template; only assistant turns are targets.
 
-``auto`` decides per file from its first record: ``messages_field`` present means chat, else
+``choice``
+    ``{"prompt": str, "options": [str, ...], "label": int | null}`` (``prompt_field``, the fixed
+    ``options`` and ``label`` fields): one task example, each option becoming one example of a
+    group (:mod:`gkd_cli.data.choices`, :mod:`methods.choices`).
+
+``auto`` decides per file from its first record: ``messages_field`` present means chat,
+``options`` (with ``prompt_field``) a choice record, else
 ``prompt_field`` and ``completion_field`` mean prompt/completion, else text (as TRL's SFT trainer
 recognises its dataset types).
 """
@@ -50,7 +56,7 @@ from gkd_cli.data.documents import _JSON_TYPES, DocSplit, _lookup
 _TYPES: dict[type, str] = {**_JSON_TYPES, str: "a string"}
 
 SourceFormat = Literal["auto", "text", "jsonl", "parquet", "arrow", "indexed"]
-ExampleKind = Literal["auto", "text", "prompt_completion", "chat"]
+ExampleKind = Literal["auto", "text", "prompt_completion", "chat", "choice"]
 OverlongPolicy = Literal["truncate", "refuse"]
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -277,6 +283,11 @@ def decide_kind(source: DataSource, record: Any, where: str) -> str:
         if _lookup(record, source.messages_field) is not None:
             return "chat"
         if (
+            _lookup(record, "options") is not None
+            and _lookup(record, source.prompt_field) is not None
+        ):
+            return "choice"
+        if (
             _lookup(record, source.prompt_field) is not None
             and _lookup(record, source.completion_field) is not None
         ):
@@ -339,6 +350,36 @@ def prompt_completion_payload(record: Any, source: DataSource, where: str) -> tu
             "train on; remove the record"
         )
     return prompt, completion
+
+
+def choice_payload(
+    record: Any, source: DataSource, where: str
+) -> tuple[str, list[str], int | None]:
+    """``(prompt, options, label or None)`` of a choice record, validated: at least two non-empty
+    string options, a label that is ``null`` or an integer index into them."""
+    prompt = _string_field(record, source.prompt_field, where, "prompt")
+    options = record.get("options") if isinstance(record, dict) else None
+    if not isinstance(options, list) or len(options) < 2:
+        raise ValueError(
+            f"{where}: field 'options' is {_TYPES.get(type(options), 'a value')} "
+            f"({json.dumps(options, default=str)[:60]}), not a list of at least two option "
+            "strings; fix or remove the record"
+        )
+    for k, option in enumerate(options):
+        if not isinstance(option, str) or not option.strip():
+            raise ValueError(
+                f"{where}: option {k} is {json.dumps(option, default=str)[:60]}, not a "
+                "non-empty string; fix or remove the record"
+            )
+    label = record.get("label")
+    if label is not None and (
+        isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(options)
+    ):
+        raise ValueError(
+            f"{where}: label {json.dumps(label, default=str)[:60]} is not null or an option "
+            f"index 0..{len(options) - 1}; fix the record"
+        )
+    return prompt, list(options), label
 
 
 def chat_payload(record: Any, source: DataSource, where: str) -> list[dict[str, Any]]:

@@ -37,6 +37,20 @@ class TaskText:
     answer: str | None = None
     """The gold option's text (``None`` when unlabeled)."""
 
+    options: tuple[str, ...] = ()
+    """Every option of the evaluation prompt."""
+    label: int | None = None
+    """The gold option's index (``None`` when unlabeled)."""
+
+    def choice_record(self, *, labels: bool) -> dict[str, object]:
+        """The choice record ``{"prompt", "options", "label"}`` (:mod:`methods.choices`); the label
+        only when ``labels`` (GLMD distills without gold answers: then it is ``null``)."""
+        return {
+            "prompt": self.prompt,
+            "options": list(self.options),
+            "label": self.label if labels else None,
+        }
+
     def record(self, *, examples: bool) -> dict[str, str]:
         """The JSON-lines record: ``{"prompt", "completion"}`` (the gold answer, trained on alone
         in example-aware batches) when ``examples`` and labeled, else ``{"text"}``."""
@@ -73,6 +87,8 @@ def iter_task_records(
                 labeled=labeled,
                 prompt=prompt.context,
                 answer=prompt.options[prompt.gold] if prompt.gold is not None else None,
+                options=tuple(prompt.options),
+                label=prompt.gold,
             )
 
 
