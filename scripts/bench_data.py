@@ -14,7 +14,8 @@
    installed megatron-core): ``tools/preprocess_data.py --json-keys text --append-eod --workers
    N --tokenizer-type HuggingFaceTokenizer``. Both outputs are compared token for token.
 
-Prints one JSON object (seconds, tokens, tokens/s, ratio).
+Prints one JSON object (seconds, tokens, tokens/s, ratio, and the 1-minute load average
+sampled every 10 s while each tool ran: mean, min, max).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +49,40 @@ class _Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__getattr__ = lambda name: unavailable
 sys.meta_path.insert(0, _Stub())
 """
+
+
+class LoadSampler:
+    """The machine's 1-minute load average, sampled every ``every`` seconds while a tool runs
+    (``with LoadSampler() as load: ...``; then ``load.summary()``): on a shared machine the rates
+    mean little without it."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        values = self.samples or [os.getloadavg()[0]]
+        return {
+            "mean": round(sum(values) / len(values), 1),
+            "min": round(min(values), 1),
+            "max": round(max(values), 1),
+        }
 
 
 def strings(value):
@@ -164,15 +200,18 @@ def main() -> None:
     corpus, size = make_corpus(args.superglue, args.out, args.size_mb, args.seed)
     tok, folder = make_tokenizer(corpus, args.out, args.vocab)
     report: dict = {"corpus_bytes": size, "vocab": tok.vocab_size, "workers": args.workers}
-    gkd = run_gkd(corpus, tok, args.out, args.workers)
+    with LoadSampler() as load:
+        gkd = run_gkd(corpus, tok, args.out, args.workers)
     report["gkd"] = {
+        "load_average": load.summary(),
         "seconds": round(gkd["seconds"], 1),
         "tokens": gkd["tokens"],
         "tokens_per_s": round(gkd["tokens"] / gkd["seconds"]),
         "mb_per_s": round(size / 1e6 / gkd["seconds"], 2),
     }
     if args.megatron_lm is not None:
-        meg = run_megatron(corpus, folder, args.out, args.megatron_lm, args.workers)
+        with LoadSampler() as load:
+            meg = run_megatron(corpus, folder, args.out, args.megatron_lm, args.workers)
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         dataset = IndexedDataset(str(meg["bin"])[: -len(".bin")])
@@ -186,6 +225,7 @@ def main() -> None:
             "tokens": int(len(tokens)),
             "tokens_per_s": round(len(tokens) / meg["seconds"]),
             "identical_tokens": same,
+            "load_average": load.summary(),
         }
         report["ratio_gkd_over_megatron"] = round(
             report["gkd"]["tokens_per_s"] / report["megatron"]["tokens_per_s"], 2
