@@ -14,7 +14,9 @@
    installed megatron-core): ``tools/preprocess_data.py --json-keys text --append-eod --workers
    N --tokenizer-type HuggingFaceTokenizer``. Both outputs are compared token for token.
 
-Prints one JSON object (seconds, tokens, tokens/s, ratio).
+Prints one JSON object: per tool wall seconds, tokens, tokens/s, CPU seconds (user + system, the
+tool's worker processes included) and tokens per CPU second, the 1-minute load average sampled
+every 10 s while it ran (mean, min, max); the ratios gkd / Megatron of both rates.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +51,51 @@ class _Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__getattr__ = lambda name: unavailable
 sys.meta_path.insert(0, _Stub())
 """
+
+
+class LoadSampler:
+    """The machine's 1-minute load average, sampled every ``every`` seconds while a tool runs
+    (``with LoadSampler() as load: ...``; then ``load.summary()``): on a shared machine the rates
+    mean little without it."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        values = self.samples or [os.getloadavg()[0]]
+        return {
+            "mean": round(sum(values) / len(values), 1),
+            "min": round(min(values), 1),
+            "max": round(max(values), 1),
+        }
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children (a tool's worker
+    processes included once they are joined): less sensitive to a shared machine's load than wall
+    time."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def strings(value):
@@ -105,15 +154,15 @@ def make_tokenizer(corpus: Path, out: Path, vocab: int):
 def run_gkd(corpus: Path, tok, out: Path, workers: int) -> dict:
     from gkd_cli.data.build import DataSource, build_example_store
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     store = build_example_store(
         [DataSource(path=str(corpus), kind="text")],
         tok,
         out / f"gkd-cache-{workers}",
         workers=workers,
     )
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": store.num_tokens, "store": store}
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": store.num_tokens, "store": store}
 
 
 def run_megatron(corpus: Path, folder: Path, out: Path, megatron: Path, workers: int) -> dict:
@@ -140,13 +189,13 @@ def run_megatron(corpus: Path, folder: Path, out: Path, megatron: Path, workers:
         "1000000",
     ]
     env = {**os.environ, "PYTHONPATH": f"{stub}{os.pathsep}{megatron}"}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     if result.returncode:
         raise SystemExit(f"megatron preprocess_data failed:\n{result.stderr[-3000:]}")
     bin_path = Path(f"{prefix}_text_document.bin")
-    return {"seconds": seconds, "bin": bin_path}
+    return {"seconds": seconds, "cpu_seconds": cpu, "bin": bin_path}
 
 
 def main() -> None:
@@ -164,15 +213,20 @@ def main() -> None:
     corpus, size = make_corpus(args.superglue, args.out, args.size_mb, args.seed)
     tok, folder = make_tokenizer(corpus, args.out, args.vocab)
     report: dict = {"corpus_bytes": size, "vocab": tok.vocab_size, "workers": args.workers}
-    gkd = run_gkd(corpus, tok, args.out, args.workers)
+    with LoadSampler() as load:
+        gkd = run_gkd(corpus, tok, args.out, args.workers)
     report["gkd"] = {
+        "load_average": load.summary(),
         "seconds": round(gkd["seconds"], 1),
         "tokens": gkd["tokens"],
         "tokens_per_s": round(gkd["tokens"] / gkd["seconds"]),
         "mb_per_s": round(size / 1e6 / gkd["seconds"], 2),
+        "cpu_seconds": round(gkd["cpu_seconds"], 1),
+        "tokens_per_cpu_s": round(gkd["tokens"] / gkd["cpu_seconds"]),
     }
     if args.megatron_lm is not None:
-        meg = run_megatron(corpus, folder, args.out, args.megatron_lm, args.workers)
+        with LoadSampler() as load:
+            meg = run_megatron(corpus, folder, args.out, args.megatron_lm, args.workers)
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         dataset = IndexedDataset(str(meg["bin"])[: -len(".bin")])
@@ -185,10 +239,16 @@ def main() -> None:
             "seconds": round(meg["seconds"], 1),
             "tokens": int(len(tokens)),
             "tokens_per_s": round(len(tokens) / meg["seconds"]),
+            "cpu_seconds": round(meg["cpu_seconds"], 1),
+            "tokens_per_cpu_s": round(len(tokens) / meg["cpu_seconds"]),
             "identical_tokens": same,
+            "load_average": load.summary(),
         }
         report["ratio_gkd_over_megatron"] = round(
             report["gkd"]["tokens_per_s"] / report["megatron"]["tokens_per_s"], 2
+        )
+        report["cpu_ratio_gkd_over_megatron"] = round(
+            report["gkd"]["tokens_per_cpu_s"] / report["megatron"]["tokens_per_cpu_s"], 2
         )
     print(json.dumps(report, indent=1))
 

@@ -2,10 +2,12 @@
 
     torchrun --nproc-per-node N tests/dist/examples_job.py SPEC.json
 
-SPEC keys: modes (list of data.mode), steps, out_dir, result, stop_after (optional: stop there,
-then build a fresh runtime in this process and resume from the checkpoint), isolation (optional:
-also run each packed example alone through the teacher (Llama: rotary) and the student (GPT-2:
-learned absolute positions) and compare with the packed rows).
+SPEC keys: modes (list of data.mode), steps, out_dir, result, runs (optional, default ["full"]:
+"full" runs every step uninterrupted; "resumed" stops after stop_after steps, then builds a fresh
+runtime in this process and resumes from the checkpoint; each run has its own output folder),
+stop_after, isolation (optional: also run each packed example alone through the teacher (Llama:
+rotary) and the student (GPT-2: learned absolute positions) and compare with the packed rows).
+The result holds, per mode and run, the losses, terms, steps and the store indices each step read.
 
 A store of prompt/completion examples of varying lengths is written with ExampleStoreWriter; the
 methods are real ones (glmd, pkd with per-example pooling, lm) at the task stage. Rank 0 writes the
@@ -133,12 +135,50 @@ def isolation(runtime, rows) -> dict:
     return worst
 
 
+def train(ctx, rows, spec: dict, out_dir: Path, *, resumed: bool) -> dict:
+    """Train ``spec["steps"]`` steps on ``rows`` (in two runtimes when ``resumed``: the second, fresh
+    one resumes from the checkpoint the first wrote at ``spec["stop_after"]``)."""
+    from gkd_cli.data.batching import microbatches
+    from parallel.loop import LoopSettings, train_loop
+
+    seen: list = []
+
+    def batch_fn(step):
+        micro = microbatches(rows, step, GLOBAL_BATCH, ctx.dp_rank, ctx.dp, MICRO)
+        mine = [m["example_index"].tolist() for m in micro]
+        everyone: list = [None] * ctx.dp
+        dist.all_gather_object(everyone, mine, group=ctx.dp_group)
+        seen.append([row for part in everyone for m in part for row in m])
+        return micro
+
+    records: list = []
+    settings = dict(
+        steps=spec["steps"],
+        save_every=1000,
+        out_dir=out_dir,
+        meta={"test": True},
+        config_yaml="t: 1\n",
+        resume=True,
+    )
+    stop = spec["stop_after"] if resumed else None
+    runtime = build_runtime(ctx, spec["steps"])
+    train_loop(runtime, batch_fn, LoopSettings(**settings, stop_after=stop), on_step=records.append)
+    if resumed:
+        runtime = build_runtime(ctx, spec["steps"])  # a fresh runtime: what a relaunch builds
+        train_loop(runtime, batch_fn, LoopSettings(**settings), on_step=records.append)
+    return {
+        "losses": [r["loss"] for r in records],
+        "terms": [r["terms"] for r in records],
+        "steps": [r["step"] for r in records],
+        "seen": seen,
+    }
+
+
 def main(spec_path: str) -> None:
-    from gkd_cli.data.batching import make_rows, microbatches
+    from gkd_cli.data.batching import make_rows
     from gkd_cli.data.store import ExampleStore
     from parallel.config import ParallelConfig
     from parallel.distributed import initialize, shutdown
-    from parallel.loop import LoopSettings, train_loop
 
     spec = json.loads(Path(spec_path).read_text())
     ctx = initialize(ParallelConfig(tp=1, pp=1, dp=int(os.environ["WORLD_SIZE"])), seed=7)
@@ -150,45 +190,11 @@ def main(spec_path: str) -> None:
     result: dict = {}
     for mode in spec["modes"]:
         rows = make_rows(store, mode, SEQ, seed=3)
-        seen: list = []
-
-        def batch_fn(step, rows=rows, seen=seen):
-            micro = microbatches(rows, step, GLOBAL_BATCH, ctx.dp_rank, ctx.dp, MICRO)
-            mine = [m["example_index"].tolist() for m in micro]
-            everyone: list = [None] * ctx.dp
-            dist.all_gather_object(everyone, mine, group=ctx.dp_group)
-            seen.append([row for part in everyone for m in part for row in m])
-            return micro
-
-        records: list = []
-        settings = dict(
-            steps=spec["steps"],
-            save_every=1000,
-            out_dir=out / mode,
-            meta={"test": True},
-            config_yaml="t: 1\n",
-        )
-        runtime = build_runtime(ctx, spec["steps"])
         if spec.get("isolation") and mode == "packed":
-            result["isolation"] = isolation(runtime, rows)
-        stop = spec.get("stop_after")
-        train_loop(
-            runtime,
-            batch_fn,
-            LoopSettings(**settings, stop_after=stop, resume=True),
-            on_step=records.append,
-        )
-        if stop:
-            runtime = build_runtime(ctx, spec["steps"])  # a fresh runtime: what a relaunch builds
-            train_loop(
-                runtime, batch_fn, LoopSettings(**settings, resume=True), on_step=records.append
-            )
-        result[mode] = {
-            "losses": [r["loss"] for r in records],
-            "terms": [r["terms"] for r in records],
-            "steps": [r["step"] for r in records],
-            "seen": seen,
-        }
+            result["isolation"] = isolation(build_runtime(ctx, spec["steps"]), rows)
+        result[mode] = {}
+        for run in spec.get("runs", ["full"]):
+            result[mode][run] = train(ctx, rows, spec, out / mode / run, resumed=run == "resumed")
     if ctx.rank == 0:
         Path(spec["result"]).write_text(json.dumps(result))
     shutdown()
