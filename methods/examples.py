@@ -34,8 +34,10 @@ def column_ids(num_tokens: int, batch_size: int, device: torch.device | None = N
 
 
 def _flat(features: Tensor, num_tokens: int) -> Tensor:
-    """``[s, b, ...]`` or ``[N, ...]`` -> ``[N, ...]`` (s-major)."""
-    if features.shape[0] == num_tokens:
+    """``[s, b, ...]`` or ``[N, ...]`` -> ``[N, ...]`` (s-major). At micro batch size 1 an
+    ``[s, 1, ...]`` tensor has ``s == N`` rows too: a size-1 second axis of a 3+-d tensor is the
+    batch axis."""
+    if features.shape[0] == num_tokens and not (features.dim() >= 3 and features.shape[1] == 1):
         return features
     flat = features.reshape(-1, *features.shape[2:])
     if flat.shape[0] != num_tokens:

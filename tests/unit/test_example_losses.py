@@ -213,3 +213,20 @@ def test_sample_level_method_pools_per_example(tmp_path):
             diff = F.normalize(vec(1 + j), dim=0) - F.normalize(vec(7 + t), dim=0)
             expected += float(diff.pow(2).mean()) / len(EXAMPLES)
     assert float(results[0]) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("how", ["first", "last", "mean"])
+def test_micro_batch_of_one_pools_to_one_vector_per_example(how):
+    """At micro batch size 1, ``[s, 1, h]`` has ``s == N`` rows: it is still ``[s, b, h]``."""
+    torch.manual_seed(0)
+    s, h = 6, 4
+    features = torch.randn(s, 1, h, dtype=torch.float64)
+    ids = torch.tensor([0, 0, 0, 1, 1, -1])  # two examples and one padding position
+    pooled, valid = pool_by_example(features, ids, how, num_examples=2)
+    assert pooled.shape == (2, h) and valid.tolist() == [True, True]
+    flat = features[:, 0]
+    spans = [flat[0:3], flat[3:5]]
+    expected = torch.stack(
+        [sp[0] if how == "first" else sp[-1] if how == "last" else sp.mean(0) for sp in spans]
+    )
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-12)
