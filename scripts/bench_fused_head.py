@@ -295,7 +295,7 @@ def bisect_section(args) -> list[str]:
         "|---|---|---|---|---|",
     ]
     found = {}
-    for path in ("materialized", "fused"):
+    for path in args.bisect_paths:
         probes = []
 
         def fits(seq: int, path: str = path, probes: list = probes) -> bool:
@@ -442,6 +442,12 @@ def main(argv=None) -> None:
     parser.add_argument("--bisect-gib", type=float, default=None, help="step: run a bisection")
     parser.add_argument("--bisect-start", type=int, default=1024)
     parser.add_argument("--bisect-step", type=int, default=256)
+    parser.add_argument(
+        "--bisect-paths",
+        nargs="+",
+        default=["materialized", "fused"],
+        choices=["materialized", "fused"],
+    )
     parser.add_argument("--fit", action="store_true", help="also the largest N within the budget")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
