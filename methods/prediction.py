@@ -126,11 +126,37 @@ def _kd_terms(
     return terms
 
 
+def _kd_terms_one_head_pass(
+    params: KDParams, logits: tuple[torch.Tensor, torch.Tensor], ctx: LossContext, name: str
+) -> dict[str, torch.Tensor]:
+    """:func:`_kd_terms`; on the fused head path the soft and hard terms share one pass over the
+    student's output layer (:func:`methods.fused_head.soft_and_hard`, issue 18)."""
+    from methods import fused_head
+    from methods.logit_common import require_labels
+
+    student = logits[0]
+    plain = params.hard_weight == 0.0 or getattr(ctx, "choices", None) is not None
+    if plain or not fused_head.is_head_input(student):
+        return _kd_terms(params, logits, ctx, name)
+    weights = soft_hard_weights(params, ctx)
+    soft, hard = fused_head.soft_and_hard(
+        params.soft_loss,
+        *logits,
+        require_labels(ctx, name),
+        ctx.loss_mask,
+        vp.VocabShard.of(ctx),
+        temperature=at(params.temperature, ctx),
+        soft_weight=weights["soft"],
+        hard_weight=weights["hard"],
+    )
+    return {"soft": soft, "hard": hard}
+
+
 KD = logit_method(
     "KD",
     name="kd",
     params=KDParams,
-    terms=_kd_terms,
+    terms=_kd_terms_one_head_pass,
     weights=soft_hard_weights,
     stages=TASK_ONLY,
     paper="Hinton et al. 2015",

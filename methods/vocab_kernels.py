@@ -64,6 +64,10 @@ class TensorParallelStats:
 # Per-chunk state handed to the kernels
 
 
+BLOCK_ELEMENTS = 1 << 18
+"""Elements of one small row-block buffer (:meth:`Workspace.take_block`): 1 MiB in fp32."""
+
+
 class Workspace:
     """Named fp32 buffers of ``[chunk_size, width]`` reused for every chunk (no page faults, no
     allocator churn); ``take(name, rows)`` returns a ``[rows, width]`` view."""
@@ -79,6 +83,24 @@ class Workspace:
             self.buffers[name] = buf
         return buf[:rows]
 
+    @property
+    def block_rows(self) -> int:
+        """Rows of the small buffers of :meth:`take_block` (about 1 MiB each, at most a chunk)."""
+        return max(1, min(self.chunk_size, BLOCK_ELEMENTS // max(self.width, 1)))
+
+    def take_block(self, name: str, rows: int) -> Tensor:
+        """A ``[rows, width]`` view of a small buffer of :attr:`block_rows` rows, for work done
+        a few rows at a time (``rows <= block_rows``)."""
+        key = "block:" + name
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = torch.empty(self.block_rows, self.width, dtype=self.dtype, device=self.device)
+            self.buffers[key] = buf
+        return buf[:rows]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
 
 @dataclass
 class Chunk:
@@ -86,7 +108,8 @@ class Chunk:
 
     ``s`` and ``t`` are the student and teacher logits of the chunk's rows and real columns, already
     divided by the temperature, in the accumulation dtype: ``[C, w]`` with ``w`` the number of real
-    vocabulary columns on this rank. They may be views of the caller's tensors: never modify them.
+    vocabulary columns on this rank. They may be views of the caller's tensors: never modify them
+    unless ``writable`` says so.
     """
 
     s: Tensor
@@ -99,6 +122,10 @@ class Chunk:
     """Global vocabulary column of this rank's first column."""
     vocab_size: int
     """The real (unpadded) vocabulary size, all shards together."""
+    writable: bool = False
+    """``s`` and ``t`` are buffers of this chunk alone (not views of the caller's logits): a
+    kernel may overwrite them, e.g. with the exponentials or the gradient, instead of using more
+    workspace buffers."""
 
     @property
     def t(self) -> Tensor:
@@ -196,8 +223,42 @@ def _log_mixture(log_a: Tensor, weight_a: float, log_b: Tensor, out: Tensor) -> 
 # Kernels: one per loss. Gradients are with respect to the tempered student logits ``s``.
 
 
+def _teacher_weighted_gap(ch: Chunk, m_t: Tensor) -> Tensor:
+    """``sum_i exp(t_i - m_t) (t_i - s_i)`` per row, a few rows at a time through two small
+    buffers (so that ``s`` and ``t`` can then be overwritten with their exponentials)."""
+    s, t = ch.s, ch.t
+    rows = s.shape[0]
+    out = s.new_empty(rows)
+    step = ch.work.block_rows
+    for lo in range(0, rows, step):
+        hi = min(lo + step, rows)
+        et = _exp_shifted(t[lo:hi], m_t[lo:hi], ch.work.take_block("et", hi - lo))
+        gap = torch.sub(t[lo:hi], s[lo:hi], out=ch.work.take_block("gap", hi - lo))
+        out[lo:hi] = _rowdot(gap, et, out=gap)
+    return out
+
+
+def _forward_kl_in_place(ch: Chunk):
+    """:func:`forward_kl_kernel` on writable logits: no chunk-sized buffer besides ``s`` and
+    ``t``, which end as the exponentials and the gradient."""
+    s, t = ch.s, ch.t
+    m_s, m_t = ch.stats.max(_row_max(s), _row_max(t))
+    gap = _teacher_weighted_gap(ch, m_t)
+    es = s.sub_(m_s[:, None]).exp_()
+    et = t.sub_(m_t[:, None]).exp_()
+    z_s, z_t, gap = ch.stats.sum(es.sum(dim=1), et.sum(dim=1), gap)
+    loss = gap / z_t - (m_t + z_t.log()) + (m_s + z_s.log())
+    if not ch.need_grad:
+        return loss, None
+    grad = es.mul_((1.0 / z_s)[:, None])
+    grad.addcmul_(et, (-1.0 / z_t)[:, None])
+    return loss, grad
+
+
 def forward_kl_kernel(ch: Chunk):
     """KL(q || p) = sum_i q_i (t_i - s_i) - lse_t + lse_s; d/ds = p - q."""
+    if ch.writable:
+        return _forward_kl_in_place(ch)
     rows = ch.s.shape[0]
     scratch = ch.work.take("scratch", rows)
 
@@ -387,11 +448,11 @@ def cross_entropy_kernel(labels: Tensor) -> Kernel:
         here = (local >= 0) & (local < width)
         index = local.clamp(0, max(width - 1, 0)).unsqueeze(1)
         m_s = ch.stats.max(_row_max(s))[0]
-        es = _exp_shifted(s, m_s, ch.work.take("es", rows))
         if width:
             target_local = s.gather(1, index).squeeze(1) * here
         else:
             target_local = s.new_zeros(rows)
+        es = _exp_shifted(s, m_s, s if ch.writable else ch.work.take("es", rows))
         z_s, target = ch.stats.sum(es.sum(dim=1), target_local)
         loss = m_s + z_s.log() - target
         if not ch.need_grad:

@@ -59,6 +59,7 @@ from torch.autograd.function import once_differentiable
 from methods import vocab_kernels as vk
 
 if TYPE_CHECKING:
+    from methods import fused_head as fused_head_terms
     from methods.base import LossContext
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
@@ -203,6 +204,96 @@ Emit = Callable[[slice, Tensor], None]
 in the accumulation dtype; a workspace buffer, valid until the next chunk."""
 
 
+@dataclass(frozen=True)
+class ChunkTerm:
+    """One loss term of :func:`run_terms`: a kernel, its temperature, the weight of its gradient
+    in the chunk's combined gradient, and where its teacher logits come from."""
+
+    kernel: vk.Kernel
+    temperature: float = 1.0
+    weight: float = 1.0
+    teacher: Callable[[slice], Tensor | None] | None = None
+    """``rows -> [n, w]`` teacher logits of those rows (``None``: a student-only kernel)."""
+    teacher_owned: bool = False
+    """The teacher logits returned belong to this chunk alone (the kernel may overwrite them)."""
+
+
+def run_terms(
+    terms: list[ChunkTerm],
+    plan: ChunkPlan,
+    loss_mask: Tensor,
+    fetch_student: Callable[[slice], Tensor],
+    emit: Emit | None,
+    device: torch.device,
+    *,
+    work: vk.Workspace | None = None,
+    student_owned: bool = False,
+) -> list[Tensor]:
+    """The chunk loop shared by the materialized and the fused (:mod:`methods.fused_head`) paths:
+    per term, the masked mean of its kernel's per-token loss. The student's logits of a chunk are
+    fetched once for all terms; ``emit`` receives the chunk's gradient, ``sum_k weight_k
+    d loss_k / d logits`` (none is computed when ``emit`` is ``None``).
+
+    ``work``: the workspace (``[chunk, width]`` buffers of the accumulation dtype; default a new
+    one); ``fetch_student`` may write its logits into its buffer ``"s"``, a teacher into ``"t"``.
+    ``student_owned``: the student logits ``fetch_student`` returns belong to this chunk alone (not
+    views of a tensor the caller keeps); a kernel may then overwrite them (``Chunk.writable``), as
+    it may logits copied into the workspace here (dtype, temperature, or for all but the last of
+    several terms)."""
+    if not terms:
+        raise ValueError("run_terms needs at least one term")
+    acc, num_tokens, chunk, width = plan.acc, plan.num_tokens, plan.chunk, plan.width
+    need_grad = emit is not None
+    mask = loss_mask.detach().to(device=device, dtype=acc)
+    count = mask.sum()
+    denom = torch.where(count > 0, count, torch.ones_like(count))
+    if work is None:
+        work = vk.Workspace(chunk, width, acc, device)
+    grad_scales = [mask * (term.weight / term.temperature) / denom for term in terms]
+    totals = [torch.zeros((), dtype=acc, device=device) for _ in terms]
+    last = len(terms) - 1
+    for start in range(0, num_tokens, chunk):
+        rows = slice(start, min(start + chunk, num_tokens))
+        n = rows.stop - rows.start
+        s_raw = fetch_student(rows)
+        combined: Tensor | None = None
+        for k, term in enumerate(terms):
+            inv_temperature = 1.0 / term.temperature
+            if k == last:
+                s = _tempered(s_raw, acc, inv_temperature, work.take("s", n))
+                writable = student_owned or s is not s_raw
+            else:  # the later terms still need the student's logits: a copy
+                s = work.take("s_term", n).copy_(s_raw)
+                if inv_temperature != 1.0:
+                    s.mul_(inv_temperature)
+                writable = True
+            t_raw = None if term.teacher is None else term.teacher(rows)
+            t = None
+            if t_raw is not None:
+                t = _tempered(t_raw, acc, inv_temperature, work.take("t", n))
+                writable = writable and (term.teacher_owned or t is not t_raw)
+            part = vk.Chunk(
+                s, t, rows, plan.stats, work, need_grad, plan.vocab_start, plan.vocab_size, writable
+            )
+            per_token, chunk_grad = term.kernel(part)
+            weight = mask[rows]
+            totals[k] += torch.where(weight > 0, per_token * weight, 0.0).sum()
+            if not need_grad:
+                continue
+            assert chunk_grad is not None
+            scale = grad_scales[k][rows, None]
+            if len(terms) == 1:
+                combined = chunk_grad.mul_(scale)
+            elif combined is None:
+                combined = torch.mul(chunk_grad, scale, out=work.take("grad", n))
+            else:
+                combined.addcmul_(chunk_grad, scale)
+        if emit is not None:
+            assert combined is not None
+            emit(rows, combined)
+    return [total / denom for total in totals]
+
+
 def run_chunks(
     kernel: vk.Kernel,
     plan: ChunkPlan,
@@ -211,35 +302,22 @@ def run_chunks(
     fetch: Fetch,
     emit: Emit | None,
     device: torch.device,
+    *,
+    work: vk.Workspace | None = None,
+    owned: tuple[bool, bool] = (False, False),
 ) -> Tensor:
-    """The chunk loop shared by the materialized and the fused (:mod:`methods.fused_head`) paths:
-    the masked mean of ``kernel``'s per-token loss; ``emit`` receives each chunk's gradient (none
-    is computed when ``emit`` is ``None``)."""
-    acc, num_tokens, chunk, width = plan.acc, plan.num_tokens, plan.chunk, plan.width
-    inv_temperature = 1.0 / temperature
-    need_grad = emit is not None
-    mask = loss_mask.detach().to(device=device, dtype=acc)
-    count = mask.sum()
-    denom = torch.where(count > 0, count, torch.ones_like(count))
-    work = vk.Workspace(chunk, width, acc, device)
-    grad_scale = mask / (denom * temperature)
-    total = torch.zeros((), dtype=acc, device=device)
-    for start in range(0, num_tokens, chunk):
-        rows = slice(start, min(start + chunk, num_tokens))
-        n = rows.stop - rows.start
-        s_raw, t_raw = fetch(rows)
-        s = _tempered(s_raw, acc, inv_temperature, work.take("s", n))
-        t = None
-        if t_raw is not None:
-            t = _tempered(t_raw, acc, inv_temperature, work.take("t", n))
-        part = vk.Chunk(s, t, rows, plan.stats, work, need_grad, plan.vocab_start, plan.vocab_size)
-        per_token, chunk_grad = kernel(part)
-        weight = mask[rows]
-        total += torch.where(weight > 0, per_token * weight, 0.0).sum()
-        if emit is not None:
-            assert chunk_grad is not None
-            emit(rows, chunk_grad.mul_(grad_scale[rows, None]))
-    return total / denom
+    """:func:`run_terms` with one term: ``fetch`` returns the student's and the teacher's logits
+    of the rows; ``owned`` says whether each belongs to the chunk alone."""
+    teacher: dict[str, Tensor | None] = {}
+
+    def fetch_student(rows: slice) -> Tensor:
+        s, teacher["t"] = fetch(rows)
+        return s
+
+    term = ChunkTerm(kernel, temperature, 1.0, lambda rows: teacher.pop("t"), owned[1])
+    return run_terms(
+        [term], plan, loss_mask, fetch_student, emit, device, work=work, student_owned=owned[0]
+    )[0]
 
 
 def divergence(
@@ -337,3 +415,32 @@ def cross_entropy(
             f"labels must be [N] = [{student_logits.shape[0]}], got {tuple(labels.shape)}"
         )
     return divergence(vk.cross_entropy_kernel(labels), student_logits, None, loss_mask, shard)
+
+
+def divergences(
+    terms: list[fused_head_terms.Term],
+    student_logits: Tensor,
+    loss_mask: Tensor,
+    shard: VocabShard = UNSHARDED,
+) -> list[Tensor]:
+    """Several losses of the same student logits (:class:`methods.fused_head.Term`: kernel,
+    teacher, temperature, weight), one value per term. On the fused path (a ``HeadInput``) the
+    student's chunk logits are computed once for all terms and the gradients combined in the
+    forward pass (:func:`methods.fused_head.divergences`: the losses must then be added with the
+    terms' weights); on logits, one :func:`divergence` per term."""
+    if not isinstance(student_logits, Tensor):
+        from methods import fused_head
+
+        if fused_head.is_head_input(student_logits):
+            return fused_head.divergences(terms, student_logits, loss_mask, shard)
+    return [
+        divergence(
+            term.kernel,
+            student_logits,
+            term.teacher,  # type: ignore[arg-type]  # a HeadInput teacher: .logits()
+            loss_mask,
+            shard,
+            temperature=term.temperature,
+        )
+        for term in terms
+    ]

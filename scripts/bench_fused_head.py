@@ -96,6 +96,51 @@ def fused(hs, ws, ht, wt, mask):
     return vp.divergence(vk.forward_kl_kernel, HeadInput(hs, ws), HeadInput(ht, wt), mask, shard)
 
 
+def _kd_labels(hs):
+    import torch
+
+    gen = torch.Generator().manual_seed(7)
+    return torch.randint(0, 1000, (hs.shape[0],), generator=gen)
+
+
+KD_T, KD_HARD = 2.0, 0.5
+
+
+def kd_one_pass(hs, ws, ht, wt, mask):
+    """``kd`` (soft KL x T^2 + 0.5 x hard CE) as the method computes it on the fused path: both
+    terms in one pass over the student head (``fused_head.soft_and_hard``)."""
+    from methods import fused_head as fh
+    from methods import vocab_parallel as vp
+
+    soft, hard = fh.soft_and_hard(
+        "kl",
+        fh.HeadInput(hs, ws),
+        fh.HeadInput(ht, wt),
+        _kd_labels(hs),
+        mask,
+        vp.VocabShard(chunk_size=CHUNK[0]),
+        temperature=KD_T,
+        soft_weight=1.0,
+        hard_weight=KD_HARD,
+    )
+    return soft + KD_HARD * hard
+
+
+def kd_two_passes(hs, ws, ht, wt, mask):
+    """The same loss with one fused pass per term (before the two-term pass)."""
+    from methods import vocab_kernels as vk
+    from methods import vocab_parallel as vp
+    from methods.fused_head import HeadInput
+
+    shard = vp.VocabShard(chunk_size=CHUNK[0])
+    student = HeadInput(hs, ws)
+    soft = vp.divergence(
+        vk.forward_kl_kernel, student, HeadInput(ht, wt), mask, shard, temperature=KD_T
+    )
+    hard = vp.cross_entropy(student, _kd_labels(hs), mask, shard)  # type: ignore[arg-type]
+    return soft * KD_T**2 + KD_HARD * hard
+
+
 def _status_kib(field):
     text = Path("/proc/self/status").read_text()
     return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1))
@@ -104,7 +149,13 @@ def _status_kib(field):
 def worker(impl, tokens, hidden, vocab, dtype_name):
     import gc
 
-    fn = {"naive": naive, "materialized": materialized, "fused": fused}[impl]
+    fn = {
+        "naive": naive,
+        "materialized": materialized,
+        "fused": fused,
+        "kd_one_pass": kd_one_pass,
+        "kd_two_passes": kd_two_passes,
+    }[impl]
     fn(*_make(4, hidden, vocab, dtype_name, seed=1)).backward()  # warm-up
     inputs = _make(tokens, hidden, vocab, dtype_name)
     gc.collect()
@@ -228,6 +279,59 @@ def step_section(args) -> list[str]:
     return lines
 
 
+def bisect_section(args) -> list[str]:
+    """The largest sequence length (a multiple of ``--bisect-step`` tokens) whose distillation
+    step's peak extra memory stays within ``--bisect-gib``, found by running the step (doubling
+    from ``--bisect-start``, then bisecting), for each path; then both paths at the found lengths."""
+    budget = args.bisect_gib * 2**30
+    quantum = args.bisect_step
+    lines = [
+        "",
+        f"Largest sequence length whose step fits {args.bisect_gib} GiB of peak extra memory "
+        f"(run, not extrapolated: doubling from {args.bisect_start}, then bisection to "
+        f"{quantum} tokens; every probe a fresh process):",
+        "",
+        "| path | max seq | peak extra there (MiB) | first seq over budget | probes |",
+        "|---|---|---|---|---|",
+    ]
+    found = {}
+    for path in args.bisect_paths:
+        probes = []
+
+        def fits(seq: int, path: str = path, probes: list = probes) -> bool:
+            r = _run_step(seq, args.step_vocab, path, args.threads)
+            probes.append((seq, r["extra_bytes"], r["seconds"]))
+            print("bisect", path, seq, r, file=sys.stderr, flush=True)
+            return r["extra_bytes"] <= budget
+
+        lo, hi = 0, None
+        seq = args.bisect_start
+        while hi is None:
+            if fits(seq):
+                lo, seq = seq, seq * 2
+            else:
+                hi = seq
+        while hi - lo > quantum:
+            mid = (lo + hi) // 2 // quantum * quantum
+            if mid <= lo:
+                break
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        peak = next((b for q, b, _ in probes if q == lo), None)
+        found[path] = lo
+        lines.append(
+            f"| {path} | {lo} | {_mib(peak) if peak else '-'} | {hi} | "
+            + ", ".join(f"{q}: {_mib(b)} MiB" for q, b, _ in probes)
+            + " |"
+        )
+    if found.get("materialized"):
+        ratio = found["fused"] / found["materialized"]
+        lines += ["", f"Fused / materialized longest sequence: {ratio:.2f}x."]
+    return lines
+
+
 def _run_worker(impl, tokens, hidden, vocab, dtype, threads) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536")
     env["OMP_NUM_THREADS"] = str(threads)
@@ -316,12 +420,14 @@ def run(args) -> str:
             lines.append(f"| {vocab} | {dtype} | {m_n} | {m_s:.0f} | {f_n} | {f_s:.0f} |")
     if args.step_seq:
         lines += step_section(args)
+    if args.bisect_gib:
+        lines += bisect_section(args)
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", choices=[*IMPLS, "step"])
+    parser.add_argument("--worker", choices=[*IMPLS, "kd_one_pass", "kd_two_passes", "step"])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--chunk", type=int, default=None, help="fused path: tokens per chunk")
     parser.add_argument("--step-seq", type=int, nargs="*", default=[])
@@ -333,6 +439,15 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget-gib", type=float, default=4.0)
+    parser.add_argument("--bisect-gib", type=float, default=None, help="step: run a bisection")
+    parser.add_argument("--bisect-start", type=int, default=1024)
+    parser.add_argument("--bisect-step", type=int, default=256)
+    parser.add_argument(
+        "--bisect-paths",
+        nargs="+",
+        default=["materialized", "fused"],
+        choices=["materialized", "fused"],
+    )
     parser.add_argument("--fit", action="store_true", help="also the largest N within the budget")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
