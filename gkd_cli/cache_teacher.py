@@ -41,6 +41,7 @@ import numpy as np
 import typer
 
 from gkd_cli.errors import ConfigError
+from gkd_cli.progress import rank_logging
 
 if TYPE_CHECKING:
     from gkd_cli.config import DistillConfig, ModelConfig
@@ -495,7 +496,6 @@ def write_cache(cfg: DistillConfig, out: Path, spec: CacheSpec) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Per-rank entry point of ``gkd cache-teacher`` (``python -m gkd_cli.cache_teacher``)."""
     import argparse
-    import sys
 
     from gkd_cli.config import load_config
     from gkd_cli.teacher_cache import CacheSpec
@@ -503,12 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gkd_cli.cache_teacher")
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank{rank}] %(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    rank_logging()
     cfg = load_config(args.config, environ=os.environ, build_methods=False)
     settings = json.loads((Path(args.config).parent / SETTINGS_FILE).read_text())
     write_cache(cfg, Path(settings["out"]), CacheSpec(**settings["spec"]))

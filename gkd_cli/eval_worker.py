@@ -42,6 +42,8 @@ from typing import ClassVar, Self
 import numpy as np
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from gkd_cli.progress import rank_logging
+
 log = logging.getLogger("gkd.eval_worker")
 
 MAPPING_FILE = "vocab_mapping.safetensors"
@@ -396,12 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gkd_cli.eval_worker")
     parser.add_argument("--spec", required=True, help="Evaluation job (JSON, see EvalJob).")
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank{rank}] %(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    rank_logging()
     run(EvalJob.load(args.spec))
     return 0
 

@@ -25,6 +25,7 @@ from typing import ClassVar
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from gkd_cli.eval_worker import JsonJob
+from gkd_cli.progress import rank_logging
 
 log = logging.getLogger("gkd.lm_eval_worker")
 
@@ -209,12 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank{rank}] %(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    rank_logging()
     run(LmEvalJob.load(args.spec))
     return 0
 

@@ -313,3 +313,17 @@ def follow_metrics(
     finally:
         tailer.stop()
         sink.stop()
+
+
+def rank_logging() -> int:
+    """Configure a worker process's logging: INFO on global rank 0, WARNING elsewhere, each
+    line prefixed with ``[rankN]``, to stderr. Returns the rank (torchrun's ``RANK``, 0 alone)."""
+    import logging
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank{rank}] %(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return rank

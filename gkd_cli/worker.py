@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from gkd_cli.config import DistillConfig, dump_config, load_config
+from gkd_cli.progress import rank_logging
 
 if TYPE_CHECKING:
     from methods.pipeline import MethodPipeline
@@ -437,12 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gkd_cli.worker")
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank{rank}] %(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    rank_logging()
     from gkd_cli.build import build_methods
 
     cfg = load_config(args.config, environ=os.environ, build_methods=False)

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -125,6 +125,26 @@ class RowDataset:
         """``(epoch, row)`` of each global row position (epochs follow each other)."""
         n = self.rows_in_epoch(0)
         return [(int(p // n), int(p % n)) for p in positions]
+
+
+def locate_in_epochs(
+    rows_in_epoch: Callable[[int], int], counts: list[int], positions: np.ndarray
+) -> list[tuple[int, int]]:
+    """``(epoch, row)`` of each global row position when epochs have different numbers of rows
+    (packing depends on each epoch's order); ``counts`` caches the rows of epochs 0, 1, ... and
+    grows as far as the positions need."""
+    out = []
+    for p in positions.tolist():
+        epoch = 0
+        while True:
+            while len(counts) <= epoch:
+                counts.append(rows_in_epoch(len(counts)))
+            if p < counts[epoch]:
+                break
+            p -= counts[epoch]
+            epoch += 1
+        out.append((epoch, int(p)))
+    return out
 
 
 def _check_overlong(store: ExampleStore, seq_length: int, overlong: str, where: str) -> int:
@@ -260,18 +280,7 @@ class PackedRows(_ExampleRows):
         return self.place(order[starts[index] : starts[index + 1]].tolist())
 
     def locate(self, positions: np.ndarray) -> list[tuple[int, int]]:
-        out = []
-        for p in positions.tolist():
-            epoch = 0
-            while True:
-                while len(self._counts) <= epoch:
-                    self._counts.append(self.rows_in_epoch(len(self._counts)))
-                if p < self._counts[epoch]:
-                    break
-                p -= self._counts[epoch]
-                epoch += 1
-            out.append((epoch, int(p)))
-        return out
+        return locate_in_epochs(self.rows_in_epoch, self._counts, positions)
 
 
 class StreamRows(RowDataset):

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from gkd_cli.data import formats
-from gkd_cli.data.batching import Row, _ExampleRows, collate
+from gkd_cli.data.batching import Row, _ExampleRows, collate, locate_in_epochs
 from gkd_cli.data.corpus import sample_order
 from gkd_cli.data.store import ExampleStore
 
@@ -221,18 +221,7 @@ class ChoiceRows(_ExampleRows):
         return len(self._rows(epoch))
 
     def locate(self, positions: np.ndarray) -> list[tuple[int, int]]:
-        out = []
-        for p in positions.tolist():
-            epoch = 0
-            while True:
-                while len(self._counts) <= epoch:
-                    self._counts.append(self.rows_in_epoch(len(self._counts)))
-                if p < self._counts[epoch]:
-                    break
-                p -= self._counts[epoch]
-                epoch += 1
-            out.append((epoch, int(p)))
-        return out
+        return locate_in_epochs(self.rows_in_epoch, self._counts, positions)
 
     def row(self, epoch: int, index: int) -> Row:
         examples = [
