@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from gkd_cli.config import DistillConfig
@@ -219,11 +220,89 @@ def check_resume(cfg: DistillConfig) -> None:
         ) from None
 
 
+def check_choice_data(cfg: DistillConfig) -> None:
+    """Choice data (``data.source: superglue`` with ``data.choices``, or JSON-lines files of choice
+    records): a record whose options do not fit ``data.seq_length`` together is refused here,
+    naming it (data up to :data:`SMALL_CORPUS_BYTES`; larger files when the workers build them,
+    before the first step); a method that needs choice records (``glmd_soft``) is refused when the
+    training data hold none."""
+    from gkd_cli.data import choices as choice_data
+    from methods.registry import REGISTRY
+
+    d = cfg.data
+    records: Iterable[tuple[str, str, list[str]]] | None = None
+    kinds: list[bool] = []
+    where = "data.train_files"
+    if d.source == "superglue":
+        if d.choices:
+            from gkd_cli.superglue import iter_task_records
+
+            assert d.superglue_dir is not None  # validation requires it
+            files = [
+                Path(d.superglue_dir) / task / f"{d.superglue_split}.jsonl"
+                for task in d.superglue_tasks
+            ]
+            size = sum(f.stat().st_size for f in files if f.is_file())
+            records = (
+                None
+                if size > SMALL_CORPUS_BYTES
+                else (
+                    (
+                        f"{r.task}/{d.superglue_split} example {r.example_id}",
+                        r.prompt,
+                        list(r.options),
+                    )
+                    for r in iter_task_records(
+                        d.superglue_dir, d.superglue_tasks, d.superglue_split
+                    )
+                )
+            )
+            where = "data.superglue_tasks"
+    else:
+        from gkd_cli.data.formats import config_sources
+
+        sources = config_sources(d, d.train_files, lambda p: [str(f) for f in _files([p])])
+        try:
+            kinds = choice_data.choice_source_kinds(sources)
+        except ValueError as err:
+            raise ConfigError(f"data.train_files: {err}", field="data.train_files") from None
+        if kinds and all(kinds):
+            size = sum(os.path.getsize(s.path) for s in sources)
+            if size <= SMALL_CORPUS_BYTES:
+                records = choice_data.iter_file_records(sources)
+    needing = [
+        (i, e.name)
+        for i, e in enumerate(cfg.methods)
+        if getattr(getattr(REGISTRY.get(e.name), "cls", None), "requires_choices", False)
+    ]
+    is_choice = (d.source == "superglue" and d.choices) or (
+        d.source == "corpus" and bool(kinds) and all(kinds)
+    )
+    if needing and not is_choice:
+        i, name = needing[0]
+        raise ConfigError(
+            f"methods.{i} ({name}) distills the teacher's scores of each task example's options "
+            "and needs choice data, but the training data hold none; use data.source: superglue "
+            'with data.choices: true, or JSON-lines choice records {"prompt", "options", '
+            '"label"} in data.train_files (README "GLMD recipe")',
+            field=f"methods.{i}",
+        )
+    if records is None:
+        return
+    from gkd_cli.data import load_tokenizer
+
+    try:
+        choice_data.check_record_lengths(records, load_tokenizer(d.tokenizer), d.seq_length)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}", field=where) from None
+
+
 def run_preflight(cfg: DistillConfig) -> None:
     """All of the above; raises :class:`ConfigError` on the first problem, writing nothing."""
     if cfg.data.source == "corpus":
         check_corpus(cfg, cfg.data.train_files, "data.train_files")
     check_corpus(cfg, cfg.data.valid_files, "data.valid_files")
+    check_choice_data(cfg)
     for role, model in cfg.model_roles():
         if (
             model.checkpoint

@@ -315,6 +315,19 @@ class HasModules(Protocol):
 
 
 @runtime_checkable
+class HasRuntimeState(Protocol):
+    """A method that keeps state between steps that is not a parameter (e.g. rl_kd's selections,
+    rewarded one step later). The runtime saves ``runtime_state()`` with each checkpoint, one
+    object per rank (tensors and plain Python values, picklable), and hands it back to
+    ``load_runtime_state`` when a run resumes at the same layout (tensor, pipeline and data
+    parallel sizes); at another layout the method starts without it (the runtime logs that)."""
+
+    def runtime_state(self) -> dict[str, Any]: ...
+
+    def load_runtime_state(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
 class PlacesModules(Protocol):
     """A :class:`HasModules` method whose modules are used on one pipeline stage only.
 

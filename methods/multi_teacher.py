@@ -64,6 +64,7 @@ from methods.base import (
     FeatureKind,
     ForwardModifier,
     HasModules,
+    HasRuntimeState,
     LossContext,
     ModelInfo,
     Role,
@@ -330,6 +331,24 @@ class Combiner:
                 out.update({f"t{index}_{name}": layer for name, layer in layers().items()})
         own = getattr(self.rule, "module_layers", None)
         return {**out, **(own(self) if own else {})}
+
+    def runtime_state(self) -> dict[str, Any]:
+        """The rule's and the inner methods' state between steps (:class:`HasRuntimeState`)."""
+        state: dict[str, Any] = {
+            f"t{index}": method.runtime_state()
+            for index, method in enumerate(self.methods)
+            if isinstance(method, HasRuntimeState)
+        }
+        if isinstance(self.rule, HasRuntimeState):
+            state["rule"] = self.rule.runtime_state()
+        return state
+
+    def load_runtime_state(self, state: dict[str, Any]) -> None:
+        for index, method in enumerate(self.methods):
+            if isinstance(method, HasRuntimeState) and f"t{index}" in state:
+                method.load_runtime_state(state[f"t{index}"])
+        if isinstance(self.rule, HasRuntimeState) and "rule" in state:
+            self.rule.load_runtime_state(state["rule"])
 
     def term_weights(self, ctx: LossContext) -> dict[str, float]:
         own = getattr(self.rule, "term_weights", None)
@@ -734,10 +753,11 @@ class RLKD:
     **Layouts and resume.** Draws are keyed by the step and each sequence's tokens, so a sequence
     gets the same action at any tensor/data-parallel layout; a microbatch slot covers the same
     global positions at any data-parallel size (the micro batch size is fixed), so the policy
-    loss is the same too. The kept selections and baselines are not checkpointed: a resumed run
-    trains no policy at its first step (logged) and continues from the next, so its policy misses that
-    one step's update (the student's update of that step is unaffected; later selections can
-    differ from an uninterrupted run's)."""
+    loss is the same too. The kept selections and baselines are checkpointed per rank
+    (:class:`~methods.base.HasRuntimeState`), so a run resumed at the same layout equals the
+    uninterrupted one; resumed at another layout it trains no policy at its first step (logged)
+    and continues from the next, so its policy misses that one step's update (the student's update
+    of that step is unaffected; later selections can differ from an uninterrupted run's)."""
 
     name: ClassVar[str] = "rl_kd"
     stages: ClassVar[frozenset[Stage]] = BOTH_STAGES
@@ -775,6 +795,27 @@ class RLKD:
         return _teacher_taps(FeatureKind.LOGITS, count) + _teacher_taps(
             FeatureKind.FINAL_NORM, count
         )
+
+    def runtime_state(self) -> dict[str, Any]:
+        """The kept selections and the baselines, per microbatch slot (checkpointed per rank)."""
+        return {
+            "pending": {
+                slot: {
+                    "step": p.step,
+                    "states": [x.cpu() for x in p.states],
+                    "actions": p.actions.cpu(),
+                }
+                for slot, p in self.pending.items()
+            },
+            "baseline": dict(self.baseline),
+        }
+
+    def load_runtime_state(self, state: dict[str, Any]) -> None:
+        self.pending = {
+            int(slot): _Pending(int(p["step"]), list(p["states"]), p["actions"])
+            for slot, p in state.get("pending", {}).items()
+        }
+        self.baseline = {int(k): float(v) for k, v in state.get("baseline", {}).items()}
 
     def modules(self, combiner: Combiner) -> dict[str, torch.nn.Module]:
         if self._policies is None:
@@ -830,7 +871,7 @@ class RLKD:
         )
         return torch.stack(
             [
-                torch.sigmoid(policy(state.to(policy.weight.dtype))).squeeze(1).float()
+                torch.sigmoid(policy(state.to(policy.weight))).squeeze(1).float()
                 for policy, state in zip(self._policies.values(), states, strict=True)
             ]
         )
@@ -890,14 +931,15 @@ class RLKD:
             ):  # fmt: skip
                 self._noted_resume = True
                 log.info(
-                    "rl_kd: no selection kept from step %d (a resumed run: selections are not "
-                    "checkpointed), so the policy is not trained at step %d; it is from the next",
+                    "rl_kd: no selection kept from step %d (a run resumed at another layout: "
+                    "selections are restored at the same layout only), so the policy is not "
+                    "trained at step %d; it is from the next",
                     ctx.step - 1, ctx.step,
                 )  # fmt: skip
             return None
         baseline = 0.0 if decay is None or previous is None else previous
         probs = self.probabilities(pending.states)
-        log_prob = self.log_prob(probs, pending.actions.to(probs.dtype))  # [K, E]
+        log_prob = self.log_prob(probs, pending.actions.to(probs))  # [K, E]
         return -((reward - baseline) * log_prob.sum(0)).mean()
 
     def plan(

@@ -149,6 +149,28 @@ class ExtraShardedState:
     """Copies the loaded ``{key: tensor}`` back in."""
 
 
+@dataclass
+class MethodRuntimeState:
+    """The methods' state between steps that is not a parameter (``methods.base.HasRuntimeState``),
+    one picklable object per rank, saved as a ``ShardedObject`` keyed by (pp, tp, dp) rank like the
+    RNG state and restored only at the same layout."""
+
+    get: Callable[[], dict]
+    load: Callable[[dict], None]
+
+
+def _per_rank(key: str, layout: Layout, data):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        key,
+        data,
+        (layout.pp, layout.tp, layout.dp),
+        (layout.pp_rank, layout.tp_rank, layout.dp_rank),
+        replica_id=0,
+    )
+
+
 def _model_and_extra(model, extra: ExtraShardedState | None) -> dict:
     model_sd = model.sharded_state_dict(prefix=MODEL_PREFIX)
     if extra is None:
@@ -194,15 +216,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _rng_sharded(layout: Layout, data):
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    return ShardedObject(
-        "rng_state",
-        data,
-        (layout.pp, layout.tp, layout.dp),
-        (layout.pp_rank, layout.tp_rank, layout.dp_rank),
-        replica_id=0,
-    )
+    return _per_rank("rng_state", layout, data)
 
 
 def save_error_advice(err: OSError, root: Path) -> str:
@@ -237,6 +251,7 @@ def save(
     keep_last: int,
     extra_files: dict[str, Path] | None = None,
     method_modules: ExtraShardedState | None = None,
+    method_state: MethodRuntimeState | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final folder. ``extra_files`` (name -> source)
     are copied into the checkpoint (e.g. the vocabulary mapping of a compressed student), so they
@@ -265,6 +280,8 @@ def save(
         "rng_state": _rng_sharded(layout, _rng_state()),
         "step": step,
     }
+    if method_state is not None:
+        state["method_state"] = _per_rank("method_state", layout, method_state.get())
     try:
         dist_checkpointing.save(state, str(tmp / "dist"), content_metadata=OPTIMIZER_FORMAT)
         dist.barrier()
@@ -273,6 +290,7 @@ def save(
                 **meta,
                 "step": step,
                 "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+                **({"method_state": True} if method_state is not None else {}),
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             (tmp / "config.yaml").write_text(config_yaml)
@@ -347,9 +365,10 @@ def load_training_state(
     scheduler,
     layout: Layout,
     method_modules: ExtraShardedState | None = None,
+    method_state: MethodRuntimeState | None = None,
 ) -> dict:
-    """Collective: restore student weights, method modules, optimizer, scheduler (and RNG at the
-    same layout)."""
+    """Collective: restore student weights, method modules, optimizer, scheduler (and the RNG and
+    the methods' runtime state at the same layout)."""
     from megatron.core import dist_checkpointing
 
     meta = read_meta(folder)
@@ -369,6 +388,15 @@ def load_training_state(
     }
     if same_layout:
         template["rng_state"] = _rng_sharded(layout, None)
+    restore_state = method_state is not None and meta.get("method_state", False)
+    if restore_state and same_layout:
+        template["method_state"] = _per_rank("method_state", layout, None)
+    elif restore_state and dist.get_rank() == 0:
+        log.warning(
+            "the methods' state between steps (e.g. rl_kd's kept selections) is restored at the "
+            "checkpoint's layout only (%s); this run starts without it",
+            meta.get("layout"),
+        )
     loaded = dist_checkpointing.load(template, str(folder / "dist"))
     student = {k: v for k, v in loaded["model"].items() if k.startswith(MODEL_PREFIX)}
     model.load_state_dict(_strip(student), strict=True)
@@ -380,6 +408,8 @@ def load_training_state(
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])
+    if method_state is not None and "method_state" in loaded:
+        method_state.load(loaded["method_state"])
     return meta
 
 
@@ -520,6 +550,7 @@ class TrainingCheckpoint:
     scheduler: object
     layout: Layout
     method_modules: ExtraShardedState | None = None
+    method_state: MethodRuntimeState | None = None
 
     def save(
         self,
@@ -540,6 +571,7 @@ class TrainingCheckpoint:
             scheduler=self.scheduler,
             layout=self.layout,
             method_modules=self.method_modules,
+            method_state=self.method_state,
             meta=meta,
             config_yaml=config_yaml,
             keep_last=keep_last,
@@ -555,4 +587,5 @@ class TrainingCheckpoint:
             scheduler=self.scheduler,
             layout=self.layout,
             method_modules=self.method_modules,
+            method_state=self.method_state,
         )

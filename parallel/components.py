@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from methods.base import FeatureKind, HasModules, LossContext, ModelInfo, Role, Tap
+from methods.base import (
+    FeatureKind,
+    HasModules,
+    HasRuntimeState,
+    LossContext,
+    ModelInfo,
+    Role,
+    Tap,
+)
 from parallel import checkpoint as ckpt
 from parallel.config import ModelArch, TrainConfig
 from parallel.distributed import ParallelContext
@@ -353,6 +361,25 @@ def method_modules_checkpoint(
         sharded_state_dict=lambda: modules.sharded_state_dict(METHODS_PREFIX, tp=tp),
         load=lambda loaded: modules.load_loaded(loaded, METHODS_PREFIX),
     )
+
+
+def method_runtime_state(entries: Sequence) -> ckpt.MethodRuntimeState | None:
+    """The methods' state between steps (``methods.base.HasRuntimeState``) as the checkpoint wants
+    it, keyed by each entry's name; ``None`` when no method keeps any (the same on every rank: the
+    entries come from the config)."""
+    keeping = [e for e in entries if isinstance(e.method, HasRuntimeState)]
+    if not keeping:
+        return None
+
+    def get() -> dict:
+        return {e.name: e.method.runtime_state() for e in keeping}
+
+    def load(state: dict) -> None:
+        for e in keeping:
+            if e.name in state:
+                e.method.load_runtime_state(state[e.name])
+
+    return ckpt.MethodRuntimeState(get=get, load=load)
 
 
 # ---------------------------------------------------------------------------- vocabulary

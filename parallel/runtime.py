@@ -53,6 +53,7 @@ from parallel.components import (
     checkpoint_layout,
     install_vocab_restriction,
     method_modules_checkpoint,
+    method_runtime_state,
     microbatches_per_step,
     plan_methods,
     resolve_precision,
@@ -195,6 +196,7 @@ class DistillationRuntime:
             scheduler=self.scheduler,
             layout=checkpoint_layout(ctx),
             method_modules=method_modules_checkpoint(self.entries, self.method_modules, tp=ctx.tp),
+            method_state=method_runtime_state(self.entries),
         )
         if student_init is not None:
             ckpt.load_model_weights(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,50 @@ def prepare_sources(
     return [built], meta
 
 
+def overlong_record_message(
+    where: str, options: int, tokens: int, seq_length: int, count: int
+) -> str:
+    """The refusal of a choice record whose options do not fit one sequence together."""
+    return (
+        f"{where}: the {options} options of this choice record take {tokens} tokens together "
+        f"(the prompt once per option), more than data.seq_length={seq_length}; the options of "
+        "a record must fit one sequence: raise data.seq_length or shorten the record "
+        f"({count} record(s) too long)"
+    )
+
+
+def record_tokens(tokenizer: Any, prompt: str, options: Sequence[str]) -> int:
+    """Tokens of a choice record's options in one sequence, each option encoded as the example
+    builder encodes a prompt/completion example (framed prompt + option + end of sequence)."""
+    framed = len(tokenizer.encode_batch_framed([prompt])[0])
+    return sum(framed + len(ids) + 1 for ids in tokenizer.encode_batch(list(options)))
+
+
+def check_record_lengths(
+    records: Iterable[tuple[str, str, Sequence[str]]], tokenizer: Any, seq_length: int
+) -> None:
+    """``ValueError`` naming the first of ``(where, prompt, options)`` whose options do not fit
+    ``seq_length`` together (the launch-time check of what :class:`ChoiceRows` refuses)."""
+    over: list[tuple[str, int, int]] = []
+    for where, prompt, options in records:
+        tokens = record_tokens(tokenizer, prompt, options)
+        if tokens > seq_length:
+            over.append((where, len(options), tokens))
+    if over:
+        first, count, total = over[0]
+        raise ValueError(overlong_record_message(first, count, total, seq_length, len(over)))
+
+
+def iter_file_records(
+    sources: Sequence[formats.DataSource],
+) -> Iterator[tuple[str, str, list[str]]]:
+    """``(where, prompt, options)`` of every choice record of ``sources``, validated."""
+    for source in sources:
+        for where, record, _ in _raw(source, formats.resolve_format(source)):
+            prompt, options, _ = formats.choice_payload(record, source, where)
+            yield where, prompt, options
+
+
 class ChoiceRows(_ExampleRows):
     """Rows of whole choice groups (see the module docstring)."""
 
@@ -173,12 +217,11 @@ class ChoiceRows(_ExampleRows):
         if len(over):
             g = int(over[0])
             raise ValueError(
-                f"{self.wheres[g]}: the {self.starts[g + 1] - self.starts[g]} options of this "
-                f"choice record take {int(self.group_lengths[g])} tokens together (the prompt "
-                f"once per option), more than data.seq_length={seq_length}; the options of a "
-                "record must fit one sequence: raise data.seq_length or shorten the record "
-                f"({len(over)} record(s) too long)"
-            )
+                overlong_record_message(
+                    self.wheres[g], int(self.starts[g + 1] - self.starts[g]),
+                    int(self.group_lengths[g]), seq_length, len(over),
+                )
+            )  # fmt: skip
         self._counts: list[int] = []
 
     @property

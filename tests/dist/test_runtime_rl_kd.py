@@ -39,3 +39,28 @@ def test_rl_kd_is_the_same_at_dp1_and_dp2(runs):
     assert sorted(modules) == sorted(runs[2]["modules"]) and modules
     for key, value in modules.items():
         assert math.isclose(value, runs[2]["modules"][key], rel_tol=1e-4, abs_tol=WEIGHT_ATOL), key
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """DP1 stopped after step 2 (a checkpoint), then resumed for step 3 at the same layout."""
+    tmp = tmp_path_factory.mktemp("rl_kd_resume")
+    out = str(tmp / "run")
+    first = run(tmp, "part1", tp=1, pp=1, dp=1, steps=3, methods=METHODS, stop_after=2, out_dir=out)
+    second = run(tmp, "part2", tp=1, pp=1, dp=1, steps=3, methods=METHODS, out_dir=out)
+    return first, second
+
+
+def test_rl_kd_resumed_at_the_same_layout_equals_uninterrupted(runs, resumed):
+    """The kept selections and baselines travel in the checkpoint: the resumed step 3 trains the
+    policy on step 2's selection exactly as the uninterrupted run does (without them its policy
+    term would be 0 and the policy weights would differ)."""
+    first, second = resumed
+    assert first["status"] == "preempted" and [r["step"] for r in first["records"]] == [1, 2]
+    assert [r["step"] for r in second["records"]] == [3]
+    expected = runs[1]["records"][2]
+    got = second["records"][0]
+    assert got["terms"]["rl_kd/policy"] != 0.0
+    assert got["loss"] == expected["loss"]
+    assert got["terms"] == expected["terms"]
+    assert second["modules"] == runs[1]["modules"]

@@ -368,3 +368,47 @@ def test_methods_that_relate_positions_are_refused_on_choice_data():
 
     with pytest.raises(ConfigError, match="data.choices"):
         load_config(RECIPE / "3_task_glmd.yaml", ["methods=[{name: sid}]"], check_paths=False)
+
+
+def _choice_run(tmp_path, tokenizer, method, records, seq_length=40, extra=()):
+    from gkd_cli.config import load_config
+
+    folder = tokenizer.save(tmp_path / "tok")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return load_config(
+        RECIPE / "3_task_glmd.yaml",
+        [
+            f"methods=[{{name: {method}}}]", "data.source=corpus", "data.choices=false",
+            "data.format=jsonl", f"data.train_files=[{data}]", f"data.tokenizer={folder}",
+            f"data.seq_length={seq_length}", "teacher.max_seq_len=64", "student.max_seq_len=64",
+            *extra,
+        ],
+        check_paths=False,
+    )  # fmt: skip
+
+
+def test_choice_data_problems_are_refused_before_launch(tmp_path, tokenizer):
+    """The launch-time checks of what the workers would refuse at the first step or at the
+    dataset build: glmd_soft without choice records, and a record whose options do not fit one
+    sequence (the count written here from the tokenizer, as the builder frames each option)."""
+    from gkd_cli.config import ConfigError
+    from gkd_cli.preflight import check_choice_data
+
+    check_choice_data(_choice_run(tmp_path, tokenizer, "glmd_soft", RECORDS))  # fits: no error
+    plain = [{"prompt": r["prompt"], "completion": r["options"][0]} for r in RECORDS]
+    with pytest.raises(ConfigError, match=r"methods.0 \(glmd_soft\).*needs choice data"):
+        check_choice_data(_choice_run(tmp_path, tokenizer, "glmd_soft", plain))
+    check_choice_data(_choice_run(tmp_path, tokenizer, "glmd", plain))  # glmd needs no choices
+
+    def count(record):
+        framed = len(tokenizer.encode_batch_framed([record["prompt"]])[0])
+        return sum(framed + len(tokenizer.encode_batch([o])[0]) + 1 for o in record["options"])
+
+    record, short = RECORDS[0], RECORDS[3]
+    tokens = count(record)
+    assert count(short) < tokens
+    cfg = _choice_run(tmp_path, tokenizer, "glmd", [short, record], seq_length=tokens - 1)
+    with pytest.raises(ConfigError, match=rf"train.jsonl:2: the 3 options .* {tokens} tokens"):
+        check_choice_data(cfg)
+    check_choice_data(_choice_run(tmp_path, tokenizer, "glmd", [record], seq_length=tokens))
