@@ -425,6 +425,62 @@ def run(args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_time_section(args) -> list[str]:
+    """Time vs the naive head as CPU seconds of one thread, all implementations in ONE process,
+    interleaved (the order rotates every round), so a shared machine's load falls on all of them
+    alike: ``time.process_time`` counts this process's own CPU time (not the time other jobs
+    hold the cores), and one thread keeps the BLAS the same for every implementation."""
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(1)
+    impls = [("naive", None), ("materialized", None)]
+    impls += [("fused", c or None) for c in (args.cpu_time_chunks or [0])]  # 0: the default
+    names = [i if c is None else f"{i} (chunk {c})" for i, c in impls]
+    fns = {"naive": naive, "materialized": materialized, "fused": fused}
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    losses: dict[str, float] = {}
+    loads = [os.getloadavg()[0]]
+    for impl, chunk in impls:  # warm-up: allocator, BLAS, kernels
+        CHUNK[0] = chunk
+        fns[impl](*_make(64, args.hidden, args.vocab[0], args.dtype[0], seed=1)).backward()
+    for rnd in range(args.cpu_time):
+        order = list(range(len(impls)))
+        order = order[rnd % len(order) :] + order[: rnd % len(order)]
+        for k in order:
+            (impl, chunk), name = impls[k], names[k]
+            CHUNK[0] = chunk
+            inputs = _make(args.tokens, args.hidden, args.vocab[0], args.dtype[0])
+            start = time.process_time()
+            loss = fns[impl](*inputs)
+            loss.backward()
+            samples[name].append(time.process_time() - start)
+            losses[name] = float(loss)
+            del inputs, loss
+            print(name, rnd, f"{samples[name][-1]:.2f}", file=sys.stderr, flush=True)
+        loads.append(os.getloadavg()[0])
+    base = statistics.median(samples["naive"])
+    lines = [
+        "",
+        f"Time vs the naive head, CPU seconds of one thread (`--cpu-time {args.cpu_time}`: every "
+        f"implementation {args.cpu_time} times in one process, interleaved, order rotating per "
+        f"round), N={args.tokens}, hidden {args.hidden}, V={args.vocab[0]}, {args.dtype[0]}, "
+        f"forward KL, forward + backward; load average {min(loads):.1f} to {max(loads):.1f}:",
+        "",
+        "| impl | CPU s (median) | min | max | x naive (median) | loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        xs = samples[name]
+        med = statistics.median(xs)
+        lines.append(
+            f"| {name} | {med:.2f} | {min(xs):.2f} | {max(xs):.2f} | {med / base:.3f} "
+            f"| {losses[name]:.5f} |"
+        )
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=[*IMPLS, "kd_one_pass", "kd_two_passes", "step"])
@@ -450,6 +506,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--fit", action="store_true", help="also the largest N within the budget")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--cpu-time", type=int, default=0, metavar="ROUNDS",
+        help="time vs naive in CPU seconds, one process, interleaved (instead of the head table)",
+    )  # fmt: skip
+    parser.add_argument("--cpu-time-chunks", type=int, nargs="*", default=[])
     args = parser.parse_args(argv)
     CHUNK[0] = args.chunk
     if args.worker == "step":
@@ -459,7 +520,10 @@ def main(argv=None) -> None:
         vocab = args.vocab[0]
         print(json.dumps(worker(args.worker, args.tokens, args.hidden, vocab, args.dtype[0])))
         return
-    text = run(args)
+    if args.cpu_time:
+        text = "\n".join(cpu_time_section(args)) + "\n"
+    else:
+        text = run(args)
     print(text)
     if args.output is not None:
         with args.output.open("a") as fh:
