@@ -699,6 +699,8 @@ def _check_ranges(cfg: DistillConfig) -> None:
     for name in ("warmup_steps", "weight_decay", "clip_grad", "min_lr"):
         _positive(getattr(t, name), f"train.{name}", allow_zero=True)
     _positive(t.lr, "train.lr")
+    if t.logit_chunk_tokens is not None:
+        _positive(t.logit_chunk_tokens, "train.logit_chunk_tokens")
     if t.min_lr > t.lr:
         raise ConfigError(
             f"train.min_lr={t.min_lr} is above train.lr={t.lr}; lower min_lr", field="train.min_lr"

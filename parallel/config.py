@@ -294,3 +294,8 @@ class TrainConfig:
     max_skipped_steps: int = 0
     """Steps whose loss or gradient is NaN/inf that may be skipped (no optimizer update) before the
     run stops; 0: the first such step stops the run, naming the step, the term and the rank."""
+    logit_chunk_tokens: int | None = None
+    """Tokens per chunk of the logit losses (the fused output layer's chunks, and the materialized
+    path's). ``None``: from a byte budget for the chunk's logits buffers (16 MiB on CPU, 256 MiB
+    on GPU: 64 and 512 tokens at V/tp = 32k with a teacher). Larger chunks run the output layer's
+    matmuls faster and hold more memory (BENCHMARKS.md, "Fused output layer + loss")."""

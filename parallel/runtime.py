@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from methods.base import LossContext, Stage, Tap
+from methods.vocab_parallel import CHUNK_SIZE_EXTRA
 from parallel import checkpoint as ckpt
 from parallel.components import (
     MASKED_LOGIT,
@@ -225,7 +226,11 @@ class DistillationRuntime:
             dp_group=self.ctx.dp_group if self.ctx.dp > 1 else None,
             teacher=self.teacher_infos[0] if self.teacher_infos else None,
             student=self.student_info,
-            extras={"teachers": self.teacher_infos, "teacher_labels": batch["teacher_labels"]},
+            extras={
+                "teachers": self.teacher_infos,
+                "teacher_labels": batch["teacher_labels"],
+                CHUNK_SIZE_EXTRA: self.train_cfg.logit_chunk_tokens,
+            },
             token_mask=batch["token_mask"],
             example_ids=batch.get("example_ids"),
             batch_size=batch["input_ids"].shape[0],

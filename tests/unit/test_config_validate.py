@@ -95,6 +95,7 @@ def test_seq_length_beyond_max_seq_len(tmp_path):
         ("parallel.dp=0", "parallel.dp=0 must be > 0"),
         ("train.lr=-1", "train.lr=-1.0 must be > 0"),
         ("train.min_lr=1", "train.min_lr=1.0 is above train.lr"),
+        ("train.logit_chunk_tokens=0", "train.logit_chunk_tokens=0 must be > 0"),
         ("train.adam_beta2=1.0", "train.adam_beta2=1.0 must be in [0, 1)"),
         ("train.warmup_steps=10", "train.warmup_steps=10 exceeds train.steps=2"),
         ("output.keep_last=-1", "output.keep_last=-1 must be >= 0"),

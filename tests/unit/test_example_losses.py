@@ -45,7 +45,7 @@ def _fake_runtime():
         student_info=INFO,
         teacher_infos=[INFO],
         step_state=SimpleNamespace(step=0),
-        train_cfg=SimpleNamespace(steps=10),
+        train_cfg=SimpleNamespace(steps=10, logit_chunk_tokens=None),
         stage_kind=Stage.TASK,
     )
 
@@ -230,3 +230,17 @@ def test_micro_batch_of_one_pools_to_one_vector_per_example(how):
         [sp[0] if how == "first" else sp[-1] if how == "last" else sp.mean(0) for sp in spans]
     )
     torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-12)
+
+
+def test_train_logit_chunk_tokens_reaches_the_losses(tmp_path):
+    """``train.logit_chunk_tokens`` sets the chunk of the vocab-parallel losses (the loss context
+    carries it); the default leaves the byte-budget choice."""
+    from methods.vocab_parallel import VocabShard
+
+    rows = make_rows(_store(tmp_path), "padded", 8, seed=0, shuffle=False, pad_id=0)
+    micro = collate([rows.row(0, r) for r in range(rows.rows_in_epoch(0))], packed=rows.packed)
+    fake = _fake_runtime()
+    batch = DistillationRuntime._make_example_batch(fake, micro)
+    assert VocabShard.of(DistillationRuntime._loss_context(fake, batch)).chunk_size is None
+    fake.train_cfg.logit_chunk_tokens = 24
+    assert VocabShard.of(DistillationRuntime._loss_context(fake, batch)).chunk_size == 24
