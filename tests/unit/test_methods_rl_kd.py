@@ -234,14 +234,35 @@ def test_pi_of_the_helpful_teacher_rises_under_training():
     assert pi_a > 0.8, pi_a
 
 
-def test_a_resumed_run_drops_the_unsaved_selection_with_a_note(caplog):
-    method = build("rl_kd")  # a fresh process: nothing kept from the step before the resume
+def test_a_run_resumed_at_another_layout_drops_the_selection_with_a_note(caplog):
+    method = build("rl_kd")  # another layout: the kept selections are not restored
     pipe = pipeline(method)
     d = data(40)
     with caplog.at_level("INFO", logger="methods.multi_teacher"):
         total, terms = pipe.compute(features(d, d["student"]), _ctx(d, STEP))
     assert torch.isfinite(total) and float(terms["rl_kd/policy"]) == 0.0
-    assert "not checkpointed" in caplog.text
+    assert "restored at the same layout only" in caplog.text
     d = data(41)
     _, terms = pipe.compute(features(d, d["student"]), _ctx(d, STEP + 1))
     assert float(terms["rl_kd/policy"]) != 0.0  # trained again from the next step
+
+
+def test_runtime_state_round_trips_the_kept_selection():
+    """What the checkpoint carries (``runtime_state``) restores the kept selection in a fresh
+    method: its next step trains the policy exactly as the method that made the selection."""
+    method = build("rl_kd")
+    pipe = pipeline(method)
+    d = data(40)
+    pipe.compute(features(d, d["student"]), _ctx(d, STEP))
+    state = method.runtime_state()
+    fresh = build("rl_kd")
+    fresh_pipe = pipeline(fresh)
+    policies = zip(fresh.rule._policies.values(), method.rule._policies.values(), strict=True)
+    for policy, source in policies:
+        policy.load_state_dict(source.state_dict())
+    fresh.load_runtime_state(state)
+    d = data(41)
+    _, ours = pipe.compute(features(d, d["student"]), _ctx(d, STEP + 1))
+    _, theirs = fresh_pipe.compute(features(d, d["student"]), _ctx(d, STEP + 1))
+    assert float(ours["rl_kd/policy"]) != 0.0
+    assert float(theirs["rl_kd/policy"]) == float(ours["rl_kd/policy"])
