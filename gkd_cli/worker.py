@@ -77,7 +77,13 @@ def build_dataset(
             sources,
             tokenizer,
             cache / name,
-            max_length=data.seq_length if examples else None,
+            # choice records are checked whole by ChoiceRows (data.overlong: truncate leaves a
+            # record out, so its options are stored whatever their length)
+            max_length=(
+                None
+                if not examples or (groups is not None and data.overlong == "truncate")
+                else data.seq_length
+            ),
             overlong=data.overlong if groups is None else "refuse",
             workers=data.workers or _auto_workers(sources),
         ),
@@ -87,7 +93,7 @@ def build_dataset(
         from gkd_cli.data.choices import ChoiceRows
 
         return ChoiceRows(
-            store, data.seq_length, groups, mode=data.mode, seed=cfg.train.seed,
+            store, data.seq_length, groups, mode=data.mode, overlong=data.overlong, seed=cfg.train.seed,
             shuffle=data.shuffle if shuffle is None else shuffle, pad_id=tokenizer.eos_id,
             name=f"data.{name}_files",
         )  # fmt: skip

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
@@ -30,6 +31,8 @@ from gkd_cli.data import formats
 from gkd_cli.data.batching import Row, _ExampleRows, collate, locate_in_epochs
 from gkd_cli.data.corpus import sample_order
 from gkd_cli.data.store import ExampleStore
+
+log = logging.getLogger(__name__)
 
 
 def _first_record(source: formats.DataSource, fmt: str) -> tuple[str, Any] | None:
@@ -145,8 +148,8 @@ def overlong_record_message(
     return (
         f"{where}: the {options} options of this choice record take {tokens} tokens together "
         f"(the prompt once per option), more than data.seq_length={seq_length}; the options of "
-        "a record must fit one sequence: raise data.seq_length or shorten the record "
-        f"({count} record(s) too long)"
+        "a record must fit one sequence: raise data.seq_length, shorten the record or set "
+        f"data.overlong: truncate to leave such records out ({count} record(s) too long)"
     )
 
 
@@ -188,14 +191,28 @@ class ChoiceRows(_ExampleRows):
     packed = True
 
     def __init__(
-        self, store: ExampleStore, seq_length: int, groups_file: Path, *, mode: str, **kwargs
+        self,
+        store: ExampleStore,
+        seq_length: int,
+        groups_file: Path,
+        *,
+        mode: str,
+        overlong: str = "refuse",
+        **kwargs,
     ) -> None:
+        """``overlong``: ``"refuse"`` a record whose options do not fit ``seq_length`` together
+        (``ValueError`` naming it), or ``"truncate"``: leave such records out (counted and
+        logged; cutting a record would change its option scores)."""
         if mode not in ("padded", "packed"):
             raise ValueError(
                 f"choice records need data.mode: padded or packed (got {mode!r}): the options "
                 "of a task example are separate examples"
             )
-        kwargs["overlong"] = "refuse"
+        if overlong not in ("refuse", "truncate"):
+            raise ValueError(f"data.overlong must be 'refuse' or 'truncate', got {overlong!r}")
+        # Examples are checked here, as whole records (an option of a left-out record may be
+        # longer than a sequence by itself).
+        kwargs["overlong"] = "unchecked"
         super().__init__(store, seq_length, **kwargs)
         self.mode = mode
         with np.load(groups_file) as meta:
@@ -214,7 +231,7 @@ class ChoiceRows(_ExampleRows):
         lengths = np.add.reduceat(store.lengths(), self.starts[:-1]) if count else np.zeros(0)
         self.group_lengths = np.asarray(lengths, dtype=np.int64)
         over = np.nonzero(self.group_lengths > seq_length)[0]
-        if len(over):
+        if len(over) and overlong == "refuse":
             g = int(over[0])
             raise ValueError(
                 overlong_record_message(
@@ -222,20 +239,35 @@ class ChoiceRows(_ExampleRows):
                     int(self.group_lengths[g]), seq_length, len(over),
                 )
             )  # fmt: skip
+        self.kept = np.nonzero(self.group_lengths <= seq_length)[0].astype(np.int64)
+        """The records trained on (all of them unless ``overlong="truncate"`` left some out)."""
+        self.left_out = len(over)
+        where = kwargs.get("name") or store.paths["json"]
+        if len(over) and not len(self.kept):
+            raise ValueError(
+                f"no choice record of {where} fits data.seq_length={seq_length} with all its "
+                "options; raise data.seq_length"
+            )
+        if len(over):
+            log.warning(
+                "%s: %d of %d choice records do not fit data.seq_length=%d with all their "
+                "options and are left out (data.overlong: truncate); the first: %s",
+                where, len(over), count, seq_length, self.wheres[int(over[0])],
+            )  # fmt: skip
         self._counts: list[int] = []
 
     @property
     def labeled(self) -> bool:
-        return bool((self.labels >= 0).all())
+        return bool((self.labels[self.kept] >= 0).all())
 
     def units(self) -> int:
-        return len(self.labels)
+        return len(self.kept)
 
     def _order(self, epoch: int) -> np.ndarray:
         n = self.units()
         if not self.shuffle:
-            return np.arange(n, dtype=np.int64)
-        return sample_order(n, self.seed, epoch)
+            return self.kept.copy()
+        return self.kept[sample_order(n, self.seed, epoch)]
 
     def _pack(self, epoch: int) -> list[list[int]]:
         order = self.order(epoch).tolist()

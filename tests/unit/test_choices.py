@@ -322,6 +322,37 @@ def test_a_group_longer_than_a_sequence_is_refused(tmp_path, tokenizer):
         _rows(tmp_path, tokenizer, seq_length=20, records=[record])
 
 
+def test_overlong_truncate_leaves_out_the_records_that_do_not_fit(tmp_path, tokenizer):
+    """``data.overlong: truncate`` on choice data: a record whose options do not fit one sequence
+    together is left out whole (never cut: that would change its option scores); the others are
+    batched as before, in the same relative order."""
+    from gkd_cli.data.build import build_example_store
+
+    path = tmp_path / "choices.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    sources, groups = prepare_sources([DataSource(path=str(path))], tmp_path / "expanded")
+    store = build_example_store(sources, tokenizer, tmp_path / "store")  # no length limit
+    lengths = [
+        sum(len(tokenizer.encode_batch_framed([r["prompt"]])[0]) + len(tokenizer.encode_batch([o])[0]) + 1
+            for o in r["options"])
+        for r in RECORDS
+    ]  # fmt: skip
+    seq = sorted(lengths)[2]  # the two longest records do not fit
+    over = [g for g, n in enumerate(lengths) if n > seq]
+    assert len(over) >= 1
+    with pytest.raises(ValueError, match="data.overlong: truncate"):
+        ChoiceRows(store, seq, groups, mode="padded", seed=0, shuffle=False, pad_id=0)
+    rows = ChoiceRows(store, seq, groups, mode="padded", seed=0, shuffle=False, pad_id=0,
+                      overlong="truncate")  # fmt: skip
+    kept = [g for g in range(len(RECORDS)) if g not in over]
+    assert rows.units() == len(kept) and rows.left_out == len(over)
+    seen = [int(rows.group[int(r.example_ids[0])]) for r in (rows.row(0, i) for i in range(rows.rows_in_epoch(0)))]
+    assert seen == kept  # fmt: skip
+    shuffled = ChoiceRows(store, seq, groups, mode="packed", seed=1, shuffle=True, pad_id=0,
+                          overlong="truncate")  # fmt: skip
+    assert sorted(shuffled.order(0).tolist()) == kept
+
+
 def test_superglue_choice_records_carry_no_label_unless_asked():
     from gkd_cli.superglue.distill_data import TaskText
 
