@@ -193,7 +193,13 @@ def worker_step(seq, vocab, out: Path) -> None:
         pipeline=MethodPipeline.from_config(
             [{"name": "glmd", "temperature": 2.0}, {"name": "lm", "weight": 0.1}]
         ),
-        train=TrainConfig(steps=4, global_batch_size=1, micro_batch_size=1, warmup_steps=0),
+        train=TrainConfig(
+            steps=4,
+            global_batch_size=1,
+            micro_batch_size=1,
+            warmup_steps=0,
+            logit_chunk_tokens=CHUNK[0],
+        ),
         seq_length=seq,
     )
     gen = torch.Generator().manual_seed(0)
@@ -202,15 +208,16 @@ def worker_step(seq, vocab, out: Path) -> None:
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = runtime.train_step(1, batches)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     extra = (_status_kib("VmHWM") - before) * 1024
     out.write_text(
         json.dumps(
             {
                 "extra_bytes": extra,
                 "seconds": seconds,
+                "cpu_seconds": cpu,
                 "loss": result.loss,
                 "path": runtime.stage.head_path,
             }
@@ -228,6 +235,8 @@ def _run_step(seq, vocab, path, threads) -> dict:
         args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1"]
         args += ["--master-port", str(29700 + os.getpid() % 200), __file__, "--worker", "step"]
         args += ["--tokens", str(seq), "--vocab", str(vocab), "--out", str(out)]
+        if CHUNK[0] is not None:
+            args += ["--chunk", str(CHUNK[0])]
         proc = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"step worker failed:\n{proc.stderr[-4000:]}")
@@ -240,10 +249,12 @@ def step_section(args) -> list[str]:
         "",
         f"A whole distillation step (gkd runtime, tp1pp1, `glmd` + `lm`, student gpt2 2 layers "
         f"x 256, teacher gpt2 2 layers x 512, V={args.step_vocab}, one sequence, fp32 CPU): "
-        "peak extra resident memory of `train_step` after a warm-up step, and its time.",
+        "peak extra resident memory of `train_step` after a warm-up step, and its time (wall, "
+        f"and the process's CPU seconds with OMP_NUM_THREADS={args.threads}).",
         "",
-        "| seq | path | peak extra (MiB) | x materialized | time (s) | loss |",
-        "|---|---|---|---|---|---|",
+        "| seq | path | peak extra (MiB) | x materialized | time (s) | CPU s | CPU x materialized "
+        "| loss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     fit = {}
     for seq in args.step_seq:
@@ -254,9 +265,10 @@ def step_section(args) -> list[str]:
         for path, r in results.items():
             assert r["path"] == path, r
             ratio = r["extra_bytes"] / results["materialized"]["extra_bytes"]
+            cpu_ratio = r["cpu_seconds"] / results["materialized"]["cpu_seconds"]
             lines.append(
                 f"| {seq} | {path} | {_mib(r['extra_bytes'])} | {ratio:.3f} | {r['seconds']:.1f} "
-                f"| {r['loss']:.5f} |"
+                f"| {r['cpu_seconds']:.1f} | {cpu_ratio:.2f} | {r['loss']:.5f} |"
             )
             fit.setdefault(path, []).append((seq, r["extra_bytes"]))
     if len(args.step_seq) >= 2:
