@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from methods.base import FeatureKind, Role, Tap
+from tests.dist import job_setup
 from tests.dist.runtime_job import GLOBAL_BATCH, MICRO, SEQ, STUDENT, TEACHER, fingerprint
 
 T = 2.0
@@ -122,23 +123,15 @@ def main(spec_path: str) -> None:
     from gkd_cli.teacher_cache import CacheKey, CacheReader, CacheSpec, CacheWriter, finalize
     from methods import sparse_targets as st
     from methods.vocab_parallel import VocabShard
-    from parallel.config import ModelArch, ParallelConfig, TrainConfig
-    from parallel.distributed import initialize, shutdown
+    from parallel.config import ModelArch
+    from parallel.distributed import shutdown
     from parallel.runtime import DistillationRuntime, TeacherSpec, resolve_precision
     from parallel.teacher_source import TeacherForward
 
     spec = json.loads(Path(spec_path).read_text())
-    ctx = initialize(ParallelConfig(tp=1, pp=1, dp=2), seed=7)
+    ctx = job_setup.start(dp=2)
     teacher_arch = ModelArch.llama(**TEACHER)
-    train = TrainConfig(
-        steps=STEPS,
-        global_batch_size=GLOBAL_BATCH,
-        micro_batch_size=MICRO,
-        lr=5e-3,
-        min_lr=5e-4,
-        warmup_steps=1,
-        seed=11,
-    )
+    train = job_setup.train_config(STEPS, GLOBAL_BATCH, MICRO)
     root = Path(spec["out_dir"]) / "cache"
     key = CacheKey(
         tokenizer_hash="test",
