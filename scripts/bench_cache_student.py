@@ -414,8 +414,8 @@ def markdown(r: dict, args) -> str:
         "",
         f"**Cache writing** ({r['write']['tokens']:,} tokens per variant, chunks of {CHUNK} "
         f"microbatches; 1-min load average {r['load_write']}). `+ write`: the teacher forward plus "
-        "`gkd cache-teacher`'s per-microbatch work (extraction, quantization u16log, bit packing, "
-        "append + fsync).",
+        "`gkd cache-teacher`'s per-microbatch work (extraction, quantization: u16log top-k "
+        f"weights, {args.dense_quantization} for the dense cache; bit packing, append + fsync).",
         "",
         "| variant | tokens/s | throughput vs forward alone | bytes/token | extraction / forward time "
         "| CacheWriter.write / forward time |",
