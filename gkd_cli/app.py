@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from gkd_cli import slurm_cli as sc
 from gkd_cli.errors import ConfigError, GkdError, LaunchError, WorkerFailedError
 
 if TYPE_CHECKING:
@@ -271,60 +272,6 @@ def _prepare_output(cfg, resume: bool | None):
     return cfg
 
 
-def _slurm_options(
-    cfg,
-    *,
-    gpus_per_node: int | None,
-    cpus_per_task: int | None,
-    time: str | None,
-    partition: str | None,
-    submit: bool,
-    python: str | None,
-    **rest,
-):
-    """``SlurmOptions`` for ``gkd distill --slurm``, checked before anything is written: the
-    time format, sbatch present (``--submit``), and, where sinfo answers, the partition exists
-    and has the nodes; GPUs and CPUs per node default to what the partition's nodes have."""
-    from gkd_cli import launch
-
-    if time is not None:
-        launch.check_slurm_time(time)
-    if submit:
-        launch.require_sbatch()
-    nodes = cfg.parallel.nnodes
-    if nodes < 1:
-        raise ConfigError(f"--nodes {nodes}: must be at least 1", field="nodes")
-    procs = cfg.parallel.world_size // nodes
-    partitions = launch.slurm_partitions()
-    info = launch.check_partition(partitions, partition, nodes) if partitions else None
-    if gpus_per_node is not None and gpus_per_node < 0:
-        raise ConfigError(f"--gpus-per-node {gpus_per_node}: must be 0 or more")
-    if gpus_per_node is None:
-        # No sinfo (a laptop): assume GPU nodes, gkd's usual target; the script says so.
-        gpus_per_node = procs if info is None or info.gpus_per_node > 0 else 0
-    elif info is not None and gpus_per_node > info.gpus_per_node:
-        raise ConfigError(
-            f"--gpus-per-node {gpus_per_node}: the nodes of partition {info.name} have "
-            f"{info.gpus_per_node} GPU(s)"
-            + ("; use --gpus-per-node 0 for CPU workers" if info.gpus_per_node == 0 else ""),
-            field="gpus_per_node",
-        )
-    if cpus_per_task is None:
-        cpus_per_task = info.cpus_per_node if info is not None and info.cpus_per_node else procs
-    return launch.SlurmOptions(
-        nodes=nodes,
-        gpus_per_node=gpus_per_node,
-        procs_per_node=procs,
-        cpus_per_task=cpus_per_task,
-        time=time,
-        partition=partition,
-        python=python or sys.executable,
-        workdir=os.getcwd(),
-        **{k: v for k, v in rest.items() if k not in ("signal_seconds",)},
-        signal_seconds=rest["signal_seconds"] or None,
-    )
-
-
 @app.command()
 @_report_errors
 def distill(
@@ -337,75 +284,20 @@ def distill(
             help="Print the resolved config, launch plan and memory plan; launch nothing.",
         ),
     ] = False,
-    slurm: Annotated[
-        bool, typer.Option("--slurm", help="Write a Slurm batch script instead of running here.")
-    ] = False,
-    nodes: Annotated[
-        int | None, typer.Option("--nodes", help="Slurm nodes (sets parallel.nnodes).")
-    ] = None,
-    gpus_per_node: Annotated[
-        int | None,
-        typer.Option(
-            "--gpus-per-node",
-            help="Slurm GPUs per node: tp x pp x dp / nodes, or 0 for CPU workers (default: that "
-            "on a partition with GPUs, 0 on one without, as sinfo reports).",
-        ),
-    ] = None,
-    cpus_per_task: Annotated[
-        int | None,
-        typer.Option(
-            "--cpus-per-task",
-            help="Slurm CPUs of each node's launcher and workers (default: the CPUs of the "
-            "partition's nodes from sinfo, else one per worker).",
-        ),
-    ] = None,
-    python: Annotated[
-        str | None,
-        typer.Option(
-            "--python",
-            help="Python on the compute nodes that has gkd installed (default: this one, "
-            f"{sys.executable}).",
-        ),
-    ] = None,
-    signal_seconds: Annotated[
-        int,
-        typer.Option(
-            "--signal-seconds",
-            help="Slurm sends SIGUSR1 this long before --time runs out: the workers save and "
-            "the job requeues (0: no signal).",
-        ),
-    ] = 300,
-    requeue: Annotated[
-        bool,
-        typer.Option(
-            "--requeue/--no-requeue",
-            help="After a preemption signal and a completed save, the job requeues itself.",
-        ),
-    ] = True,
-    time: Annotated[str | None, typer.Option("--time", help="Slurm time limit (24:00:00).")] = None,
-    partition: Annotated[str | None, typer.Option("--partition", help="Slurm partition.")] = None,
-    account: Annotated[str | None, typer.Option("--account", help="Slurm account.")] = None,
-    job_name: Annotated[str, typer.Option("--job-name", help="Slurm job name.")] = "gkd",
-    sbatch_lines: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--sbatch",
-            help="Extra #SBATCH option, repeatable (--sbatch=--exclusive).",
-            show_default=False,
-        ),
-    ] = None,
-    setup_lines: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--setup",
-            help="Shell line run before srun in the batch script, repeatable "
-            "(--setup 'source .venv/bin/activate').",
-            show_default=False,
-        ),
-    ] = None,
-    submit: Annotated[
-        bool, typer.Option("--submit", help="Submit the batch script with sbatch.")
-    ] = False,
+    slurm: sc.Slurm = False,
+    nodes: sc.Nodes = None,
+    gpus_per_node: sc.GpusPerNode = None,
+    cpus_per_task: sc.CpusPerTask = None,
+    python: sc.Python = None,
+    signal_seconds: sc.SignalSeconds = 300,
+    requeue: sc.Requeue = True,
+    time: sc.Time = None,
+    partition: sc.Partition = None,
+    account: sc.Account = None,
+    job_name: sc.JobName = "gkd",
+    sbatch_lines: sc.SbatchLines = None,
+    setup_lines: sc.SetupLines = None,
+    submit: sc.Submit = False,
     resume: Annotated[
         bool | None,
         typer.Option(
@@ -441,7 +333,7 @@ def distill(
         out = out.resolve()
         cfg = replace(cfg, output=replace(cfg.output, dir=str(out)))
         config_path = out / "config.yaml"
-        options = _slurm_options(
+        options = launch.slurm_options(
             cfg,
             gpus_per_node=gpus_per_node,
             cpus_per_task=cpus_per_task,
@@ -464,23 +356,10 @@ def distill(
             return
         cfg = _prepare_output(cfg, resume)
         write_config(cfg, config_path)
-        (out / "logs").mkdir(parents=True, exist_ok=True)  # sbatch opens --output in it
-        script_path = out / "gkd.sbatch"
-        script_path.write_text(launch.render_sbatch(cfg, options, config_path))
-        console.print(f"wrote {config_path} and {script_path}", markup=False, soft_wrap=True)
-        if submit:
-            job_id = launch.submit(script_path)
-            log = (options.output or str(out / "logs" / "slurm-%j.out")).replace("%j", job_id)
-            console.print(
-                f"submitted Slurm job {job_id}\n"
-                f"  follow it:  squeue -j {job_id}   (or scontrol show job {job_id})\n"
-                f"  its output: tail -f {log}\n"
-                f"  stop it and save: scancel -b --signal=USR1 {job_id}   (requeues itself)",
-                markup=False,
-                soft_wrap=True,
-            )
-        else:
-            console.print(f"submit with: sbatch {script_path}", markup=False, soft_wrap=True)
+        for line in launch.write_batch_script(
+            cfg, options, out / "gkd.sbatch", config_path=config_path, and_submit=submit
+        ):
+            console.print(line, markup=False, soft_wrap=True)
         return
 
     context = launch.slurm_context(os.environ)
@@ -507,10 +386,7 @@ def distill(
             "every node with: srun --ntasks-per-node=1 gkd distill ... (or use gkd distill "
             "--slurm, which writes such a script)"
         )
-    if launch.in_slurm_allocation(os.environ):
-        plan = launch.plan_from_slurm_env(cfg, os.environ, resolve=True)
-    else:
-        plan = launch.plan_local(cfg, os.environ)
+    plan = launch.plan_workers(cfg, os.environ)
     from gkd_cli.preflight import run_preflight
 
     run_preflight(cfg)  # opens corpora and checkpoints; before anything is written or launched

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
+from gkd_cli import slurm_cli as sc
 from gkd_cli.errors import ConfigError
 from gkd_cli.progress import rank_logging
 
@@ -368,6 +369,23 @@ def my_samples(num_samples: int, mbs: int, dp_rank: int, dp: int, done: set[int]
     return [i for i in range(num_samples) if (i // mbs) % dp == dp_rank and i not in done]
 
 
+def extract_targets(logits: Any, spec: CacheSpec, shard: Any, *, seed: int, sample_ids: list[int]):
+    """One microbatch's sparse targets as ``gkd cache-teacher`` writes them: top-k with the tail,
+    or ``spec.samples`` importance-sampled draws seeded by the run's seed and the microbatch's
+    first sample id (the same draws after a resume). ``logits``: vocab-parallel ``[N, V/tp]``."""
+    import torch
+
+    from methods import sparse_targets as st
+
+    if spec.kind == st.TOPK:
+        return st.from_logits_topk(logits.float(), spec.k, shard, temperature=spec.temperature)
+    generator = torch.Generator(device=logits.device)
+    generator.manual_seed(seed * 1_000_003 + sample_ids[0])
+    return st.from_logits_sampled(
+        logits.float(), spec.samples, shard, temperature=spec.temperature, generator=generator
+    )
+
+
 def write_cache(cfg: DistillConfig, out: Path, spec: CacheSpec) -> None:
     """Collective (every rank of the layout): the teacher's sparse targets for every training
     sample, written by tp rank 0 of the last stage of each dp rank; resumes a killed run (the
@@ -378,7 +396,6 @@ def write_cache(cfg: DistillConfig, out: Path, spec: CacheSpec) -> None:
     from gkd_cli.data import load_tokenizer
     from gkd_cli.teacher_cache import CacheWriter, finalize
     from gkd_cli.worker import build_dataset
-    from methods import sparse_targets as st
     from methods.vocab_parallel import VocabShard
     from parallel.components import TeacherSpec, resolve_precision
     from parallel.distributed import initialize, shutdown
@@ -417,20 +434,7 @@ def write_cache(cfg: DistillConfig, out: Path, spec: CacheSpec) -> None:
 
         def on_logits(logits: torch.Tensor, batch: dict) -> None:
             ids = [int(i) for i in batch["sample_ids"]]
-            if spec.kind == st.TOPK:
-                targets = st.from_logits_topk(
-                    logits.float(), spec.k, shard, temperature=spec.temperature
-                )
-            else:  # draws seeded by the microbatch's first sample: the same after a resume
-                generator = torch.Generator(device=logits.device)
-                generator.manual_seed(cfg.train.seed * 1_000_003 + ids[0])
-                targets = st.from_logits_sampled(
-                    logits.float(),
-                    spec.samples,
-                    shard,
-                    temperature=spec.temperature,
-                    generator=generator,
-                )
+            targets = extract_targets(logits, spec, shard, seed=cfg.train.seed, sample_ids=ids)
             if writer is not None:
                 writer.write(ids, targets.to("cpu"), seq)
 
@@ -565,19 +569,41 @@ def cache_teacher_command(
     quantization: Annotated[
         str, typer.Option("--quantization", help="Top-k weights: u16log, u8log or fp16.")
     ] = "u16log",
+    slurm: sc.Slurm = False,
+    nodes: sc.Nodes = None,
+    gpus_per_node: sc.GpusPerNode = None,
+    cpus_per_task: sc.CpusPerTask = None,
+    python: sc.Python = None,
+    signal_seconds: sc.SignalSeconds = 300,
+    requeue: sc.Requeue = True,
+    time: sc.Time = None,
+    partition: sc.Partition = None,
+    account: sc.Account = None,
+    job_name: sc.JobName = "gkd-cache",
+    sbatch_lines: sc.SbatchLines = None,
+    setup_lines: sc.SetupLines = None,
+    submit: sc.Submit = False,
 ) -> None:
     """Run the teacher alone over the training data once and write its sparse targets.
 
-    Runs forward only at the config's layout (torchrun here), each data-parallel rank writing its
-    own shard; a rerun after a kill resumes (written samples are skipped). Distill from it with
-    teacher: {cache: DIR}.
+    Runs forward only at the config's layout (torchrun here, or with --slurm a batch script
+    like gkd distill's), each data-parallel rank writing its own shard; a rerun after a kill
+    resumes (written samples are skipped). Distill from it with teacher: {cache: DIR}.
     """
     from gkd_cli import launch
     from gkd_cli.config import load_config, write_config
     from gkd_cli.preflight import check_checkpoint, check_corpus
     from gkd_cli.teacher_cache import CacheError, CacheSpec
 
-    cfg = load_config(config, list(overrides or []), environ=os.environ, check_paths=True)
+    overrides = list(overrides or [])
+    if submit and not slurm:
+        raise ConfigError("--submit needs --slurm")
+    if nodes is not None:
+        if not slurm:
+            raise ConfigError("--nodes needs --slurm (or set parallel.nnodes=N)")
+        overrides.append(f"parallel.nnodes={nodes}")
+    environ = None if slurm else os.environ  # the job's layout is the config's, not this shell's
+    cfg = load_config(config, overrides, environ=environ, check_paths=True)
     teacher = cfg.teacher
     if teacher is None:
         raise ConfigError("gkd cache-teacher needs a teacher section", field="teacher")
@@ -628,16 +654,46 @@ def cache_teacher_command(
                     "choose another --out or delete it"
                 )
     config_path = root / ".gkd" / "config.yaml"
+    options = None
+    if slurm:  # checked before anything is written
+        options = launch.slurm_options(
+            cfg,
+            gpus_per_node=gpus_per_node,
+            cpus_per_task=cpus_per_task,
+            time=time,
+            partition=partition,
+            account=account,
+            job_name=job_name,
+            extra_sbatch=list(sbatch_lines or []),
+            setup=list(setup_lines or []),
+            python=python,
+            signal_seconds=signal_seconds,
+            requeue=requeue,
+            submit=submit,
+        )
+        launch.render_sbatch(cfg, options, config_path)  # layout vs nodes and GPUs
     write_config(cfg, config_path)
     write_json_atomic(
         config_path.parent / SETTINGS_FILE, {"out": str(root), "spec": dataclasses.asdict(spec)}
     )
-    if launch.in_slurm_allocation(os.environ):
-        plan = launch.plan_from_slurm_env(cfg, os.environ, resolve=True)
-    else:
-        plan = launch.plan_local(cfg, os.environ)
-    plan = dataclasses.replace(
-        plan, entry_module="gkd_cli.cache_teacher", args=["--config", str(config_path)]
+    if options is not None:
+        # Every node runs this command on the resolved config (the same key, spec and layout).
+        command = ["cache-teacher", str(config_path), "--out", str(root), "--kind", kind]
+        command += ["--k", str(k), "--samples", str(samples)]
+        command += ["--temperature", repr(spec.temperature), "--quantization", quantization]
+        for line in launch.write_batch_script(
+            cfg,
+            options,
+            root / ".gkd" / "gkd.sbatch",
+            config_path=config_path,
+            and_submit=submit,
+            command=command,
+            finished_dir=root,
+        ):
+            typer.echo(line)
+        return
+    plan = launch.plan_workers(
+        cfg, os.environ, entry_module="gkd_cli.cache_teacher", args=["--config", str(config_path)]
     )
     signal_name = launch.run_local(plan)
     if signal_name is not None:

@@ -322,22 +322,14 @@ def build_job(checkpoint: Path, out: Path, settings: EvalSettings) -> tuple[Any,
 
 def launch_plan(job_path: Path, world_size: int, log_dir: Path):
     """A single-node torchrun plan running :mod:`gkd_cli.eval_worker` on ``job_path``."""
-    from gkd_cli.launch import LaunchPlan
+    from gkd_cli.launch import plan_workers
 
-    return LaunchPlan(
-        nnodes=1,
-        nproc_per_node=world_size,
-        node_rank=0,
-        master_addr="127.0.0.1",
-        master_port=0,
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",
-        rdzv_id=f"gkd-eval-{uuid.uuid4().hex[:12]}",
+    return plan_workers(
         entry_module=WORKER_MODULE,
         args=["--spec", str(job_path)],
-        # torchrun's CLI sets one OpenMP thread per worker; its Python API does not.
-        env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
-        log_dir=str(log_dir),
+        world_size=world_size,
+        log_dir=log_dir,
+        run_id="gkd-eval",
     )
 
 

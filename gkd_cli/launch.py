@@ -137,20 +137,7 @@ def plan_local(cfg: DistillConfig, environ: Mapping[str, str] | None = None) -> 
     nproc = _procs_per_node(cfg, nnodes, "parallel.nnodes")
     log_dir = str(Path(cfg.output.dir) / "logs")
     if nnodes == 1:
-        return LaunchPlan(
-            nnodes=1,
-            nproc_per_node=nproc,
-            node_rank=0,
-            master_addr="127.0.0.1",
-            master_port=0,
-            rdzv_backend="c10d",
-            rdzv_endpoint="127.0.0.1:0",
-            rdzv_id=f"gkd-{uuid.uuid4().hex[:12]}",
-            entry_module=WORKER_MODULE,
-            args=_worker_args(cfg),
-            env=_worker_env(environ),
-            log_dir=log_dir,
-        )
+        return _single_node(nproc, WORKER_MODULE, _worker_args(cfg), log_dir, environ, "gkd")
     missing = [k for k in ("MASTER_ADDR", "NODE_RANK") if not environ.get(k)]
     if missing:
         raise ConfigError(
@@ -177,6 +164,66 @@ def plan_local(cfg: DistillConfig, environ: Mapping[str, str] | None = None) -> 
         env=_worker_env(environ),
         log_dir=log_dir,
     )
+
+
+def _single_node(
+    nproc: int,
+    entry_module: str,
+    args: list[str],
+    log_dir: str,
+    environ: Mapping[str, str],
+    run_id: str,
+) -> LaunchPlan:
+    """One node, a private c10d store on a free local port."""
+    return LaunchPlan(
+        nnodes=1,
+        nproc_per_node=nproc,
+        node_rank=0,
+        master_addr="127.0.0.1",
+        master_port=0,
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        rdzv_id=f"{run_id}-{uuid.uuid4().hex[:12]}",
+        entry_module=entry_module,
+        args=args,
+        env=_worker_env(environ),
+        log_dir=log_dir,
+    )
+
+
+def plan_workers(
+    cfg: DistillConfig | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    entry_module: str = WORKER_MODULE,
+    args: list[str] | None = None,
+    world_size: int | None = None,
+    log_dir: str | os.PathLike | None = None,
+    run_id: str = "gkd",
+) -> LaunchPlan:
+    """This node's launch plan, for every gkd command that starts workers (``gkd distill``,
+    ``gkd cache-teacher``, ``gkd eval``). With a config: its layout, from the Slurm job step's
+    variables inside an allocation (:func:`plan_from_slurm_env`), else :func:`plan_local`; the
+    workers run ``python -m entry_module args`` (default: the distillation worker on the
+    config's ``output.dir/config.yaml``). Without a config: one node of ``world_size``
+    processes (evaluation jobs)."""
+    environ = os.environ if environ is None else environ
+    if cfg is None:
+        if world_size is None or log_dir is None:
+            raise ValueError("plan_workers without a config needs world_size and log_dir")
+        return _single_node(
+            world_size, entry_module, list(args or []), str(log_dir), environ, run_id
+        )
+    if in_slurm_allocation(environ):
+        plan = plan_from_slurm_env(cfg, environ, resolve=True)
+    else:
+        plan = plan_local(cfg, environ)
+    plan.entry_module = entry_module
+    if args is not None:
+        plan.args = list(args)
+    if log_dir is not None:
+        plan.log_dir = str(log_dir)
+    return plan
 
 
 def _int_env(environ: Mapping[str, str], key: str) -> int:
@@ -580,6 +627,93 @@ class SlurmOptions:
     """Working directory of the job (``--chdir``): where relative paths of the config resolve."""
 
 
+def slurm_options(
+    cfg: DistillConfig,
+    *,
+    gpus_per_node: int | None,
+    cpus_per_task: int | None,
+    time: str | None,
+    partition: str | None,
+    submit: bool,
+    python: str | None,
+    signal_seconds: int | None,
+    **rest,
+) -> SlurmOptions:
+    """``SlurmOptions`` of a gkd command's ``--slurm`` options (``gkd distill``, ``gkd
+    cache-teacher``), checked before anything is written: the time format, sbatch present
+    (``--submit``), and, where sinfo answers, the partition exists and has the nodes; GPUs and
+    CPUs per node default to what the partition's nodes have. ``rest``: the other
+    :class:`SlurmOptions` fields (account, job_name, extra_sbatch, setup, requeue)."""
+    if time is not None:
+        check_slurm_time(time)
+    if submit:
+        require_sbatch()
+    nodes = cfg.parallel.nnodes
+    if nodes < 1:
+        raise ConfigError(f"--nodes {nodes}: must be at least 1", field="nodes")
+    procs = cfg.parallel.world_size // nodes
+    partitions = slurm_partitions()
+    info = check_partition(partitions, partition, nodes) if partitions else None
+    if gpus_per_node is not None and gpus_per_node < 0:
+        raise ConfigError(f"--gpus-per-node {gpus_per_node}: must be 0 or more")
+    if gpus_per_node is None:
+        # No sinfo (a laptop): assume GPU nodes, gkd's usual target; the script says so.
+        gpus_per_node = procs if info is None or info.gpus_per_node > 0 else 0
+    elif info is not None and gpus_per_node > info.gpus_per_node:
+        raise ConfigError(
+            f"--gpus-per-node {gpus_per_node}: the nodes of partition {info.name} have "
+            f"{info.gpus_per_node} GPU(s)"
+            + ("; use --gpus-per-node 0 for CPU workers" if info.gpus_per_node == 0 else ""),
+            field="gpus_per_node",
+        )
+    if cpus_per_task is None:
+        cpus_per_task = info.cpus_per_node if info is not None and info.cpus_per_node else procs
+    return SlurmOptions(
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        procs_per_node=procs,
+        cpus_per_task=cpus_per_task,
+        time=time,
+        partition=partition,
+        python=python or sys.executable,
+        workdir=os.getcwd(),
+        signal_seconds=signal_seconds or None,
+        **rest,
+    )
+
+
+def write_batch_script(
+    cfg: DistillConfig,
+    options: SlurmOptions,
+    script_path: Path,
+    *,
+    config_path: str | os.PathLike,
+    and_submit: bool,
+    command: list[str] | None = None,
+    finished_dir: str | os.PathLike | None = None,
+) -> list[str]:
+    """Write (and with ``and_submit``, submit) the batch script of :func:`render_sbatch`, after
+    creating the log folder sbatch opens ``--output`` in; returns the lines to print (where the
+    script is, how to submit it, or the job id and how to follow and stop it)."""
+    out = Path(cfg.output.dir)
+    script = render_sbatch(cfg, options, config_path, command=command, finished_dir=finished_dir)
+    (out / "logs").mkdir(parents=True, exist_ok=True)  # sbatch opens --output in it
+    script_path.parent.mkdir(parents=True, exist_ok=True)
+    script_path.write_text(script)
+    lines = [f"wrote {config_path} and {script_path}"]
+    if not and_submit:
+        return [*lines, f"submit with: sbatch {script_path}"]
+    job_id = submit(script_path)
+    log = (options.output or str(out / "logs" / "slurm-%j.out")).replace("%j", job_id)
+    return [
+        *lines,
+        f"submitted Slurm job {job_id}\n"
+        f"  follow it:  squeue -j {job_id}   (or scontrol show job {job_id})\n"
+        f"  its output: tail -f {log}\n"
+        f"  stop it and save: scancel -b --signal=USR1 {job_id}   (requeues itself)",
+    ]
+
+
 def _check_procs(cfg: DistillConfig, options: SlurmOptions) -> int:
     world = cfg.parallel.world_size
     nodes = options.nodes
@@ -604,19 +738,33 @@ def _check_procs(cfg: DistillConfig, options: SlurmOptions) -> int:
     return procs
 
 
-def render_sbatch(cfg: DistillConfig, options: SlurmOptions, config_path: str | os.PathLike) -> str:
+def render_sbatch(
+    cfg: DistillConfig,
+    options: SlurmOptions,
+    config_path: str | os.PathLike,
+    *,
+    command: list[str] | None = None,
+    finished_dir: str | os.PathLike | None = None,
+) -> str:
     """A Slurm batch script that starts one ``gkd distill`` launcher per node with ``srun`` (each
     starts ``tp x pp x dp / nodes`` workers, c10d rendezvous on the first node), forwards the
-    preemption signal to them, and requeues the job after they saved a checkpoint."""
+    preemption signal to them, and requeues the job after they saved a checkpoint.
+
+    ``command``: another gkd command line to run on every node instead (``["cache-teacher",
+    CONFIG, "--out", DIR, ...]``, after ``python -m gkd_cli.app``); ``finished_dir``: what
+    ``python -m gkd_cli.launch finished`` asks about before requeueing (default
+    ``output.dir``)."""
     procs = _check_procs(cfg, options)
     out_dir = Path(cfg.output.dir)
+    command = ["distill", str(config_path)] if command is None else [str(c) for c in command]
+    finished = Path(finished_dir) if finished_dir is not None else out_dir
     output = options.output or str(out_dir / "logs" / "slurm-%j.out")
     p = cfg.parallel
     q = shlex.quote
     devices = f"{options.gpus_per_node} GPU(s)" if options.gpus_per_node else "CPU only"
     lines = [
         "#!/bin/bash",
-        f"# gkd distill: tp={p.tp} pp={p.pp} dp={p.dp} on {options.nodes} node(s) x {procs} "
+        f"# gkd {command[0]}: tp={p.tp} pp={p.pp} dp={p.dp} on {options.nodes} node(s) x {procs} "
         f"worker(s), {devices}. Generated by gkd; submit with: sbatch <this file>",
         f"#SBATCH --job-name={q(options.job_name)}",
         f"#SBATCH --nodes={options.nodes}",
@@ -684,7 +832,7 @@ def render_sbatch(cfg: DistillConfig, options: SlurmOptions, config_path: str | 
         "trap 'forward USR1' USR1",
         "trap 'forward TERM' TERM",
         f"{srun} \\",
-        f"  {python} -m gkd_cli.app distill {q(str(config_path))} &",
+        f"  {python} -m gkd_cli.app {' '.join(q(c) for c in command)} &",
         "srun_pid=$!",
         "while :; do",
         '  wait "$srun_pid" && status=0 || status=$?',
@@ -698,7 +846,7 @@ def render_sbatch(cfg: DistillConfig, options: SlurmOptions, config_path: str | 
         "fi",
         "# exit 0: the run is complete; 1: it stopped early after saving (a preemption)",
         "finished=0",
-        f"{python} -m gkd_cli.launch finished {q(str(out_dir))} || finished=$?",
+        f"{python} -m gkd_cli.launch finished {q(str(finished))} || finished=$?",
         'if [ "$finished" -eq 0 ]; then',
         '  echo "gkd: finished"',
         "  exit 0",
@@ -714,11 +862,15 @@ def render_sbatch(cfg: DistillConfig, options: SlurmOptions, config_path: str | 
 
 
 def run_finished(output_dir: str | os.PathLike) -> bool:
-    """True when ``output_dir`` holds a checkpoint of the last step of its ``config.yaml``."""
+    """True when ``output_dir`` holds a checkpoint of the last step of its ``config.yaml``, or
+    is a finalized teacher cache."""
     from gkd_cli.config import load_config
     from parallel.checkpoint import latest_complete, read_meta
 
     out = Path(output_dir)
+    if (out / "header.json").is_file() and not (out / "config.yaml").exists():
+        # a teacher cache (gkd cache-teacher): complete once finalized (meta.json written)
+        return (out / "meta.json").is_file()
     cfg = load_config(out / "config.yaml", validate_run=False)  # only train.steps is read
     latest = latest_complete(out / "checkpoints")
     if latest is None:

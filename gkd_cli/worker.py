@@ -317,6 +317,9 @@ def vocab_restriction(path: str, tp_rank: int, tp: int):
         orig_to_comp=torch.from_numpy(np.asarray(mapping.orig_to_comp, dtype=np.int64)),
         teacher_index=torch.from_numpy(np.asarray(local_index, dtype=np.int64)),
         valid=torch.from_numpy(np.asarray(valid, dtype=bool)),
+        kept_orig_to_comp=torch.from_numpy(
+            np.where(mapping.kept_mask, mapping.orig_to_comp, -1).astype(np.int64)
+        ),
     )
 
 

@@ -223,11 +223,13 @@ class SparseTargets:
         """The targets in a compressed student vocabulary (``orig_to_comp``: ``[V]`` int64, the
         compressed id of each original id, ``-1`` for an id with no compressed slot).
 
-        Entries whose ids map to the same slot are merged (weights added; a dropped token mapped
-        to its replacement gives the replacement its mass). Entries mapped to -1 are removed and
-        the rest renormalized, as the dense teacher restricted to the kept tokens is
-        renormalized; for top-k the tail is assumed to lie on kept tokens (the approximation: the
-        tail's shape is unknown; exact when the cache is dense). ``entropy`` is kept as is: the
+        Entries whose ids map to the same slot are merged (weights added). Entries mapped to -1
+        are removed and the rest renormalized, as the dense teacher restricted to the kept tokens
+        is renormalized: the runtime passes a table with -1 for every dropped token
+        (``VocabRestriction.kept_orig_to_comp``), so that the result is the co-located restricted
+        head's distribution (a dropped token's mass does not go to its replacement). For top-k
+        the tail is assumed to lie on kept tokens (the approximation: the tail's shape is
+        unknown; exact when the cache is dense). ``entropy`` is kept as is: the
         sampled forward KL's value is then offset by a constant (gradients unaffected)."""
         self._need_global("remap")
         table = orig_to_comp.to(device=self.ids.device, dtype=torch.long)
@@ -287,6 +289,30 @@ def _check_logits(logits: Tensor, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def _outputs(logits: Tensor, count: int, what: str, temperature: float):
+    """The shared prologue of :func:`from_logits_topk` and :func:`from_logits_sampled`: the
+    arguments checked (``what``: how the error names ``count``), and the per-token outputs ids
+    (-1), weights (0) and entropy (0), ``[N, count]``, ``[N, count]``, ``[N]``."""
+    _check_logits(logits, temperature)
+    if count < 1:
+        raise ValueError(f"{what} must be >= 1, got {count}")
+    n, device = logits.shape[0], logits.device
+    return (
+        torch.full((n, count), -1, dtype=torch.long, device=device),
+        torch.zeros((n, count), dtype=torch.float32, device=device),
+        torch.zeros(n, dtype=torch.float32, device=device),
+    )
+
+
+def _scaled_chunks(
+    logits: Tensor, shard: vp.VocabShard, temperature: float, dtype: torch.dtype | None = None
+):
+    """Per chunk of tokens: its plan, its rows and its logits over the real columns divided by
+    the temperature, in the plan's accumulation dtype (or ``dtype``)."""
+    for plan, rows in _teacher_chunks(logits, shard):
+        yield plan, rows, logits[rows, : plan.width].to(dtype or plan.acc) / temperature
+
+
 def from_logits_topk(
     teacher_logits_local: Tensor, k: int, shard: vp.VocabShard = vp.UNSHARDED, *, temperature: float
 ) -> SparseTargets:
@@ -295,19 +321,11 @@ def from_logits_topk(
     vocabulary-sized crosses ranks) and the global top-k picked; the tail is the exact sum of the
     other columns' probabilities (0 when ``k >= V``), the entropy exact. Same result on every
     rank; ``k`` larger than the real vocabulary pads with id -1 / weight 0."""
-    _check_logits(teacher_logits_local, temperature)
-    if k < 1:
-        raise ValueError(f"top-k k must be >= 1, got {k}")
-    n = teacher_logits_local.shape[0]
-    device = teacher_logits_local.device
-    ids_out = torch.full((n, k), -1, dtype=torch.long, device=device)
-    w_out = torch.zeros((n, k), dtype=torch.float32, device=device)
-    tail_out = torch.zeros(n, dtype=torch.float32, device=device)
-    ent_out = torch.zeros(n, dtype=torch.float32, device=device)
+    ids_out, w_out, ent_out = _outputs(teacher_logits_local, k, "top-k k", temperature)
+    tail_out = torch.zeros_like(ent_out)
     with torch.no_grad():
-        for plan, rows in _teacher_chunks(teacher_logits_local, shard):
+        for plan, rows, t in _scaled_chunks(teacher_logits_local, shard, temperature):
             width, stats = plan.width, plan.stats
-            t = teacher_logits_local[rows, :width].to(plan.acc) / temperature
             c = t.shape[0]
             local_k = min(k, width)
             values, index = t.topk(local_k, dim=1)
@@ -354,18 +372,13 @@ def from_logits_sampled(
     summed over ranks. The draws equal those of one unsharded rank (up to rounding in the
     cumulative sums). Duplicates are merged into weights ``count / n``; the entropy is exact.
     ``generator`` must be on the logits' device and in the same state on every tp rank."""
-    _check_logits(teacher_logits_local, temperature)
-    if n < 1:
-        raise ValueError(f"samples per token must be >= 1, got {n}")
-    num = teacher_logits_local.shape[0]
+    ids_out, w_out, ent_out = _outputs(teacher_logits_local, n, "samples per token", temperature)
     device = teacher_logits_local.device
-    ids_out = torch.full((num, n), -1, dtype=torch.long, device=device)
-    w_out = torch.zeros((num, n), dtype=torch.float32, device=device)
-    ent_out = torch.zeros(num, dtype=torch.float32, device=device)
     with torch.no_grad():
-        for plan, rows in _teacher_chunks(teacher_logits_local, shard):
+        for plan, rows, t in _scaled_chunks(
+            teacher_logits_local, shard, temperature, torch.float64
+        ):
             width, stats = plan.width, plan.stats
-            t = teacher_logits_local[rows, :width].to(torch.float64) / temperature
             c = t.shape[0]
             (m,) = stats.max(t.amax(dim=1) if width else t.new_full((c,), -math.inf))
             et = (t - m[:, None]).exp()

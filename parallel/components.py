@@ -102,12 +102,18 @@ class VocabRestriction:
     """``[V'/tp]`` long: local teacher column of each local student column."""
     valid: torch.Tensor
     """``[V'/tp]`` bool."""
+    kept_orig_to_comp: torch.Tensor | None = None
+    """``[V]`` long: the compressed id of each kept original id, -1 for a dropped one (a cached
+    teacher's targets are restricted to the kept tokens with it, as the co-located teacher's head
+    is); needed only with a cached teacher."""
 
     def to(self, device: torch.device) -> VocabRestriction:
+        kept = self.kept_orig_to_comp
         return VocabRestriction(
             orig_to_comp=self.orig_to_comp.to(device),
             teacher_index=self.teacher_index.to(device),
             valid=self.valid.to(device),
+            kept_orig_to_comp=kept.to(device) if kept is not None else None,
         )
 
 
@@ -413,8 +419,15 @@ def install_vocab_restriction(
         stage.feature_transforms[Tap(Role.STUDENT, FeatureKind.LOGITS)] = student_logits
     for source in stage.sources:
         if isinstance(source, CachedTeacher):
-            # Sparse targets hold original ids: map them into the compressed vocabulary.
-            source.transform = lambda targets: targets.remap(vocab.orig_to_comp)
+            # Sparse targets hold original ids: keep the kept tokens', in compressed ids (the
+            # restricted head's distribution; a dropped token's mass is not its replacement's).
+            kept = vocab.kept_orig_to_comp
+            if kept is None:
+                raise ValueError(
+                    "a cached teacher with a compressed vocabulary needs the mapping's kept ids "
+                    "(VocabRestriction.kept_orig_to_comp)"
+                )
+            source.transform = lambda targets, table=kept: targets.remap(table)
             continue
         tap = Tap(Role.TEACHER, FeatureKind.LOGITS, teacher_index=source.index)
         stage.training_transforms[tap] = teacher_logits

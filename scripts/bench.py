@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_losses.py", "bench_runtime.py", "bench_vocab.py"]
+BENCHMARKS = [
+    "bench_losses.py",
+    "bench_runtime.py",
+    "bench_vocab.py",
+    "bench_cache_student.py",
+]
 
 
 def main() -> int:

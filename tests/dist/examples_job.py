@@ -17,7 +17,6 @@ per-step records and the store indices each step read (all ranks, in rank order)
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.dist.job_setup import start, train_config  # noqa: E402
 
 TEACHER = dict(
     num_layers=2,
@@ -59,7 +60,7 @@ def write_store(folder: Path):
 def build_runtime(ctx, steps):
     from methods.base import BuildContext, Stage
     from methods.pipeline import MethodPipeline
-    from parallel.config import ModelArch, TrainConfig
+    from parallel.config import ModelArch
     from parallel.model import model_info
     from parallel.runtime import DistillationRuntime, TeacherSpec
 
@@ -71,16 +72,7 @@ def build_runtime(ctx, steps):
         tp=ctx.tp,
         pp=ctx.pp,
     )
-    train = TrainConfig(
-        steps=steps,
-        global_batch_size=GLOBAL_BATCH,
-        micro_batch_size=MICRO,
-        lr=5e-3,
-        min_lr=5e-4,
-        warmup_steps=1,
-        seed=11,
-        stage="task",
-    )
+    train = train_config(steps, GLOBAL_BATCH, MICRO, stage="task")
     return DistillationRuntime(
         ctx=ctx,
         student=student,
@@ -177,11 +169,10 @@ def train(ctx, rows, spec: dict, out_dir: Path, *, resumed: bool) -> dict:
 def main(spec_path: str) -> None:
     from gkd_cli.data.batching import make_rows
     from gkd_cli.data.store import ExampleStore
-    from parallel.config import ParallelConfig
-    from parallel.distributed import initialize, shutdown
+    from parallel.distributed import shutdown
 
     spec = json.loads(Path(spec_path).read_text())
-    ctx = initialize(ParallelConfig(tp=1, pp=1, dp=int(os.environ["WORLD_SIZE"])), seed=7)
+    ctx = start()
     out = Path(spec["out_dir"])
     if ctx.rank == 0:
         write_store(out / "store")

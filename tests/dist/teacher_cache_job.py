@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from methods.base import FeatureKind, Role, Tap
+from tests.dist import job_setup
 from tests.dist.runtime_job import GLOBAL_BATCH, MICRO, SEQ, STUDENT, TEACHER, fingerprint
 
 T = 2.0
@@ -93,27 +94,44 @@ class SparsePipeline(DenseReference):
         return kl + 0.5 * lm, {"kl": kl.detach(), "lm": lm.detach()}
 
 
+COMPRESSED = 256
+"""The compressed student vocabulary: 250 kept ids of the teacher's 500 and 6 padding slots."""
+
+
+def compressed_vocabulary(vocab: int):
+    """A mapping as gkd compress-vocab writes one (tp=1): 250 kept ids in order, each dropped id
+    replaced by a kept one (``orig_to_comp``), padding slots masked."""
+    from parallel.components import VocabRestriction
+
+    gen = torch.Generator().manual_seed(5)
+    perm = torch.randperm(vocab, generator=gen)
+    kept = perm[:250].sort().values
+    comp_to_orig = torch.cat([kept, torch.full((COMPRESSED - 250,), -1)])
+    orig_to_comp = torch.full((vocab,), -1)
+    orig_to_comp[kept] = torch.arange(250)
+    kept_orig_to_comp = orig_to_comp.clone()
+    orig_to_comp[perm[250:]] = torch.randint(0, 250, (vocab - 250,), generator=gen)
+    return VocabRestriction(
+        orig_to_comp=orig_to_comp,
+        teacher_index=comp_to_orig.clamp_min(0),
+        valid=comp_to_orig >= 0,
+        kept_orig_to_comp=kept_orig_to_comp,
+    )
+
+
 def main(spec_path: str) -> None:
     from gkd_cli.teacher_cache import CacheKey, CacheReader, CacheSpec, CacheWriter, finalize
     from methods import sparse_targets as st
     from methods.vocab_parallel import VocabShard
-    from parallel.config import ModelArch, ParallelConfig, TrainConfig
-    from parallel.distributed import initialize, shutdown
+    from parallel.config import ModelArch
+    from parallel.distributed import shutdown
     from parallel.runtime import DistillationRuntime, TeacherSpec, resolve_precision
     from parallel.teacher_source import TeacherForward
 
     spec = json.loads(Path(spec_path).read_text())
-    ctx = initialize(ParallelConfig(tp=1, pp=1, dp=2), seed=7)
+    ctx = job_setup.start(dp=2)
     teacher_arch = ModelArch.llama(**TEACHER)
-    train = TrainConfig(
-        steps=STEPS,
-        global_batch_size=GLOBAL_BATCH,
-        micro_batch_size=MICRO,
-        lr=5e-3,
-        min_lr=5e-4,
-        warmup_steps=1,
-        seed=11,
-    )
+    train = job_setup.train_config(STEPS, GLOBAL_BATCH, MICRO)
     root = Path(spec["out_dir"]) / "cache"
     key = CacheKey(
         tokenizer_hash="test",
@@ -124,14 +142,16 @@ def main(spec_path: str) -> None:
     )
     result: dict = {}
 
-    def run(teacher: TeacherSpec, pipeline) -> dict:
+    def run(teacher: TeacherSpec, pipeline, vocab=None) -> dict:
+        student = STUDENT if vocab is None else {**STUDENT, "vocab_size": COMPRESSED}
         runtime = DistillationRuntime(
             ctx=ctx,
-            student=ModelArch.gpt2(**STUDENT),
+            student=ModelArch.gpt2(**student),
             teachers=[teacher],
             pipeline=pipeline,
             train=train,
             seq_length=SEQ,
+            vocab=vocab,
         )
         records = []
         for step in range(STEPS):
@@ -181,6 +201,14 @@ def main(spec_path: str) -> None:
     dist.barrier()
     reader = CacheReader(root, key)
     result["cached"] = run(TeacherSpec(teacher_arch, cache=reader), SparsePipeline())
+    # A compressed student vocabulary (data.vocab_mapping), the same k = V cache of the
+    # teacher's full vocabulary: the co-located teacher's head computes the kept columns only;
+    # the cached targets are mapped into the compressed ids.
+    restriction = compressed_vocabulary(vocab)
+    result["colocated_vocab"] = run(TeacherSpec(teacher_arch), DenseReference(), restriction)
+    result["cached_vocab"] = run(
+        TeacherSpec(teacher_arch, cache=reader), SparsePipeline(), restriction
+    )
     if ctx.rank == 0:
         Path(spec["result"]).write_text(json.dumps(result))
     shutdown()

@@ -58,3 +58,18 @@ def test_k_equals_v_matches_colocated_in_fp32(result):
             assert math.isclose(a[name], b[name], rel_tol=1e-5), (name, a, b)
     for name, value in ref["student"].items():
         assert math.isclose(value, got["student"][name], rel_tol=1e-5, abs_tol=2e-5), name
+
+
+def test_compressed_student_vocabulary_k_equals_v_matches_colocated(result):
+    """data.vocab_mapping with a cache of the teacher's full vocabulary: the targets mapped into
+    the compressed ids give the co-located restricted teacher's losses and weights (the teacher's
+    distribution over the kept tokens, renormalized; dropped tokens' mass is not moved onto
+    their replacements), with the plain-torch loss as the co-located reference."""
+    ref, got = result["colocated_vocab"], result["cached_vocab"]
+    for a, b in zip(ref["records"], got["records"], strict=True):
+        for name in ("loss", "kl", "lm"):
+            assert math.isclose(a[name], b[name], rel_tol=1e-5), (name, a, b)
+    for name, value in ref["student"].items():
+        assert math.isclose(value, got["student"][name], rel_tol=1e-5, abs_tol=2e-5), name
+    # the compressed run is another run (fewer classes): not the full-vocabulary losses
+    assert not math.isclose(ref["records"][0]["lm"], result["colocated"]["records"][0]["lm"])
