@@ -346,7 +346,10 @@ def test_overlong_truncate_leaves_out_the_records_that_do_not_fit(tmp_path, toke
                       overlong="truncate")  # fmt: skip
     kept = [g for g in range(len(RECORDS)) if g not in over]
     assert rows.units() == len(kept) and rows.left_out == len(over)
-    seen = [int(rows.group[int(r.example_ids[0])]) for r in (rows.row(0, i) for i in range(rows.rows_in_epoch(0)))]
+    seen = [
+        int(rows.group[int(r.example_ids[0])])
+        for r in (rows.row(0, i) for i in range(rows.rows_in_epoch(0)))
+    ]
     assert seen == kept  # fmt: skip
     shuffled = ChoiceRows(store, seq, groups, mode="packed", seed=1, shuffle=True, pad_id=0,
                           overlong="truncate")  # fmt: skip
@@ -413,6 +416,7 @@ def _choice_run(tmp_path, tokenizer, method, records, seq_length=40, extra=()):
             f"methods=[{{name: {method}}}]", "data.source=corpus", "data.choices=false",
             "data.format=jsonl", f"data.train_files=[{data}]", f"data.tokenizer={folder}",
             f"data.seq_length={seq_length}", "teacher.max_seq_len=64", "student.max_seq_len=64",
+            "data.overlong=refuse",
             *extra,
         ],
         check_paths=False,
@@ -443,3 +447,7 @@ def test_choice_data_problems_are_refused_before_launch(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match=rf"train.jsonl:2: the 3 options .* {tokens} tokens"):
         check_choice_data(cfg)
     check_choice_data(_choice_run(tmp_path, tokenizer, "glmd", [record], seq_length=tokens))
+    truncate = ["data.overlong=truncate"]  # the workers leave the record out instead
+    check_choice_data(
+        _choice_run(tmp_path, tokenizer, "glmd", [short, record], tokens - 1, truncate)
+    )
