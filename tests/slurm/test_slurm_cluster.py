@@ -2,7 +2,8 @@
 --submit`` on 2 nodes, preempted with the signal its sbatch declares (``scancel -b
 --signal=USR1``), requeued by its own script and resumed; ``srun gkd distill`` inside an
 ``salloc`` allocation into a fresh output dir (node 0 prepares it, node 1 waits); a plain
-``salloc`` shell refused; bad options refused against the real ``sinfo``.
+``salloc`` shell refused; bad options refused against the real ``sinfo``; ``gkd cache-teacher
+--slurm --submit`` on 2 nodes writing the same shards as a local run.
 
 The reference is an uninterrupted local run (``gkd distill`` on one node, 2 workers): every step's
 loss and loss terms of the Slurm runs must equal it, each step logged once.
@@ -295,3 +296,43 @@ def test_bad_slurm_options_refused_against_real_sinfo(runs, tmp_path, args, mess
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "never").exists()
+
+
+def test_cache_teacher_submitted_on_two_nodes_equals_a_local_cache(tmp_path):
+    """``gkd cache-teacher --slurm --submit --nodes 2`` (the batch script distill writes, one
+    worker per node) writes the same shards, byte for byte, as a local run with two workers: each
+    data-parallel rank's records of the same global samples, so the sha256 in both meta.json
+    files agree."""
+    from gkd_cli.data import train_bpe
+
+    tokenizer = tmp_path / "tokenizer.json"
+    train_bpe([ASSETS / "demo_corpus.txt"], 512, tokenizer)
+    cfg = yaml.safe_load(_write_config(tmp_path, "cache-src", tokenizer).read_text())
+    corpus = tmp_path / "corpus.txt"  # the cache covers the data once: a small part of the corpus
+    corpus.write_text((ASSETS / "demo_corpus.txt").read_text()[:40_000])
+    cfg["data"]["train_files"] = [str(corpus)]
+    cfg["output"]["dir"] = str(tmp_path / "unused")
+    path = tmp_path / "cache.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    common = ("--kind", "topk", "--k", "8")
+    done = _gkd("cache-teacher", str(path), "--out", str(local), *common)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    submitted = _gkd("cache-teacher", str(path), "--out", str(remote), *common, "--slurm", "--submit", "--nodes", "2")  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = re.search(r"submitted Slurm job (\d+)", submitted.stdout).group(1)
+    deadline, info = time.monotonic() + 300, {}
+    while time.monotonic() < deadline:
+        info = _job(job_id)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        time.sleep(0.5)
+    logs = "\n".join(p.read_text() for p in remote.rglob("slurm-*.out"))
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (
+        info,
+        logs[-3000:],
+    )
+    ours, theirs = (json.loads((d / "meta.json").read_text()) for d in (remote, local))
+    assert ours["key"] == theirs["key"] and ours["dp_size"] == theirs["dp_size"] == 2
+    assert ours["samples"] == theirs["samples"] > 100
+    assert ours["shards"] == theirs["shards"]  # records, sizes and sha256 of every rank's shard
