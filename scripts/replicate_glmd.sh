@@ -18,22 +18,25 @@
 # none). With TEACHER_STEPS > 0 the teacher is first fine-tuned on the labeled records (GLMD
 # distills task-tuned teachers) and the task stages distill that one.
 #
-# Settings (environment): STEPS (20), TASK_STEPS (8), SOFT_STEPS (2), TEACHER_STEPS (0), TASKS
+# Settings (environment): STEPS (20), TASK_STEPS (6), SOFT_STEPS (2), TEACHER_STEPS (0), TASKS
 # (cb,copa,rte), LIMIT (dev examples per task, 40), KEEP (GLMD+VC's kept tokens, 8192),
-# STUDENTS (scratch kd tinybert glmd glmd-vc), WORK (runs/rep), GGUF, BIN (.venv/bin). Every
-# finished stage is reused when the script runs again (delete its folder under WORK to redo it);
+# STUDENTS (scratch kd tinybert glmd glmd-vc), WORK (runs/rep), GGUF, BIN (.venv/bin), EXTRA
+# (overrides added to every gkd distill stage, e.g. "train.global_batch_size=64"). Every
+# finished stage is reused when the script runs again, whatever the settings (other settings:
+# another WORK; delete WORK/<stage>.done to redo one stage);
 # WORK/times.tsv records each stage's wall time, WORK/table.md the results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-runs/rep}
 STEPS=${STEPS:-20}
-TASK_STEPS=${TASK_STEPS:-8}
+TASK_STEPS=${TASK_STEPS:-6}
 SOFT_STEPS=${SOFT_STEPS:-2}
 TEACHER_STEPS=${TEACHER_STEPS:-0}
 TASKS=${TASKS:-cb,copa,rte}
 LIMIT=${LIMIT:-40}
 KEEP=${KEEP:-8192}
 STUDENTS=${STUDENTS:-scratch kd tinybert glmd glmd-vc}
+read -r -a EXTRA <<<"${EXTRA:-}"
 # shellcheck source=scripts/smollm2_lib.sh
 source scripts/smollm2_lib.sh
 smollm2_setup scripts/replicate_glmd.sh "${1:-}"
@@ -78,7 +81,7 @@ stage() {
   timed "$name" "$BIN/gkd" distill "$C/$config" "output.dir=$WORK/$name" "train.steps=$steps" \
     "train.warmup_steps=$(((steps + 9) / 10))" "data.tokenizer=$WORK/teacher/tokenizer" \
     "data.cache_dir=$WORK/cache" "data.superglue_dir=$SUPERGLUE" \
-    "data.superglue_tasks=[${TASKS^^}]" "${valid[@]}" "$@"
+    "data.superglue_tasks=[${TASKS^^}]" "${valid[@]}" "$@" "${EXTRA[@]}"
 }
 
 # evaluate NAME RUN: SuperGLUE dev scores of RUN into WORK/superglue-NAME.json.

@@ -77,9 +77,12 @@ def main(argv: list[str]) -> int:
         result = load(work / f"superglue-{who}.json") or {"tasks": {}}
         if who.startswith("teacher"):
             n_params, ppl = params(teacher_arch), "-"
-            pre = load(work / "glmd" / "pretrain" / "eval.json")
-            if who == "teacher" and pre and pre.get("teacher_ppl") is not None:
-                ppl = f"{pre['teacher_ppl']:.1f}"
+            # the teacher's perplexity on the same windows, from any distilling student's run
+            for student in students:
+                pre = load(work / student / "pretrain" / "eval.json")
+                if who == "teacher" and pre and pre.get("teacher_ppl") is not None:
+                    ppl = f"{pre['teacher_ppl']:.1f}"
+                    break
         else:
             cfg = yaml.safe_load((work / who / "pretrain" / "config.yaml").read_text())
             n_params = params(cfg["student"])
