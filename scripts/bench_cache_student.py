@@ -96,6 +96,12 @@ def config(args, tmp: Path):
         micro_batch_size=args.micro,
         warmup_steps=min(10, args.steps // 2),
     )
+    if args.student_layers or args.student_hidden:  # a wider/deeper student than the demo's
+        raw["student"].update(
+            num_layers=args.student_layers or raw["student"]["num_layers"],
+            hidden_size=args.student_hidden or raw["student"]["hidden_size"],
+            num_attention_heads=max(1, (args.student_hidden or 128) // 64),
+        )
     raw["output"] = {"dir": str(tmp / "out")}
     path = tmp / "bench.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -570,6 +576,8 @@ def main() -> None:
     parser.add_argument(
         "--dense-quantization", default="fp32", help="the dense cache's weights (fp32: exact)"
     )
+    parser.add_argument("--student-layers", type=int, default=0, help="student depth (0: demo's)")
+    parser.add_argument("--student-hidden", type=int, default=0, help="student width (0: demo's)")
     args = parser.parse_args()
     with contextlib.suppress(AttributeError):
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
