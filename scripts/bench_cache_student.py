@@ -392,6 +392,7 @@ def run(args) -> dict:
             "micro": mbs,
             "seq": seq,
             "vocab": vocab,
+            "student": f"{cfg.student.num_layers} layers x {cfg.student.hidden_size}",
         }
         for reader in readers.values():
             reader.close()
@@ -412,7 +413,7 @@ def markdown(r: dict, args) -> str:
         f"{time.strftime('%Y-%m-%d')}. `python scripts/bench_cache_student.py --steps {c['steps']}` "
         f"({machine}, torch {torch.__version__}, CPU, {args.threads} thread(s), one process). "
         f"Teacher: the demo teacher (`make demo`; 4 layers x 256, V = {c['vocab']:,}); student: "
-        f"the demo student shape (2 layers x 128), random init, seed 1234; demo corpus, seq "
+        f"{c.get('student', 'the demo shape, 2 layers x 128')}, random init, seed 1234; demo corpus, seq "
         f"{c['seq']}, {c['batch']} sequences per step in microbatches of {c['micro']}. All "
         "variants in one process, interleaved in rotated order at every repetition; the machine "
         "is shared (another job runs at the same time), so ratios, not absolute times, are the "
@@ -522,9 +523,9 @@ def notes(r: dict) -> list[str]:
         f"({extra - read - loss:.0f} ms) is neither: most likely the second logit term's share of "
         f"the output layer (output-layer path: {', '.join(heads)}; on the fused path each logit "
         "term recomputes the student's chunk logits, forward and backward; not timed apart "
-        "here). The cost is the distillation loss's vocabulary-sized work, not the cache; on the demo student (2 layers x 128, "
-        "V = 2,048) the output layer is a large share of the step, on a student whose layers "
-        f"dominate it shrinks in proportion. The co-located teacher's step is {co['ratio']:.2f}x "
+        "here). The cost is the distillation loss's vocabulary-sized work, not the cache: a "
+        "fixed amount per token, so its share of the step falls as the student's layers grow "
+        f"(this student: {r['cfg'].get('student', 'not recorded')}). The co-located teacher's step is {co['ratio']:.2f}x "
         "the lm-only step."
     )
     d = steps.get("cache: dense (top-k, k=V)")
