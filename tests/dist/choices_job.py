@@ -50,31 +50,10 @@ RECORDS = [
 
 
 def build_runtime(ctx, steps):
-    from methods.base import BuildContext, Stage
-    from methods.pipeline import MethodPipeline
-    from parallel.config import ModelArch, TrainConfig
-    from parallel.model import model_info
-    from parallel.runtime import DistillationRuntime, TeacherSpec
+    from tests.dist.job_setup import task_runtime
 
-    teacher, student = ModelArch.llama(**TEACHER), ModelArch.gpt2(**STUDENT)
-    build_ctx = BuildContext(
-        stage=Stage.TASK,
-        teachers=(model_info(teacher, ctx.tp),),
-        student=model_info(student, ctx.tp),
-        tp=ctx.tp,
-        pp=ctx.pp,
-    )
-    train = TrainConfig(steps=steps, global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO,
-                        lr=5e-3, min_lr=5e-4, warmup_steps=1, seed=11, stage="task")  # fmt: skip
-    return DistillationRuntime(
-        ctx=ctx,
-        student=student,
-        teachers=[TeacherSpec(teacher, checkpoint=None)],
-        pipeline=MethodPipeline.from_config(METHODS, stage="task", ctx=build_ctx),
-        train=train,
-        seq_length=SEQ,
-        attention_masks=True,
-    )
+    return task_runtime(ctx, TEACHER, STUDENT, METHODS, steps=steps, global_batch=GLOBAL_BATCH,
+                        micro=MICRO, seq=SEQ)  # fmt: skip
 
 
 def prepare(out: Path, rank: int):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.dist.job_setup import start, train_config  # noqa: E402
+from tests.dist.job_setup import start, task_runtime  # noqa: E402
 
 TEACHER = dict(
     num_layers=2,
@@ -58,30 +58,8 @@ def write_store(folder: Path):
 
 
 def build_runtime(ctx, steps):
-    from methods.base import BuildContext, Stage
-    from methods.pipeline import MethodPipeline
-    from parallel.config import ModelArch
-    from parallel.model import model_info
-    from parallel.runtime import DistillationRuntime, TeacherSpec
-
-    teacher, student = ModelArch.llama(**TEACHER), ModelArch.gpt2(**STUDENT)
-    build_ctx = BuildContext(
-        stage=Stage.TASK,
-        teachers=(model_info(teacher, ctx.tp),),
-        student=model_info(student, ctx.tp),
-        tp=ctx.tp,
-        pp=ctx.pp,
-    )
-    train = train_config(steps, GLOBAL_BATCH, MICRO, stage="task")
-    return DistillationRuntime(
-        ctx=ctx,
-        student=student,
-        teachers=[TeacherSpec(teacher, checkpoint=None)],
-        pipeline=MethodPipeline.from_config(METHODS, stage="task", ctx=build_ctx),
-        train=train,
-        seq_length=SEQ,
-        attention_masks=True,
-    )
+    return task_runtime(ctx, TEACHER, STUDENT, METHODS, steps=steps, global_batch=GLOBAL_BATCH,
+                        micro=MICRO, seq=SEQ)  # fmt: skip
 
 
 def isolation(runtime, rows) -> dict:
