@@ -28,7 +28,6 @@ import functools
 import json
 import shutil
 import tempfile
-import uuid
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -145,36 +144,17 @@ def _summary_table(checkpoint, tp: int, pp: int) -> Table:
 
 
 def import_plan(hf_dir: Path, out: Path, *, tp: int, pp: int, dtype: str, log_dir: Path):
-    """The launch plan of the import workers (a plain value)."""
-    import os
+    """The launch plan of the import workers (a plain value): one node, ``tp x pp`` processes."""
+    from gkd_cli.launch import plan_workers
 
-    from gkd_cli.launch import LaunchPlan
-
-    return LaunchPlan(
-        nnodes=1,
-        nproc_per_node=tp * pp,
-        node_rank=0,
-        master_addr="127.0.0.1",
-        master_port=0,
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",
-        rdzv_id=f"gkd-convert-{uuid.uuid4().hex[:12]}",
+    return plan_workers(
         entry_module=WORKER_MODULE,
-        args=[
-            "--hf-dir",
-            str(hf_dir.resolve()),
-            "--out",
-            str(out.resolve()),
-            "--tp",
-            str(tp),
-            "--pp",
-            str(pp),
-            "--dtype",
-            dtype,
-        ],
-        env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
-        log_dir=str(log_dir),
-    )
+        args=["--hf-dir", str(hf_dir.resolve()), "--out", str(out.resolve()),
+              "--tp", str(tp), "--pp", str(pp), "--dtype", dtype],
+        world_size=tp * pp,
+        log_dir=log_dir,
+        run_id="gkd-convert",
+    )  # fmt: skip
 
 
 @convert_app.command("import-hf")
